@@ -1,0 +1,39 @@
+# Thin aliases over the `dfd` command. `make help` lists them.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.setup-stamp
+PROFILE ?= demo
+RUN ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help setup demo test data serve bench clean-reports
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-14s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP) ## create .venv and install the kit with its dev tools (once)
+
+demo: setup ## build the demo dataset and run the whole pipeline on it (CPU, offline)
+	$(BIN)/dfd build-demo
+
+test: setup ## run every test: library, CLI, server and the notebooks at smoke size
+	$(BIN)/python -m pytest
+
+data: setup ## build only the demo dataset (data/demo/)
+	$(BIN)/dfd build-demo
+
+serve: setup ## serve the HTTP API and web page on 127.0.0.1:8000 (weights/moe)
+	$(BIN)/dfd serve
+
+bench: setup ## run the benchmarks in bench/ (minutes; see bench/RESULTS.md)
+	for script in bench/bench_*.py; do $(BIN)/python $$script || exit 1; done
+
+clean-reports: ## delete every run under reports/ (keeps its README)
+	find reports -mindepth 1 -maxdepth 1 ! -name README.md -exec rm -rf {} +

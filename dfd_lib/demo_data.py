@@ -1,0 +1,315 @@
+"""The embedded demo dataset, built offline and deterministically from a seed.
+
+Reals are random crops of real photographs and video frames shipped inside registry
+packages (:mod:`dfd_lib.sample_photos`). Fakes are made from those reals by the kit's own
+generators: the editing operations of :mod:`dfd_lib.edits` and the Stable Diffusion code of
+:mod:`dfd_lib.generation` (here a small pipeline with random weights built in-process; the
+same code runs a real checkpoint in notebook 03). Every fake names its family and its parent
+real image, and shares the parent's ``group``.
+
+Like the competition, the dataset has an "official" random train/val split, and a ``test``
+set built like the hidden test: its reals come from sources and its fakes from families that
+train/val never contain, so it measures cross-domain generalisation.
+
+These fakes are ours, not real deepfakes: figures on the demo show the method's mechanics,
+never accuracy on real deepfakes.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from dfd_lib import edits, generation
+from dfd_lib.manifest import Manifest
+from dfd_lib.paths import DEMO_DATA_DIR, resolve
+from dfd_lib.sample_photos import available_sources, load_source
+
+EDIT_FAMILIES = ("splice", "colour_background", "resample", "self_blend")
+SD_FAMILIES = ("sd_img2img", "sd_inpaint")
+SMOKE_SIZE = 200
+BUILD_INFO = "build_info.json"
+
+
+@dataclass
+class DemoConfig:
+    """What the demo dataset holds; the same config and seed give the same files."""
+
+    n_images: int = 2000  # total images, reals and fakes, all splits
+    image_size: int = 128  # side of the square images
+    seed: int = 0  # fixes every crop, edit and generation
+    fake_fraction: float = 0.5  # share of fakes in every split
+    val_fraction: float = 0.2  # share of train/val groups put in the official val split
+    test_fraction: float = 0.2  # share of all images in the cross-domain test set
+    sd_steps: int = 4  # denoising steps of the Stable Diffusion families
+    sd_strength: float = 0.7  # img2img / inpainting strength
+    trainval_sources: tuple[str, ...] = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle_left", "china",
+                                         "hubble_deep_field", "carphone")
+    test_sources: tuple[str, ...] = ("grace_hopper", "flower", "motorcycle_right", "immunohistochemistry", "bikes")
+    trainval_families: tuple[str, ...] = ("splice", "colour_background", "resample", "sd_img2img")
+    test_families: tuple[str, ...] = ("self_blend", "sd_inpaint")
+    notes: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.trainval_sources, self.test_sources = tuple(self.trainval_sources), tuple(self.test_sources)
+        self.trainval_families, self.test_families = tuple(self.trainval_families), tuple(self.test_families)
+        if self.n_images < 20:
+            raise ValueError(f"n_images must be at least 20, got {self.n_images}")
+        if not 32 <= self.image_size <= 1024:
+            raise ValueError(f"image_size must be in [32, 1024], got {self.image_size}")
+        for name in ("fake_fraction", "val_fraction", "test_fraction"):
+            value = getattr(self, name)
+            if not 0.0 < value < 1.0:
+                raise ValueError(f"{name} must be strictly between 0 and 1, got {value}")
+        known = set(EDIT_FAMILIES) | set(SD_FAMILIES)
+        for family in self.trainval_families + self.test_families:
+            if family not in known:
+                raise ValueError(f"unknown fake family {family!r}; known: {sorted(known)}")
+        if set(self.trainval_families) & set(self.test_families):
+            raise ValueError("test families must differ from train/val families (the test set is cross-domain)")
+        if set(self.trainval_sources) & set(self.test_sources):
+            raise ValueError("test sources must differ from train/val sources (the test set is cross-domain)")
+        if not self.trainval_families or not self.test_families:
+            raise ValueError("both train/val and test need at least one fake family")
+
+    @classmethod
+    def smoke(cls, **overrides) -> "DemoConfig":
+        return cls(n_images=SMOKE_SIZE, **overrides)
+
+    def identity(self) -> dict:
+        """What decides the content (everything but notes)."""
+        data = asdict(self)
+        data.pop("notes")
+        return json.loads(json.dumps(data))
+
+
+@dataclass
+class _Item:
+    id: str
+    image: Image.Image
+    label: int
+    family: str
+    source: str
+    group: str
+    split: str
+    parent: str = ""
+    params: dict = field(default_factory=dict)
+
+
+def _random_crop(frames: tuple[np.ndarray, ...], size: int, rng: np.random.Generator) -> tuple[Image.Image, dict]:
+    frame_index = int(rng.integers(len(frames)))
+    frame = frames[frame_index]
+    height, width = frame.shape[:2]
+    side = int(min(height, width) * rng.uniform(0.35, 0.95))
+    top = int(rng.integers(0, height - side + 1))
+    left = int(rng.integers(0, width - side + 1))
+    crop = Image.fromarray(frame[top:top + side, left:left + side]).resize((size, size), Image.Resampling.LANCZOS)
+    return crop, {"frame": frame_index, "box": [left, top, side, side]}
+
+
+def _make_reals(sources: list[str], count: int, split_name: str, config: DemoConfig,
+                rng: np.random.Generator, start: int) -> list[_Item]:
+    items = []
+    for i in range(count):
+        source = sources[i % len(sources)]
+        image, params = _random_crop(load_source(source), config.image_size, rng)
+        item_id = f"r{start + i:05d}"
+        items.append(_Item(item_id, image, 0, "real", source, item_id, split_name, params=params))
+    return items
+
+
+def _edit(family: str, parent: Image.Image, donor: Image.Image, rng: np.random.Generator) -> tuple[Image.Image, dict]:
+    if family == "splice":
+        return edits.splice(parent, donor, rng)
+    if family == "colour_background":
+        return edits.colour_background(parent, rng)
+    if family == "resample":
+        return edits.resample_artifacts(parent, rng)
+    if family == "self_blend":
+        return edits.self_blend(parent, rng)
+    raise ValueError(f"not an edit family: {family}")
+
+
+def _make_fakes(reals: list[_Item], families: tuple[str, ...], count: int, config: DemoConfig,
+                rng: np.random.Generator, start: int, pipelines: dict) -> list[_Item]:
+    plan = [families[i % len(families)] for i in range(count)]
+    fakes: list[_Item | None] = [None] * count
+    sd_jobs: dict[str, list[tuple[int, _Item, int, str, Image.Image | None]]] = {f: [] for f in SD_FAMILIES}
+    for i, family in enumerate(plan):
+        parent = reals[int(rng.integers(len(reals)))]
+        item_id = f"f{start + i:05d}"
+        if family in SD_FAMILIES:
+            seed = int(rng.integers(2**31 - 1))
+            prompt = generation.make_prompt(rng)
+            mask = generation.random_inpaint_mask(parent.image.size, rng) if family == "sd_inpaint" else None
+            sd_jobs[family].append((i, parent, seed, prompt, mask))
+            continue
+        donor = reals[int(rng.integers(len(reals)))].image
+        image, params = _edit(family, parent.image, donor, rng)
+        fakes[i] = _Item(item_id, image, 1, family, parent.source, parent.group, parent.split, parent.id, params)
+    for family, jobs in sd_jobs.items():
+        if not jobs:
+            continue
+        task = "inpaint" if family == "sd_inpaint" else "img2img"
+        if task not in pipelines:
+            pipelines[task] = generation.build_tiny_pipeline(task, seed=config.seed)
+        batch = 16
+        for b in range(0, len(jobs), batch):
+            chunk = jobs[b:b + batch]
+            masks = [job[4] for job in chunk] if task == "inpaint" else None
+            outputs = generation.generate(
+                pipelines[task], [job[1].image for job in chunk], [job[3] for job in chunk], [job[2] for job in chunk],
+                strength=config.sd_strength, steps=config.sd_steps, masks=masks,
+            )
+            for (i, parent, seed, prompt, _mask), image in zip(chunk, outputs):
+                params = {"pipeline": f"tiny-random-{task}", "seed": seed, "prompt": prompt,
+                          "strength": config.sd_strength, "steps": config.sd_steps}
+                fakes[i] = _Item(f"f{start + i:05d}", image, 1, family, parent.source, parent.group, parent.split,
+                                 parent.id, params)
+    return [f for f in fakes if f is not None]
+
+
+def _official_split(reals: list[_Item], val_fraction: float, rng: np.random.Generator) -> None:
+    """Random train/val split by group, as the competition's split was random."""
+    order = rng.permutation(len(reals))
+    n_val = max(1, int(round(len(reals) * val_fraction)))
+    for rank, index in enumerate(order):
+        reals[index].split = "val" if rank < n_val else "train"
+
+
+def _encode_png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", optimize=False, compress_level=6)
+    return buffer.getvalue()
+
+
+def build_demo_dataset(config: DemoConfig | None = None, out_dir: str | os.PathLike = DEMO_DATA_DIR,
+                       progress: bool = True) -> Manifest:
+    """Build the demo dataset into ``out_dir`` (``images/`` + ``manifest.csv`` + ``build_info.json``).
+
+    The new dataset is written beside ``out_dir`` and moved into place only when complete,
+    so a failed build leaves an earlier dataset intact.
+    """
+    config = config or DemoConfig()
+    out_dir = resolve(out_dir)
+    started = time.perf_counter()
+    rng = np.random.default_rng(config.seed)
+    trainval_sources = available_sources(list(config.trainval_sources))
+    test_sources = available_sources(list(config.test_sources))
+    if not trainval_sources or not test_sources:
+        raise RuntimeError("no real photo source could be read from the installed packages")
+    n_test = int(round(config.n_images * config.test_fraction))
+    n_trainval = config.n_images - n_test
+    pipelines: dict = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(min(threads, 2))  # same thread count -> same float reductions -> same pixels
+    try:
+        items: list[_Item] = []
+        for split_name, n_part, sources, families, start in (
+            ("trainval", n_trainval, trainval_sources, config.trainval_families, 0),
+            ("test", n_test, test_sources, config.test_families, n_trainval),
+        ):
+            n_fake = int(round(n_part * config.fake_fraction))
+            reals = _make_reals(sources, n_part - n_fake, "test", config, rng, start)
+            if split_name == "trainval":
+                _official_split(reals, config.val_fraction, rng)
+            fakes = _make_fakes(reals, families, n_fake, config, rng, start, pipelines)
+            items += reals + fakes
+            if progress:
+                print(f"demo: {split_name}: {len(reals)} reals from {sources}, {len(fakes)} fakes of {list(families)}",
+                      file=sys.stderr)
+    finally:
+        torch.set_num_threads(threads)
+
+    staging = out_dir.with_name(f".{out_dir.name}.building")
+    shutil.rmtree(staging, ignore_errors=True)
+    rows = []
+    for item in tqdm(items, desc="write demo images", disable=not progress):
+        data = _encode_png(item.image)
+        relative = Path("images") / item.split / item.family / f"{item.id}.png"
+        target = staging / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+        rows.append({
+            "path": str(target), "label": item.label, "family": item.family, "source": item.source,
+            "group": item.group, "width": item.image.width, "height": item.image.height,
+            "hash": hashlib.sha1(data).hexdigest(), "split": item.split, "cluster": pd.NA,
+            "parent": item.parent, "params": json.dumps(item.params, sort_keys=True),
+        })
+    manifest = Manifest(pd.DataFrame(rows))
+    manifest.save(staging / "manifest.csv")
+    elapsed = time.perf_counter() - started
+    counts = manifest.table.groupby(["split", "family"]).size()
+    info = {
+        "config": config.identity(),
+        "images": len(manifest),
+        "content_digest": hashlib.sha1("".join(manifest.table["hash"]).encode()).hexdigest(),
+        "counts": {f"{s}/{f}": int(n) for (s, f), n in counts.items()},
+        "build_seconds": round(elapsed, 1),
+        "note": "fakes made by dfd-kit's own generators over real photos: mechanics only, not real deepfakes",
+    }
+    (staging / BUILD_INFO).write_text(json.dumps(info, indent=2))
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        out_dir.rename(old)
+        staging.rename(out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging.rename(out_dir)
+    return Manifest.load(out_dir / "manifest.csv")
+
+
+def read_build_info(out_dir: str | os.PathLike = DEMO_DATA_DIR) -> dict | None:
+    path = resolve(out_dir) / BUILD_INFO
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def ensure_demo_dataset(config: DemoConfig | None = None, out_dir: str | os.PathLike = DEMO_DATA_DIR,
+                        progress: bool = True) -> Manifest:
+    """The demo dataset in ``out_dir``, built only if absent or built with another config."""
+    config = config or DemoConfig()
+    info = read_build_info(out_dir)
+    manifest_path = resolve(out_dir) / "manifest.csv"
+    if info is not None and info.get("config") == config.identity() and manifest_path.is_file():
+        return Manifest.load(manifest_path)
+    return build_demo_dataset(config, out_dir, progress=progress)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--size", type=int, default=DemoConfig.n_images, help="number of images (default 2000)")
+    parser.add_argument("--smoke", action="store_true", help=f"the small test size ({SMOKE_SIZE} images)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (same seed -> same files)")
+    parser.add_argument("--image-size", type=int, default=DemoConfig.image_size, help="image side in pixels")
+    parser.add_argument("--out", default=str(DEMO_DATA_DIR), help="output folder (default data/demo)")
+    parser.add_argument("--force", action="store_true", help="rebuild even if an identical build exists")
+
+
+def run(args: argparse.Namespace) -> int:
+    config = DemoConfig(n_images=SMOKE_SIZE if args.smoke else args.size, seed=args.seed, image_size=args.image_size)
+    started = time.perf_counter()
+    if args.force:
+        manifest = build_demo_dataset(config, args.out)
+    else:
+        manifest = ensure_demo_dataset(config, args.out)
+    info = read_build_info(args.out) or {}
+    print(manifest.summary().to_string())
+    print(f"\n{len(manifest)} images in {resolve(args.out)} ({time.perf_counter() - started:.1f} s this call, "
+          f"{info.get('build_seconds', '?')} s to build); content digest {info.get('content_digest', '?')}")
+    print("Note: the demo's fakes are made by dfd-kit's own generators over real photos; figures on it show the"
+          " method's mechanics, never accuracy on real deepfakes.")
+    return 0
