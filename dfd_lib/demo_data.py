@@ -38,7 +38,6 @@ from dfd_lib.manifest import Manifest
 from dfd_lib.paths import DEMO_DATA_DIR, resolve
 from dfd_lib.sample_photos import available_sources, load_source
 
-EDIT_FAMILIES = ("splice", "colour_background", "resample", "self_blend")
 SD_FAMILIES = ("sd_img2img", "sd_inpaint")
 SMOKE_SIZE = 200
 BUILD_INFO = "build_info.json"
@@ -74,7 +73,7 @@ class DemoConfig:
             value = getattr(self, name)
             if not 0.0 < value < 1.0:
                 raise ValueError(f"{name} must be strictly between 0 and 1, got {value}")
-        known = set(EDIT_FAMILIES) | set(SD_FAMILIES)
+        known = set(edits.EDIT_FAMILIES) | set(SD_FAMILIES)
         for family in self.trainval_families + self.test_families:
             if family not in known:
                 raise ValueError(f"unknown fake family {family!r}; known: {sorted(known)}")
@@ -131,18 +130,6 @@ def _make_reals(sources: list[str], count: int, split_name: str, config: DemoCon
     return items
 
 
-def _edit(family: str, parent: Image.Image, donor: Image.Image, rng: np.random.Generator) -> tuple[Image.Image, dict]:
-    if family == "splice":
-        return edits.splice(parent, donor, rng)
-    if family == "colour_background":
-        return edits.colour_background(parent, rng)
-    if family == "resample":
-        return edits.resample_artifacts(parent, rng)
-    if family == "self_blend":
-        return edits.self_blend(parent, rng)
-    raise ValueError(f"not an edit family: {family}")
-
-
 def _make_fakes(reals: list[_Item], families: tuple[str, ...], count: int, config: DemoConfig,
                 rng: np.random.Generator, start: int, pipelines: dict) -> list[_Item]:
     plan = [families[i % len(families)] for i in range(count)]
@@ -158,7 +145,7 @@ def _make_fakes(reals: list[_Item], families: tuple[str, ...], count: int, confi
             sd_jobs[family].append((i, parent, seed, prompt, mask))
             continue
         donor = reals[int(rng.integers(len(reals)))].image
-        image, params = _edit(family, parent.image, donor, rng)
+        image, params = edits.apply_edit(family, parent.image, rng, donor=donor)
         fakes[i] = _Item(item_id, image, 1, family, parent.source, parent.group, parent.split, parent.id, params)
     for family, jobs in sd_jobs.items():
         if not jobs:
@@ -215,7 +202,9 @@ def build_demo_dataset(config: DemoConfig | None = None, out_dir: str | os.PathL
     n_trainval = config.n_images - n_test
     pipelines: dict = {}
     threads = torch.get_num_threads()
-    torch.set_num_threads(min(threads, 2))  # same thread count -> same float reductions -> same pixels
+    # one thread: the same float reductions (so the same pixels) on every machine, and the
+    # tiny pipeline's small kernels run faster on one thread than on two
+    torch.set_num_threads(1)
     try:
         items: list[_Item] = []
         for split_name, n_part, sources, families, start in (

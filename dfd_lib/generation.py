@@ -205,15 +205,21 @@ def native_size(pipe) -> int:
 @torch.inference_mode()
 def generate(pipe, images: list[Image.Image], prompts: list[str], seeds: list[int],
              strength: float = 0.6, steps: int = 4, masks: list[Image.Image] | None = None,
-             guidance_scale: float = 1.0, size: int | None = None) -> list[Image.Image]:
+             guidance_scale: float = 1.0, size: int | None = None,
+             keep_unmasked: bool = True) -> list[Image.Image]:
     """Regenerate ``images`` (img2img) or repaint their ``masks`` (inpainting pipelines) in one
     batch, with one ``torch.Generator`` seeded from ``seeds[i]`` per image.
 
     Images are resized to ``size`` x ``size`` (default: the pipeline's native size, rounded to
     a multiple of 8) for the diffusion and the outputs resized back to each source's size.
-    Masks (mode L, white = repaint) must have their image's size. ``guidance_scale`` <= 1
-    skips classifier-free guidance (half the compute; random-weight pipelines gain nothing
-    from it); real checkpoints usually use 5-8. Only ``steps * strength`` steps run.
+    Masks (mode L, white = repaint) must have their image's size. With ``keep_unmasked``
+    (default) an inpainted output is the generated pixels composited over the source through
+    its mask (grey levels blend), as diffusers' ``VaeImageProcessor.apply_overlay`` does: the
+    fake differs from its source only where the mask is nonzero, instead of carrying the VAE
+    round trip (and the resizes) over the whole image. Give soft masks (as
+    :func:`random_inpaint_mask` does) for a seamless edge. ``guidance_scale`` <= 1 skips
+    classifier-free guidance (half the compute; random-weight pipelines gain nothing from
+    it); real checkpoints usually use 5-8. Only ``steps * strength`` steps run.
     """
     n = len(images)
     if not (len(prompts) == len(seeds) == n):
@@ -248,7 +254,11 @@ def generate(pipe, images: list[Image.Image], prompts: list[str], seeds: list[in
         kwargs.update(mask_image=[m.convert("L").resize((work, work), Image.Resampling.NEAREST) for m in masks],
                       height=work, width=work)
     outputs = pipe(**kwargs).images
-    return [out.convert("RGB").resize(src.size, Image.Resampling.BICUBIC) for out, src in zip(outputs, images)]
+    outputs = [out.convert("RGB").resize(src.size, Image.Resampling.BICUBIC) for out, src in zip(outputs, images)]
+    if inpainting and keep_unmasked:
+        outputs = [Image.composite(out, src.convert("RGB"), mask.convert("L"))
+                   for out, src, mask in zip(outputs, images, masks)]
+    return outputs
 
 
 def _call_parameters(pipe) -> set[str]:

@@ -1,0 +1,259 @@
+"""augment_dataset: provenance rows that inherit group/split/cluster, resume, failures logged; attaching
+the augmented rows to the re-splits keeps each on its source's side."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from skimage import data
+
+from dfd_lib import split
+from dfd_lib.augment import (ALL_FAMILIES, AugmentConfig, attach_to_resplits, augment_dataset, family_counts,
+                             plot_augmentation_grid, resplit_side_counts, save_augmented_manifest)
+from dfd_lib.manifest import COLUMNS, Manifest, file_sha1
+
+
+@pytest.fixture()
+def source_table(tmp_path) -> pd.DataFrame:
+    """Six readable sources (five reals, one fake) and one unreadable real, on three splits."""
+    folder = tmp_path / "source"
+    folder.mkdir()
+    photos = [data.astronaut(), data.chelsea(), data.coffee()]
+    rows = []
+    for i in range(6):
+        path = folder / f"img{i}.png"
+        Image.fromarray(photos[i % 3]).resize((80 + 8 * i, 72)).save(path)
+        rows.append(dict(path=str(path), label=int(i == 5), family="real" if i < 5 else "splice",
+                         source=f"src{i % 3}", group=f"g{i}", width=80 + 8 * i, height=72, hash=file_sha1(path),
+                         split=("train", "val", "test")[i % 3], cluster=i % 2))
+    broken = folder / "broken.png"
+    broken.write_bytes(b"not an image at all")
+    rows.append(dict(path=str(broken), label=0, family="real", source="src9", group="g9", width=80, height=72,
+                     hash="x", split="train", cluster=0))
+    return pd.DataFrame(rows)
+
+
+def _snapshot(folder: Path) -> dict[str, str]:
+    return {p.name: file_sha1(p) for p in sorted(folder.iterdir())}
+
+
+def test_rows_inherit_provenance_and_rerun_resumes(source_table, tmp_path, capsys):
+    before = _snapshot(tmp_path / "source")
+    config = AugmentConfig(images_per_family=3, degrade_fake_fraction=0.34, batch_size=2, seed=1)
+    out = tmp_path / "augmented"
+    rows, failures = augment_dataset(source_table, config, out, progress=False)
+
+    assert _snapshot(tmp_path / "source") == before  # sources only read
+    assert list(rows.columns) == COLUMNS + ["parent", "seed", "params"]
+    by_path = source_table.set_index("path")
+    broken = str(tmp_path / "source" / "broken.png")
+    # with seed 1 the broken file is drawn as a source and as a splice donor: each is one failure
+    assert len(failures) and len(rows) + len(failures) == 3 * len(ALL_FAMILIES)
+    assert ((failures["parent"] == broken) | failures["reason"].str.contains("donor .*broken.png")).all()
+    assert failures["reason"].str.contains("not an image").all()
+    assert capsys.readouterr().err.count("failed: ") == len(failures)
+    for row in rows.itertuples():
+        parent = by_path.loc[row.parent]
+        assert (row.group, row.split, row.cluster, row.source) == (parent.group, parent.split, parent.cluster, parent.source)
+        assert Path(row.path).is_file() and Path(row.path).parent == out / row.family
+        assert file_sha1(row.path) == row.hash
+        with Image.open(row.path) as image:
+            assert image.size == (row.width, row.height) == (parent.width, parent.height)
+        assert isinstance(json.loads(row.params), dict)
+        expected_label = 0 if row.family == "degraded" else 1
+        assert row.label == expected_label
+        assert parent.label == (1 if row.family == "degraded_fake" else 0)
+    assert set(rows["family"]) == set(ALL_FAMILIES) | {"degraded_fake"}
+
+    # the rerun writes nothing new and returns the same rows
+    stamps = {p: Path(p).stat().st_mtime_ns for p in rows["path"]}
+    again, failures_again = augment_dataset(source_table, config, out, progress=False)
+    pd.testing.assert_frame_equal(rows, again)
+    assert {p: Path(p).stat().st_mtime_ns for p in again["path"]} == stamps
+    assert len(failures_again) == len(failures)
+
+    # an interrupted image (no sidecar yet) is made again, identically
+    victim = Path(rows["path"].iloc[0])
+    victim.with_suffix(".json").unlink()
+    third, _ = augment_dataset(source_table, config, out, progress=False)
+    pd.testing.assert_frame_equal(rows, third)
+
+
+def test_unreadable_source_is_reported_and_skipped(source_table, tmp_path, capsys):
+    only_broken_and_one = source_table.iloc[[0, 6]].reset_index(drop=True)
+    config = AugmentConfig(families=("colour_background", "sd_img2img", "degraded"), images_per_family=2)
+    rows, failures = augment_dataset(only_broken_and_one, config, tmp_path / "out", progress=False)
+    broken = str(tmp_path / "source" / "broken.png")
+    assert len(rows) == 6 - len(failures) and len(failures) >= 1
+    assert set(failures["parent"]) == {broken}
+    assert failures["reason"].str.contains("not an image").all()
+    err = capsys.readouterr().err
+    assert err.count("broken.png") == len(failures)  # one line per failed image
+    assert set(rows["parent"]) == {source_table.loc[0, "path"]}
+
+
+def test_same_config_gives_same_images_and_new_seed_new_ones(source_table, tmp_path):
+    table = source_table.iloc[:5]
+    config = AugmentConfig(families=("splice", "self_blend", "sd_inpaint"), images_per_family=2, seed=3)
+    first, _ = augment_dataset(table, config, tmp_path / "a", progress=False)
+    second, _ = augment_dataset(table, config, tmp_path / "b", progress=False)
+    assert list(first["hash"]) == list(second["hash"])
+    other, _ = augment_dataset(table, AugmentConfig(families=config.families, images_per_family=2, seed=4),
+                               tmp_path / "a", progress=False)
+    assert not set(other["hash"]) & set(first["hash"])
+    # splice donors come from the target's own split
+    for row in first[first["family"] == "splice"].itertuples():
+        donor = json.loads(row.params)["donor"]
+        assert table.set_index("path").loc[donor, "split"] == row.split
+
+
+def test_bad_configs_fail_before_writing(tmp_path, source_table):
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        AugmentConfig(sd_checkpoint=str(tmp_path / "missing.safetensors"))
+    with pytest.raises(FileNotFoundError, match="single-file config not found"):
+        AugmentConfig(sd_single_file_config=str(tmp_path / "no-configs"))
+    assert AugmentConfig(sd_checkpoint="", device="").sd_checkpoint is None  # '' = the tiny pipeline, as in notebook 03
+    with pytest.raises(ValueError, match="unknown augmentation family \\['warp'\\]"):
+        AugmentConfig(families=("warp",))
+    with pytest.raises(ValueError, match="steps \\* strength"):
+        AugmentConfig(steps=1, strength=0.5)
+    with pytest.raises(ValueError, match="source_splits"):
+        augment_dataset(source_table.drop(columns="split"), AugmentConfig(source_splits=("train",)), tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
+# --------------------------------------------------------------------------- re-splits (what notebook 04 trains on)
+@pytest.fixture()
+def resplit_world(tmp_path):
+    """A small dataset with re-splits built by dfd_lib.split: 18 train/val groups (a real and
+    its fake each) in three embedding blobs, plus 3 test-split reals that 02 never clusters."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    photos = [data.astronaut(), data.chelsea(), data.coffee()]
+    rng = np.random.default_rng(0)
+    rows, embeddings = [], []
+    for g in range(21):
+        split_name = "test" if g >= 18 else ("train", "val")[g % 2]
+        for label in (0, 1):
+            path = folder / f"g{g}_{label}.png"
+            array = photos[g % 3][8 * g:8 * g + 64, 4 * label:4 * label + 64]
+            Image.fromarray(array).save(path)
+            rows.append(dict(path=str(path), label=label, family="real" if label == 0 else "splice", source=f"s{g % 3}",
+                             group=str(g), width=64, height=64, hash=file_sha1(path), split=split_name, cluster=None))
+            embeddings.append(rng.normal(10.0 * (g % 3), 0.5, 8))
+    table = pd.DataFrame(rows)
+    trainval = (table["split"] != "test").to_numpy()
+    clusters = split.cluster_embeddings(np.array(embeddings)[trainval], k=3, seed=0)
+    resplits = split.leave_one_cluster_out(split.assign_groups_to_clusters(table[trainval].reset_index(drop=True), clusters))
+    path = split.save_resplits(resplits, tmp_path / "run" / "resplits.csv")
+    return table, split.load_resplits(path)
+
+
+def test_augmented_images_land_on_their_source_side_of_every_resplit(resplit_world, tmp_path, capsys):
+    table, resplits = resplit_world
+    columns = split.resplit_columns(resplits)
+    assert len(columns) == 3 and set(resplits["resplit_0"]) == {"train", "val"}
+    # draw from the whole table, test rows included, to prove attach drops what 02 never clustered
+    config = AugmentConfig(families=("splice", "sd_inpaint", "degraded"), images_per_family=12, seed=2,
+                           batch_size=6, image_size=64)
+    rows, failures = augment_dataset(table, config, tmp_path / "run" / "augmented", progress=False)
+    assert len(failures) == 0 and len(rows) == 36
+    from_test = rows["split"].eq("test")
+    assert from_test.any()  # the plan did pick test sources here ...
+    capsys.readouterr()
+    attached = attach_to_resplits(resplits, rows)
+    assert attached.attrs["dropped"] == int(from_test.sum())  # ... and they are dropped, with a line saying so
+    assert "dropped %d augmented" % from_test.sum() in capsys.readouterr().err
+    assert len(attached) == len(rows) - from_test.sum()
+
+    source_side = resplits.set_index("path")
+    for row in attached.itertuples():
+        parent = source_side.loc[row.parent]
+        assert row.cluster == parent["cluster"] and row.group == parent["group"]
+        for column in columns:
+            assert getattr(row, column) == parent[column]
+
+    # notebook 04: expert i trains on resplit_i == "train" of the concatenation
+    combined = pd.concat([resplits, attached], ignore_index=True)
+    test_groups = set(table.loc[table["split"] == "test", "group"])
+    for column in columns:
+        train, val = combined[combined[column] == "train"], combined[combined[column] == "val"]
+        assert not set(train["group"]) & set(val["group"])
+        assert not set(train["group"]) & test_groups  # no test source feeds training
+        augmented_train = train[train["path"].isin(attached["path"])]
+        assert len(augmented_train) and (augmented_train["parent"].map(source_side[column]) == "train").all()
+    split.check_no_group_leakage(combined)
+
+    # the manifest 04 reads: relative paths, read back by Manifest.load
+    path = save_augmented_manifest(attached, tmp_path / "run" / "augmented_manifest.csv")
+    on_disk = pd.read_csv(path)
+    assert not on_disk["path"].str.startswith("/").any()  # below the run folder: stored relative
+    loaded = Manifest.load(path).table
+    assert list(loaded["path"]) == list(attached["path"]) and list(loaded["resplit_1"]) == list(attached["resplit_1"])
+    counts = resplit_side_counts(attached)
+    assert list(counts.index) == columns and counts.to_numpy().sum() == 3 * len(attached)
+
+
+def test_attach_refuses_a_resplit_table_that_leaks(resplit_world, tmp_path):
+    table, resplits = resplit_world
+    broken = resplits.copy()
+    broken.loc[broken.index[0], "resplit_0"] = "val" if broken.loc[broken.index[0], "resplit_0"] == "train" else "train"
+    rows = pd.DataFrame([{**table.iloc[0].to_dict(), "path": str(tmp_path / "x.png"), "hash": "h", "parent": table.iloc[0]["path"]}])
+    with pytest.raises(split.LeakageError, match="several clusters or sides"):
+        attach_to_resplits(broken, rows)
+    with pytest.raises(ValueError, match="re-split table"):
+        attach_to_resplits(resplits.drop(columns=split.resplit_columns(resplits)), rows)
+
+
+def test_given_masks_are_used_and_a_wrong_size_one_fails_alone(source_table, tmp_path, capsys):
+    table = source_table.iloc[[0, 1]].copy()
+    good = Image.new("L", (80, 72), 0)
+    good.paste(255, (20, 20, 60, 50))
+    good.save(tmp_path / "good_mask.png")
+    Image.new("L", (32, 32), 255).save(tmp_path / "small_mask.png")
+    table["inpaint_mask"] = [str(tmp_path / "good_mask.png"), str(tmp_path / "small_mask.png")]
+    picks = table.loc[[0, 0, 1, 1]].reset_index(drop=True)  # each source twice, so both are surely drawn
+    config = AugmentConfig(families=("sd_inpaint",), images_per_family=4, batch_size=4, image_size=64)
+    rows, failures = augment_dataset(picks, config, tmp_path / "out", progress=False)
+    assert set(rows["parent"]) == {table["path"].iloc[0]} and len(rows) + len(failures) == 4
+    assert set(failures["parent"]) == {table["path"].iloc[1]}
+    assert failures["reason"].str.fullmatch(r"ValueError: mask .*small_mask.png is 32x32 but its source is 88x72").all()
+    assert capsys.readouterr().err.count("small_mask.png is 32x32") == len(failures)
+    source = np.asarray(Image.open(table["path"].iloc[0]).convert("RGB"))
+    for row in rows.itertuples():
+        made = np.asarray(Image.open(row.path))
+        outside = np.asarray(good) == 0
+        assert np.array_equal(made[outside], source[outside]) and not np.array_equal(made, source)
+        assert json.loads(row.params)["mask"].endswith("good_mask.png")
+
+
+def test_augmentation_grid_and_family_counts(source_table, tmp_path):
+    config = AugmentConfig(families=("colour_background", "degraded"), images_per_family=3)
+    rows, failures = augment_dataset(source_table, config, tmp_path / "out", progress=False)
+    counts = family_counts(rows, failures)
+    assert counts.loc["colour_background", "label"] == "fake" and counts.loc["degraded", "label"] == "real"
+    assert (counts["images"] + counts["failed"]).sum() == 6 and counts["failed"].sum() == len(failures)
+    fig = plot_augmentation_grid(rows, tmp_path / "grid.png", per_family=2)
+    assert (tmp_path / "grid.png").stat().st_size > 1000 and fig.axes[0].get_title() == "source"
+    assert len(fig.axes) == len(counts[counts["images"] > 0]) * 6
+
+
+def test_command_line_generates_into_the_run_and_stops_early_on_a_missing_checkpoint(resplit_world, tmp_path, capsys):
+    import argparse
+
+    from dfd_lib import augment
+
+    parser = argparse.ArgumentParser()
+    augment.add_arguments(parser)
+    run_dir = tmp_path / "run"
+    bad = parser.parse_args(["--run", str(run_dir), "--families", "sd_img2img", "--sd-checkpoint", str(tmp_path / "nope")])
+    assert augment.run(bad) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("augment: Stable Diffusion checkpoint not found")
+    assert not (run_dir / "augmented").exists()  # stopped before writing anything
+    ok = parser.parse_args(["--run", str(run_dir), "--families", "resample", "--images-per-family", "3"])
+    assert augment.run(ok) == 0
+    assert len(list((run_dir / "augmented" / "resample").glob("*.png"))) == 3
