@@ -21,13 +21,13 @@ $(STAMP): pyproject.toml
 setup: $(STAMP) ## create .venv and install the kit with its dev tools (once)
 
 demo: setup ## build the demo dataset and run the whole pipeline on it (CPU, offline)
-	$(BIN)/dfd build-demo
+	$(BIN)/dfd pipeline --profile $(PROFILE) $(if $(RUN),--run $(RUN))
 
 test: setup ## run every test: library, CLI, server and the notebooks at smoke size
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --nbval-lax tests reports/nbval-smoke/notebooks
 
 data: setup ## build only the demo dataset (data/demo/)
-	$(BIN)/dfd build-demo
+	$(BIN)/dfd pipeline --profile $(PROFILE) $(if $(RUN),--run $(RUN))
 
 serve: setup ## serve the HTTP API and web page on 127.0.0.1:8000 (weights/moe)
 	$(BIN)/dfd serve

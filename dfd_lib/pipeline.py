@@ -200,9 +200,10 @@ def run_pipeline(profile: str, only: str | None = None, start: str | None = None
                  overrides: dict | None = None, prepare_only: bool = False,
                  notebooks_dir: Path = NOTEBOOKS_DIR, pipelines_dir: Path = PIPELINES_DIR,
                  reports_dir: Path = REPORTS_DIR, kernel_name: str = "python3", log_output: bool = False,
-                 progress: bool = True) -> PipelineResult:
+                 progress: bool = True, write_report: bool = True) -> PipelineResult:
     """Run the selected steps of ``profile``; stops at the first failed step (earlier
-    artefacts stay), so ``start=<failed step>`` resumes."""
+    artefacts stay), so ``start=<failed step>`` resumes. Ends by writing the run's
+    ``index.html`` (also after a failure, showing what ran)."""
     import papermill
 
     profile_data = load_profile(profile, pipelines_dir)
@@ -251,6 +252,10 @@ def run_pipeline(profile: str, only: str | None = None, start: str | None = None
     timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
     timings.update({s.step: {"seconds": round(s.seconds, 2), "status": s.status} for s in result.steps})
     timings_path.write_text(json.dumps(timings, indent=2))
+    if write_report and not prepare_only:
+        from dfd_lib.report import write_report as write_index
+
+        print(f"report: {write_index(run_dir)}", file=sys.stderr)
     return result
 
 
@@ -263,13 +268,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override a parameter for every step that declares it; STEP.NAME=VALUE for one step")
     parser.add_argument("--prepare-only", action="store_true", help="inject parameters, do not execute (a dry run)")
     parser.add_argument("--log-output", action="store_true", help="stream the notebooks' output to the terminal")
+    parser.add_argument("--no-report", action="store_true", help="do not write reports/<run>/index.html")
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         result = run_pipeline(args.profile, only=args.only, start=args.start, run=args.run,
                               overrides=parse_overrides(args.param), prepare_only=args.prepare_only,
-                              log_output=args.log_output)
+                              log_output=args.log_output, write_report=not args.no_report)
     except PipelineError as exc:
         print(f"dfd pipeline: {exc}", file=sys.stderr)
         return 2

@@ -8,7 +8,7 @@ reports/<run>/
   params.json, environment.json      written by the pipeline
   notebooks/NN_name.ipynb (.html)    executed copies
   manifest.csv                       01: the dataset of this run (split: train / val / test)
-  embeddings/                        01: cached embeddings
+  embeddings/, umap.npy              01: cached embeddings, their 2-D map
   resplits.csv                       02: manifest + cluster + resplit_<i> columns
   augmented/, augmented_manifest.csv 03: generated images and their rows
   weights/moe/                       04: the trained mixture (our format)
@@ -29,6 +29,7 @@ from dfd_lib.paths import REPORTS_DIR, resolve
 
 MANIFEST = "manifest.csv"
 EMBEDDINGS_DIR = "embeddings"
+UMAP_COORDS = "umap.npy"
 RESPLITS = "resplits.csv"
 AUGMENTED_DIR = "augmented"
 AUGMENTED_MANIFEST = "augmented_manifest.csv"

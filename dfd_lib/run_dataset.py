@@ -1,0 +1,98 @@
+"""The dataset of one run: read whatever the user points at, give it train / val / test
+splits, and write it as the run's ``manifest.csv`` for every later step.
+
+``dataset`` may be ``"demo"`` (the embedded demo dataset, built offline if needed),
+``"demo-smoke"`` (its small test size), a saved manifest CSV, a folder of ``real/``/``fake/``
+trees, or a competition image folder with ``labels_csv``. Separate validation and test sets
+(the competition's ``valset``, a cross-domain test set) can be given the same way.
+"""
+from __future__ import annotations
+
+import sys
+import warnings
+from dataclasses import dataclass
+
+import pandas as pd
+
+from dfd_lib import runs
+from dfd_lib.manifest import Manifest, read_dataset
+from dfd_lib.paths import DEMO_DATA_DIR, resolve
+from dfd_lib.split import official_split
+
+DEMO_NAMES = ("demo", "demo-smoke")
+
+
+@dataclass
+class DatasetSpec:
+    """Where the run's images come from."""
+
+    dataset: str = "demo"  # demo, demo-smoke, a manifest .csv, a real/fake folder, or a competition image folder
+    labels_csv: str = ""  # competition img_name,target CSV for `dataset`
+    val_dataset: str = ""  # optional separate validation set (same forms)
+    val_labels_csv: str = ""
+    test_dataset: str = ""  # optional cross-domain test set (same forms)
+    test_labels_csv: str = ""
+    demo_size: int = 2000  # images in the demo dataset (when dataset == "demo")
+    val_fraction: float = 0.2  # random official val share, used only when no split is given
+    max_images: int = 0  # 0 = all; else a random, label-stratified subset (quick looks)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.dataset:
+            raise ValueError("dataset is empty: give 'demo', a manifest .csv, or a dataset folder")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.max_images < 0 or self.demo_size < 20:
+            raise ValueError("max_images must be >= 0 and demo_size >= 20")
+
+
+def _read(dataset: str, labels_csv: str, split: str | None, spec: DatasetSpec) -> Manifest:
+    if dataset in DEMO_NAMES:
+        from dfd_lib.demo_data import SMOKE_SIZE, DemoConfig, ensure_demo_dataset
+
+        size = SMOKE_SIZE if dataset == "demo-smoke" else spec.demo_size
+        out = DEMO_DATA_DIR if size == DemoConfig.n_images else DEMO_DATA_DIR.with_name(f"demo-{size}")
+        return ensure_demo_dataset(DemoConfig(n_images=size, seed=spec.seed), out)
+    kwargs = {"split": split} if labels_csv else {}
+    manifest = read_dataset(resolve(dataset), labels_csv=resolve(labels_csv) if labels_csv else None, **kwargs)
+    if split and not labels_csv:
+        manifest.table["split"] = split
+    return manifest
+
+
+def _subsample(table: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
+    if not n or n >= len(table):
+        return table
+    fraction = n / len(table)
+    return table.groupby(["split", "label"], group_keys=False).apply(
+        lambda part: part.sample(max(1, int(round(len(part) * fraction))), random_state=seed)
+    ).reset_index(drop=True)
+
+
+def prepare_run_dataset(run: runs.RunDir, spec: DatasetSpec) -> Manifest:
+    """Read the dataset(s), settle the splits, write ``run/manifest.csv`` and return it."""
+    main = _read(spec.dataset, spec.labels_csv, "train" if spec.val_dataset else None, spec)
+    parts, skipped = [main.table], [main.skipped]
+    for extra, labels, split in ((spec.val_dataset, spec.val_labels_csv, "val"),
+                                 (spec.test_dataset, spec.test_labels_csv, "test")):
+        if extra:
+            manifest = _read(extra, labels, split, spec)
+            manifest.table["split"] = split
+            parts.append(manifest.table)
+            skipped.append(manifest.skipped)
+    table = pd.concat(parts, ignore_index=True)
+    table = table.drop_duplicates("path").reset_index(drop=True)
+    split = table["split"].astype(object).where(table["split"].isin(["train", "val", "test"]))
+    table["split"] = split
+    if not split.isin(["train", "val"]).any():
+        table = official_split(table, spec.val_fraction, spec.seed)
+    elif split.isna().any():
+        warnings.warn(f"{int(split.isna().sum())} images have no split: they go to train")
+        table["split"] = split.fillna("train")
+    table = _subsample(table, spec.max_images, spec.seed)
+    if not (table["split"] == "test").any():
+        print("note: this dataset has no 'test' split; give test_dataset for a cross-domain test "
+              "(the headline table needs one)", file=sys.stderr)
+    manifest = Manifest(table, pd.concat(skipped, ignore_index=True))
+    manifest.save(run.path(runs.MANIFEST))
+    return manifest

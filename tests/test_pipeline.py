@@ -1,0 +1,93 @@
+"""The papermill chain on tiny notebooks: parameter merging, unknown names, failures, resume."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from dfd_lib.pipeline import PipelineError, merge_parameters, parse_overrides, run_pipeline, select_steps, discover_steps
+
+
+def _notebook(path: Path, params: str, body: str) -> None:
+    nb = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell(params)
+    cell.metadata["tags"] = ["parameters"]
+    nb.cells = [cell, nbformat.v4.new_code_cell(body)]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, path)
+
+
+@pytest.fixture()
+def chain(tmp_path):
+    notebooks, pipelines, reports = tmp_path / "notebooks", tmp_path / "pipelines", tmp_path / "reports"
+    notebooks.mkdir(), pipelines.mkdir()
+    _notebook(notebooks / "01_make.ipynb",
+              'run_dir: str = ""  # run folder\nsize: int = 1  # items\nscale: float = 1.0  # factor',
+              "import json, pathlib\npathlib.Path(run_dir, 'made.json').write_text(json.dumps({'size': size, 'scale': scale}))")
+    _notebook(notebooks / "02_use.ipynb",
+              'run_dir: str = ""  # run folder\nsize: int = 1  # items\nfail: bool = False  # raise on purpose',
+              "import json, pathlib\nmade = json.loads(pathlib.Path(run_dir, 'made.json').read_text())\n"
+              "assert not fail, 'asked to fail'\npathlib.Path(run_dir, 'used.json').write_text(json.dumps(made))")
+    (pipelines / "tiny.yaml").write_text("description: test\nparams:\n  size: 3\nsteps:\n  01_make:\n    scale: 2.5\n")
+    return dict(notebooks_dir=notebooks, pipelines_dir=pipelines, reports_dir=reports)
+
+
+def test_parameters_merge_by_precedence(chain):
+    steps = discover_steps(chain["notebooks_dir"])
+    declared = {"01_make": {"run_dir": {}, "size": {}, "scale": {}}, "02_use": {"run_dir": {}, "size": {}, "fail": {}}}
+    profile = {"params": {"size": 3}, "steps": {"01_make": {"scale": 2.5}}}
+    merged = merge_parameters(steps, profile, parse_overrides(["size=5", "02.fail=true"]), declared)
+    assert merged == {"01_make": {"size": 5, "scale": 2.5}, "02_use": {"size": 5, "fail": True}}
+    with pytest.raises(PipelineError, match="declared by none"):
+        merge_parameters(steps, profile, {"epochs": 3}, declared)
+    with pytest.raises(PipelineError, match="declares no parameter"):
+        merge_parameters(steps, profile, {"01.fail": True}, declared)
+    with pytest.raises(PipelineError, match="declared by no notebook"):
+        merge_parameters(steps, {"params": {"typo": 1}}, {}, declared)
+    assert [s.key for s in select_steps(steps, only="02")] == ["02"]
+    assert [s.key for s in select_steps(steps, start="01")] == ["01", "02"]
+    with pytest.raises(PipelineError, match="unknown step"):
+        select_steps(steps, only="07")
+
+
+def test_chain_runs_records_and_resumes_after_failure(chain):
+    result = run_pipeline("tiny", run="r1", overrides={"02.fail": True}, progress=False, **chain)
+    run_dir = result.run_dir
+    assert [s.status for s in result.steps] == ["ok", "failed"]
+    assert "asked to fail" in result.steps[1].error
+    made = json.loads((run_dir / "made.json").read_text())
+    assert made == {"size": 3, "scale": 2.5}
+    assert not (run_dir / "used.json").exists()
+    assert (run_dir / "notebooks" / "02_use.ipynb").is_file()  # the failed notebook is kept for reading
+    before = (run_dir / "made.json").stat().st_mtime_ns
+
+    resumed = run_pipeline("tiny", run="r1", start="02", progress=False, **chain)
+    assert [s.step for s in resumed.steps] == ["02_use"] and resumed.ok
+    assert json.loads((run_dir / "used.json").read_text()) == made
+    assert (run_dir / "made.json").stat().st_mtime_ns == before  # earlier artefacts untouched
+    params = json.loads((run_dir / "params.json").read_text())
+    assert params["steps"]["01_make"]["size"] == 3 and params["steps"]["02_use"]["run_dir"] == str(run_dir)
+    env = json.loads((run_dir / "environment.json").read_text())
+    assert env["packages"]["torch"] and "device" in env
+    executed = (run_dir / "notebooks" / "01_make.ipynb").read_text()
+    assert "injected-parameters" in executed
+    report = (run_dir / "index.html").read_text()
+    assert "01_make" in report and "02_use" in report and "notebooks/01_make.html" in report
+    assert (run_dir / "notebooks" / "01_make.html").is_file()
+
+
+def test_unknown_parameter_stops_before_running(chain):
+    with pytest.raises(PipelineError, match="declared by none"):
+        run_pipeline("tiny", run="r2", overrides={"epochs": 2}, progress=False, **chain)
+    assert not (chain["reports_dir"] / "r2").exists()
+    with pytest.raises(PipelineError, match="not found"):
+        run_pipeline("nope", progress=False, **chain)
+
+
+def test_prepare_only_injects_without_executing(chain):
+    result = run_pipeline("tiny", run="dry", prepare_only=True, progress=False, **chain)
+    assert [s.status for s in result.steps] == ["prepared", "prepared"]
+    assert not (result.run_dir / "made.json").exists()
+    assert "injected-parameters" in (result.run_dir / "notebooks" / "02_use.ipynb").read_text()
