@@ -27,7 +27,7 @@ test: setup ## run every test: library, CLI, server and the notebooks at smoke s
 	$(BIN)/python -m pytest --nbval-lax tests reports/nbval-smoke/notebooks
 
 data: setup ## build only the demo dataset (data/demo/)
-	$(BIN)/dfd pipeline --profile $(PROFILE) $(if $(RUN),--run $(RUN))
+	$(BIN)/dfd build-demo
 
 serve: setup ## serve the HTTP API and web page on 127.0.0.1:8000 (weights/moe)
 	$(BIN)/dfd serve

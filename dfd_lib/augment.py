@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from dfd_lib import edits, generation
 from dfd_lib.images import ImageLoadError, load_rgb
 from dfd_lib.manifest import COLUMNS, file_sha1
+from dfd_lib.paths import resolve
 
 SD_FAMILIES: dict[str, str] = {"sd_img2img": "img2img", "sd_inpaint": "inpaint"}  # family -> pipeline task
 DEGRADED, DEGRADED_FAKE = "degraded", "degraded_fake"
@@ -45,6 +46,7 @@ class AugmentConfig:
     images_per_family: int = 16  # new images written per family
     seed: int = 0  # fixes every source choice, edit and generation
     sd_checkpoint: str | None = None  # diffusers folder or .safetensors file; None = tiny random pipeline
+    sd_inpaint_checkpoint: str | None = None  # a dedicated inpainting checkpoint for "sd_inpaint"; None = sd_checkpoint
     sd_single_file_config: str | None = None  # for a single-file checkpoint offline: a diffusers folder with its configs
     strength: float = 0.6  # img2img / inpainting strength (share of the steps that run)
     steps: int = 4  # denoising steps before strength is applied
@@ -83,13 +85,20 @@ class AugmentConfig:
         if self.source_splits is not None:
             self.source_splits = tuple(self.source_splits)
         self.device = self.device or None  # '' (a notebook parameter) = automatic
-        self.sd_checkpoint = self.sd_checkpoint or None  # '' (a notebook parameter) = the tiny pipeline
-        self.sd_single_file_config = self.sd_single_file_config or None
+        # '' (a notebook parameter) = the tiny pipeline; relative paths are under the project root
+        self.sd_checkpoint = str(resolve(self.sd_checkpoint)) if self.sd_checkpoint else None
+        self.sd_inpaint_checkpoint = str(resolve(self.sd_inpaint_checkpoint)) if self.sd_inpaint_checkpoint else None
+        self.sd_single_file_config = str(resolve(self.sd_single_file_config)) if self.sd_single_file_config else None
         # a missing checkpoint must stop the run before anything is written
         if any(f in SD_FAMILIES for f in self.families):
-            for what, value in (("checkpoint", self.sd_checkpoint), ("single-file config", self.sd_single_file_config)):
-                if value is not None and not Path(value).expanduser().exists():
+            for what, value in (("checkpoint", self.sd_checkpoint), ("single-file config", self.sd_single_file_config),
+                                ("inpainting checkpoint", self.sd_inpaint_checkpoint if "sd_inpaint" in self.families else None)):
+                if value is not None and not Path(value).exists():
                     raise FileNotFoundError(f"Stable Diffusion {what} not found: {value}")
+
+    def checkpoint_for(self, task: str) -> str | None:
+        """The checkpoint that serves ``task`` ("img2img" or "inpaint"); None = the tiny pipeline."""
+        return (self.sd_inpaint_checkpoint if task == "inpaint" else None) or self.sd_checkpoint
 
 
 @dataclass
@@ -360,14 +369,16 @@ def _run_jobs(jobs: list[_Job], config: AugmentConfig, out_dir: Path, state, pro
             if not sd_jobs:
                 continue
 
-            def get_pipe(task=task):
+            checkpoint = config.checkpoint_for(task)
+
+            def get_pipe(task=task, checkpoint=checkpoint):
                 if task not in pipes:
-                    pipes[task] = generation.load_pipeline(task, config.sd_checkpoint, seed=config.seed,
+                    pipes[task] = generation.load_pipeline(task, checkpoint, seed=config.seed,
                                                            device=config.device or state.device,
                                                            single_file_config=config.sd_single_file_config)
                 return pipes[task]
 
-            name = Path(config.sd_checkpoint).name if config.sd_checkpoint else f"tiny-random-{task}"
+            name = Path(checkpoint).name if checkpoint else f"tiny-random-{task}"
             for start in range(0, len(sd_jobs), config.batch_size):
                 batch = sd_jobs[start:start + config.batch_size]
                 rows += _run_sd_batch(batch, get_pipe, name, config, out_dir, failures)
@@ -509,6 +520,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--families", nargs="+", default=list(ALL_FAMILIES), help=f"some of {list(ALL_FAMILIES)}")
     parser.add_argument("--images-per-family", type=int, default=AugmentConfig.images_per_family)
     parser.add_argument("--sd-checkpoint", default="", help="diffusers folder or .safetensors ('' = tiny random pipeline)")
+    parser.add_argument("--sd-inpaint-checkpoint", default="", help="a dedicated inpainting checkpoint ('' = --sd-checkpoint)")
     parser.add_argument("--sd-single-file-config", default="", help="diffusers folder with the configs of a single file")
     parser.add_argument("--strength", type=float, default=AugmentConfig.strength)
     parser.add_argument("--steps", type=int, default=AugmentConfig.steps)
@@ -525,7 +537,8 @@ def run(args) -> int:
     try:
         run_dir = runs.open_run(args.run)
         config = AugmentConfig(families=tuple(args.families), images_per_family=args.images_per_family,
-                               sd_checkpoint=args.sd_checkpoint, sd_single_file_config=args.sd_single_file_config,
+                               sd_checkpoint=args.sd_checkpoint, sd_inpaint_checkpoint=args.sd_inpaint_checkpoint,
+                               sd_single_file_config=args.sd_single_file_config,
                                strength=args.strength, steps=args.steps, guidance_scale=args.guidance_scale,
                                batch_size=args.sd_batch_size, seed=args.seed, source_splits=tuple(args.source_splits))
         resplits = load_resplits(run_dir.require(runs.RESPLITS, "02_cluster_split"))

@@ -257,3 +257,16 @@ def test_command_line_generates_into_the_run_and_stops_early_on_a_missing_checkp
     ok = parser.parse_args(["--run", str(run_dir), "--families", "resample", "--images-per-family", "3"])
     assert augment.run(ok) == 0
     assert len(list((run_dir / "augmented" / "resample").glob("*.png"))) == 3
+
+
+def test_a_local_inpainting_checkpoint_serves_sd_inpaint(source_table, tmp_path):
+    from dfd_lib import generation
+
+    folder = generation.save_pipeline(generation.build_tiny_pipeline("inpaint", seed=7), tmp_path / "my-inpainting")
+    config = AugmentConfig(families=("sd_img2img", "sd_inpaint"), images_per_family=1, sd_inpaint_checkpoint=str(folder),
+                           image_size=64)
+    assert config.checkpoint_for("inpaint") == str(folder) and config.checkpoint_for("img2img") is None
+    rows, failures = augment_dataset(source_table.iloc[:5], config, tmp_path / "out", progress=False)
+    assert len(failures) == 0
+    pipelines = {row.family: json.loads(row.params)["pipeline"] for row in rows.itertuples()}
+    assert pipelines == {"sd_img2img": "tiny-random-img2img", "sd_inpaint": "my-inpainting"}

@@ -112,6 +112,18 @@ def test_saved_folder_loads_back_through_load_pipeline(task, tmp_path, sources):
     assert all(_max_diff(x, y) <= 2 for x, y in zip(expected, got))
 
 
+def test_an_ordinary_checkpoint_also_inpaints(tmp_path, sources):
+    """A plain (4-channel UNet) checkpoint loaded for inpainting: diffusers blends the source's
+    latents outside the mask, so one SD 1.x folder serves both families."""
+    folder = generation.save_pipeline(generation.build_tiny_pipeline("img2img", seed=5), tmp_path / "plain")
+    pipe = generation.load_pipeline("inpaint", folder, device="cpu")
+    assert pipe.unet.config.in_channels == 4
+    masks = [generation.random_inpaint_mask(s.size, np.random.default_rng(i)) for i, s in enumerate(sources)]
+    for out, source, mask in zip(generation.generate(pipe, sources, ["a", "b"], [1, 2], masks=masks), sources, masks):
+        diff = np.abs(np.asarray(out, np.int16) - np.asarray(source, np.int16))
+        assert diff[np.asarray(mask) == 0].max() == 0 and diff[np.asarray(mask) == 255].max() > 10
+
+
 def test_missing_checkpoint_path_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         generation.load_pipeline("img2img", tmp_path / "no-such-model")
