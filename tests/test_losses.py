@@ -1,0 +1,155 @@
+"""Each loss against an answer worked out by hand on small tensors."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from dfd_lib.losses import (
+    LossConfig,
+    MultiLoss,
+    add_noise,
+    cross_entropy_loss,
+    noise_consistency_kl,
+    supervised_contrastive_loss,
+)
+
+
+def test_cross_entropy_known_values():
+    logits = torch.tensor([[0.0, math.log(3.0)], [0.0, math.log(3.0)]])
+    # softmax = (1/4, 3/4): label 1 costs ln(4/3), label 0 costs ln 4
+    assert cross_entropy_loss(logits, torch.tensor([1, 1])).item() == pytest.approx(math.log(4 / 3), abs=1e-6)
+    assert cross_entropy_loss(logits, torch.tensor([1, 0])).item() == pytest.approx((math.log(4 / 3) + math.log(4)) / 2, abs=1e-6)
+
+
+def test_supcon_two_pairs_of_unit_vectors():
+    # two identical vectors per class, classes orthogonal, t = 1: for every anchor the positive
+    # has similarity 1 and the two negatives 0 -> loss = -log(e / (e + 2)) = ln(e + 2) - 1
+    z = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    labels = torch.tensor([0, 0, 1, 1])
+    expected = math.log(math.e + 2) - 1
+    assert supervised_contrastive_loss(z, labels, temperature=1.0).item() == pytest.approx(expected, abs=1e-6)
+    # features are normalised inside: scaling them changes nothing
+    assert supervised_contrastive_loss(5 * z, labels, temperature=1.0).item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_supcon_anchor_without_positive_is_left_out():
+    # t = 0.5; anchor 0: positive z1 (cos 0), negative z2 (cos -1 -> -2): ln(1 + e^-2)
+    # anchor 1: positive z0 (cos 0), negative z2 (cos 0): ln 2; anchor 2 has no positive.
+    z = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    expected = (math.log(1 + math.exp(-2)) + math.log(2)) / 2
+    loss = supervised_contrastive_loss(z, torch.tensor([0, 0, 1]), temperature=0.5)
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_supcon_pulls_same_class_together():
+    labels = torch.tensor([0, 0, 1, 1])
+    together = torch.tensor([[1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [0.1, 1.0]])
+    mixed = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.1], [0.1, 1.0]])
+    assert supervised_contrastive_loss(together, labels, 0.1) < supervised_contrastive_loss(mixed, labels, 0.1)
+
+
+@pytest.mark.parametrize("labels", [[0, 1], [1], [0, 1, 2]])
+def test_supcon_without_any_pair_is_zero_with_grad(labels):
+    features = torch.randn(len(labels), 4, requires_grad=True)
+    loss = supervised_contrastive_loss(features, torch.tensor(labels), 0.07)
+    assert loss.item() == 0.0
+    loss.backward()
+    assert features.grad is not None and torch.all(features.grad == 0)
+
+
+def test_supcon_single_class_batch_is_finite():
+    # every pair is positive and there are no negatives: log-prob of each positive is -ln(n-1)
+    features = torch.randn(3, 4, requires_grad=True)
+    loss = supervised_contrastive_loss(features, torch.tensor([1, 1, 1]), 1.0)
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert torch.isfinite(features.grad).all()
+
+
+def test_supcon_rejects_bad_input():
+    with pytest.raises(ValueError, match="temperature"):
+        supervised_contrastive_loss(torch.randn(2, 3), torch.tensor([0, 1]), 0.0)
+    with pytest.raises(ValueError, match="expected features"):
+        supervised_contrastive_loss(torch.randn(3, 3), torch.tensor([0, 1]), 0.1)
+
+
+def test_kl_identical_is_zero_and_known_pair():
+    logits = torch.tensor([[0.3, -1.2], [2.0, 0.5]])
+    assert noise_consistency_kl(logits, logits.clone()).item() == pytest.approx(0.0, abs=1e-7)
+    # p = (1/2, 1/2), q = (1/4, 3/4): KL(p||q) = 1/2 ln 2 + 1/2 ln(2/3) = 1/2 ln(4/3)
+    clean = torch.tensor([[0.0, 0.0]])
+    noisy = torch.tensor([[0.0, math.log(3.0)]])
+    assert noise_consistency_kl(clean, noisy).item() == pytest.approx(0.5 * math.log(4 / 3), abs=1e-6)
+    # batch mean: a second, identical row halves nothing (mean of equal values)
+    assert noise_consistency_kl(clean.repeat(2, 1), noisy.repeat(2, 1)).item() == pytest.approx(0.5 * math.log(4 / 3), abs=1e-6)
+
+
+def test_add_noise_kinds_and_strength():
+    torch.manual_seed(0)
+    x = torch.zeros(200_000)
+    gaussian = add_noise(x, "gaussian", 0.2)
+    assert gaussian.std().item() == pytest.approx(0.2, rel=0.02)
+    uniform = add_noise(x, "uniform", 0.3)
+    assert uniform.abs().max().item() <= 0.3
+    assert uniform.std().item() == pytest.approx(0.3 / math.sqrt(3), rel=0.02)
+    assert torch.equal(add_noise(x, "gaussian", 0.0), x)
+    with pytest.raises(ValueError, match="noise kind"):
+        add_noise(x, "salt", 0.1)
+    with pytest.raises(ValueError, match="strength"):
+        add_noise(x, "gaussian", -1.0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(ce_weight=-1.0), "ce_weight"),
+        (dict(ce_weight=0, nce_weight=0, kl_weight=0), "at least one"),
+        (dict(ce_weight=0, nce_weight=0, kl_weight=1.0), "kl_weight alone"),
+        (dict(temperature=0), "temperature"),
+        (dict(noise_kind="poisson"), "noise_kind"),
+        (dict(noise_strength=-0.1), "noise_strength"),
+    ],
+)
+def test_loss_config_validation(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LossConfig(**kwargs)
+
+
+class _CountingModel(nn.Module):
+    """A linear 'expert' that records the batch sizes it sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Linear(6, 4)
+        self.head = nn.Linear(4, 2)
+        self.batch_sizes: list[int] = []
+
+    def forward(self, x):
+        self.batch_sizes.append(x.shape[0])
+        f = self.features(x)
+        return {"logits": self.head(f), "features": f}
+
+
+def test_multiloss_weighted_sum_and_parts():
+    torch.manual_seed(0)
+    model = _CountingModel()
+    x, y = torch.randn(8, 6), torch.tensor([0, 1] * 4)
+    config = LossConfig(ce_weight=1.0, nce_weight=0.5, kl_weight=2.0, noise_strength=0.5)
+    losses = MultiLoss(config)(model, x, y)
+    assert set(losses) == {"overall", "ce", "nce", "kl"}
+    assert model.batch_sizes == [16]  # clean and noisy copies in one forward
+    expected = losses["ce"] + 0.5 * losses["nce"] + 2.0 * losses["kl"]
+    assert losses["overall"].item() == pytest.approx(expected.item(), rel=1e-6)
+    assert losses["kl"].item() > 0 and losses["nce"].item() > 0
+    losses["overall"].backward()
+    assert model.features.weight.grad is not None
+
+
+def test_multiloss_switched_off_parts_cost_nothing():
+    model = _CountingModel()
+    x, y = torch.randn(8, 6), torch.tensor([0, 1] * 4)
+    losses = MultiLoss(LossConfig(ce_weight=1.0, nce_weight=0.0, kl_weight=0.0))(model, x, y)
+    assert model.batch_sizes == [8]  # no noisy forward when kl is off
+    assert losses["nce"].item() == 0.0 and losses["kl"].item() == 0.0
+    assert losses["overall"].item() == pytest.approx(cross_entropy_loss(model(x)["logits"], y).item(), rel=1e-6)
