@@ -9,10 +9,16 @@ returns one manifest row per written image. Each new image inherits its source's
 Output goes to ``out_dir/<family>/<id>.png`` with a ``<id>.json`` sidecar holding its row:
 a rerun reuses what exists (resume), a failing image is logged and skipped, and the
 source files are only read. Under ``accelerate launch`` the work list is split between
-processes (``PartialState().split_between_processes``); as a plain call it runs alone.
+processes (``PartialState().split_between_processes``); as a plain call it runs alone
+(``python -m dfd_lib.augment --help`` is the command line for that).
+
+:func:`attach_to_resplits` then gives every new image the cluster and the train/val side of
+its source's group in every re-split of notebook 02, so training never sees an edit of an
+image it validates on, and :func:`save_augmented_manifest` writes the rows notebook 04 reads.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -35,6 +41,7 @@ SD_FAMILIES: dict[str, str] = {"sd_img2img": "img2img", "sd_inpaint": "inpaint"}
 DEGRADED, DEGRADED_FAKE = "degraded", "degraded_fake"
 ALL_FAMILIES: tuple[str, ...] = (*edits.EDIT_FAMILIES, *SD_FAMILIES, DEGRADED)
 FAILURE_COLUMNS = ["id", "family", "parent", "reason"]
+_FINGERPRINT_KEY = "_fingerprint"  # sidecar only, not a manifest column
 MASK_COLUMN = "inpaint_mask"  # optional source-table column: a mask image per source (white = repaint)
 
 
@@ -108,6 +115,7 @@ class _Job:
     seed: int
     source: dict  # the source manifest row
     donor_path: str | None = None
+    fingerprint: str = ""  # what decides the image: a resumed run reuses a file only if this matches
 
 
 def _family_seed(seed: int, family: str, index: int) -> int:
@@ -143,8 +151,26 @@ def plan_jobs(table: pd.DataFrame, config: AugmentConfig) -> list[_Job]:
                 same_split = reals[reals["split"].astype(str) == str(row.get("split"))] if "split" in reals else reals
                 donors = same_split if len(same_split) else reals
                 job.donor_path = str(donors.iloc[int(rng.integers(len(donors)))]["path"])
+            job.fingerprint = _fingerprint(job, config)
             jobs.append(job)
     return jobs
+
+
+def _fingerprint(job: _Job, config: AugmentConfig) -> str:
+    """A digest of everything that decides ``job``'s image: its source (path and content hash),
+    donor, mask, seed and, for Stable Diffusion, the checkpoint and generation settings."""
+    key: dict = {"family": job.family, "parent": str(job.source.get("path")), "parent_hash": _text(job.source.get("hash")),
+                 "seed": job.seed, "donor": job.donor_path}
+    if job.family in SD_FAMILIES:
+        task = SD_FAMILIES[job.family]
+        key.update(checkpoint=config.checkpoint_for(task), strength=config.strength, steps=config.steps,
+                   guidance_scale=config.guidance_scale, image_size=config.image_size,
+                   keep_unmasked=config.keep_unmasked, mask=_text(job.source.get(MASK_COLUMN)))
+    return hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _text(value) -> str | None:
+    return None if value is None or _is_missing(value) or str(value) == "" else str(value)
 
 
 def _pick(candidates: pd.DataFrame, n: int, rng: np.random.Generator) -> list[dict]:
@@ -168,6 +194,8 @@ def _load_done(out_dir: Path, job: _Job) -> dict | None:
         row = json.loads(row_path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return None  # a damaged sidecar: make the image again
+    if row.pop(_FINGERPRINT_KEY, None) != job.fingerprint:
+        return None  # made by another plan (other sources, settings or checkpoint): make it again
     row["path"] = str(image_path)
     return row
 
@@ -176,7 +204,7 @@ def _write(out_dir: Path, job: _Job, image: Image.Image, label: int, params: dic
     """Write image then row sidecar, each atomically: an interrupted write never looks done."""
     image_path, row_path = _paths(out_dir, job)
     image_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = image_path.with_name(image_path.name + ".tmp")
+    tmp = image_path.with_name(f"{image_path.name}.{os.getpid()}.tmp")  # per process: never two writers on one file
     image.save(tmp, format="PNG")
     os.replace(tmp, image_path)
     source = job.source
@@ -187,8 +215,8 @@ def _write(out_dir: Path, job: _Job, image: Image.Image, label: int, params: dic
         "parent": str(source["path"]), "seed": job.seed, "params": json.dumps(params, sort_keys=True),
     }
     row = {k: (None if _is_missing(v) else (v.item() if isinstance(v, np.generic) else v)) for k, v in row.items()}
-    tmp = row_path.with_name(row_path.name + ".tmp")
-    tmp.write_text(json.dumps(row, sort_keys=True), encoding="utf-8")
+    tmp = row_path.with_name(f"{row_path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({**row, _FINGERPRINT_KEY: job.fingerprint}, sort_keys=True), encoding="utf-8")
     os.replace(tmp, row_path)
     return row
 
@@ -266,8 +294,8 @@ def _run_sd_batch(jobs: list[_Job], get_pipe, pipe_name: str, config: AugmentCon
 
 def _given_mask(job: _Job, image: Image.Image) -> Image.Image | None:
     """The source row's own inpainting mask (column :data:`MASK_COLUMN`), checked against its image."""
-    value = job.source.get(MASK_COLUMN)
-    if value is None or _is_missing(value) or str(value) == "":
+    value = _text(job.source.get(MASK_COLUMN))
+    if value is None:
         return None
     try:
         mask = load_rgb(value).convert("L")
@@ -292,9 +320,8 @@ def _sd_params(job: _Job, prompt: str, mask: Image.Image | None, pipe_name: str,
     if mask is not None:
         params["mask_box"] = list(mask.getbbox() or ())
         params["keep_unmasked"] = config.keep_unmasked
-        given = job.source.get(MASK_COLUMN)
-        if given is not None and not _is_missing(given) and str(given):
-            params["mask"] = str(given)
+        if _text(job.source.get(MASK_COLUMN)):
+            params["mask"] = _text(job.source.get(MASK_COLUMN))
     return params
 
 
@@ -320,7 +347,8 @@ def augment_dataset(table: pd.DataFrame, config: AugmentConfig, out_dir: str | o
     if config.source_splits is not None and "split" not in table.columns:
         raise ValueError("source_splits is set but the source table has no 'split' column")
     out_dir = Path(out_dir).resolve()
-    state = PartialState(cpu=config.device == "cpu")
+    # cpu=True lets torchrun / accelerate launch split the work between CPU processes too
+    state = PartialState(cpu=config.device == "cpu" or (config.device is None and not torch.cuda.is_available()))
     jobs = plan_jobs(table, config)
     sources = {str(Path(p).resolve()) for p in table["path"]}
     clash = [str(path) for job in jobs for path in _paths(out_dir, job) if str(path) in sources]
@@ -346,7 +374,10 @@ def _run_jobs(jobs: list[_Job], config: AugmentConfig, out_dir: Path, state, pro
     """This process's share of ``jobs``: edits first, then Stable Diffusion in batches."""
     rows: list[dict] = []
     failures: list[dict] = []
-    with state.split_between_processes(jobs) as my_jobs:
+    # process k takes jobs k, k+n, k+2n, ...: every process gets its share of slow (SD) and fast families
+    n = state.num_processes
+    interleaved = [job for k in range(n) for job in jobs[k::n]]
+    with state.split_between_processes(interleaved) as my_jobs:
         todo = []
         for job in my_jobs:
             done = _load_done(out_dir, job)
@@ -515,7 +546,7 @@ def add_arguments(parser) -> None:
     """``python -m dfd_lib.augment`` (or ``accelerate launch -m dfd_lib.augment`` on several
     GPUs): generate into a run folder; notebook 03 with the same settings then finds every
     image already made and writes the augmented manifest."""
-    parser.add_argument("--run", required=True, help="run folder holding resplits.csv (from notebook 02)")
+    parser.add_argument("--run-dir", required=True, help="run folder holding resplits.csv (from notebook 02)")
     parser.add_argument("--out", default="", help="output folder ('' = <run>/augmented)")
     parser.add_argument("--families", nargs="+", default=list(ALL_FAMILIES), help=f"some of {list(ALL_FAMILIES)}")
     parser.add_argument("--images-per-family", type=int, default=AugmentConfig.images_per_family)
@@ -535,7 +566,7 @@ def run(args) -> int:
     from dfd_lib.split import load_resplits
 
     try:
-        run_dir = runs.open_run(args.run)
+        run_dir = runs.open_run(args.run_dir)
         config = AugmentConfig(families=tuple(args.families), images_per_family=args.images_per_family,
                                sd_checkpoint=args.sd_checkpoint, sd_inpaint_checkpoint=args.sd_inpaint_checkpoint,
                                sd_single_file_config=args.sd_single_file_config,

@@ -11,6 +11,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "build-demo": ("dfd_lib.demo_data", "build the embedded demo dataset offline (data/demo/)"),
     "manifest": ("dfd_lib.manifest", "scan a dataset (competition CSV or real/ fake/ folders) into a manifest"),
+    "augment": ("dfd_lib.augment", "generate edited / Stable Diffusion images into a run folder"),
     "pipeline": ("dfd_lib.pipeline", "run the numbered notebooks headless with papermill"),
     "predict": ("dfd_lib.predict_cli", "score images, folders or globs into a CSV"),
     "convert-weights": ("dfd_lib.checkpoint", "convert the released weight.pth + ema.state into our format"),

@@ -40,6 +40,8 @@ from dfd_lib.sample_photos import available_sources, load_source
 
 SD_FAMILIES = ("sd_img2img", "sd_inpaint")
 SMOKE_SIZE = 200
+# Bump when the generators change what a given config produces, so older builds are rebuilt.
+GENERATOR_VERSION = 2
 BUILD_INFO = "build_info.json"
 
 
@@ -92,6 +94,7 @@ class DemoConfig:
         """What decides the content (everything but notes)."""
         data = asdict(self)
         data.pop("notes")
+        data["generator_version"] = GENERATOR_VERSION
         return json.loads(json.dumps(data))
 
 
@@ -263,6 +266,11 @@ def build_demo_dataset(config: DemoConfig | None = None, out_dir: str | os.PathL
     return Manifest.load(out_dir / "manifest.csv")
 
 
+def demo_dir_for(n_images: int) -> Path:
+    """``data/demo`` for the default size, ``data/demo-<n>`` for any other, so sizes never overwrite each other."""
+    return DEMO_DATA_DIR if n_images == DemoConfig.n_images else DEMO_DATA_DIR.with_name(f"demo-{n_images}")
+
+
 def read_build_info(out_dir: str | os.PathLike = DEMO_DATA_DIR) -> dict | None:
     path = resolve(out_dir) / BUILD_INFO
     return json.loads(path.read_text()) if path.is_file() else None
@@ -284,12 +292,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--smoke", action="store_true", help=f"the small test size ({SMOKE_SIZE} images)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (same seed -> same files)")
     parser.add_argument("--image-size", type=int, default=DemoConfig.image_size, help="image side in pixels")
-    parser.add_argument("--out", default=str(DEMO_DATA_DIR), help="output folder (default data/demo)")
+    parser.add_argument("--out", help="output folder (default data/demo, or data/demo-<size> for other sizes)")
     parser.add_argument("--force", action="store_true", help="rebuild even if an identical build exists")
 
 
 def run(args: argparse.Namespace) -> int:
     config = DemoConfig(n_images=SMOKE_SIZE if args.smoke else args.size, seed=args.seed, image_size=args.image_size)
+    args.out = args.out or str(demo_dir_for(config.n_images))
     started = time.perf_counter()
     if args.force:
         manifest = build_demo_dataset(config, args.out)

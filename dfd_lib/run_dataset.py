@@ -16,7 +16,7 @@ import pandas as pd
 
 from dfd_lib import runs
 from dfd_lib.manifest import Manifest, read_dataset
-from dfd_lib.paths import DEMO_DATA_DIR, resolve
+from dfd_lib.paths import resolve
 from dfd_lib.split import official_split
 
 DEMO_NAMES = ("demo", "demo-smoke")
@@ -48,11 +48,10 @@ class DatasetSpec:
 
 def _read(dataset: str, labels_csv: str, split: str | None, spec: DatasetSpec) -> Manifest:
     if dataset in DEMO_NAMES:
-        from dfd_lib.demo_data import SMOKE_SIZE, DemoConfig, ensure_demo_dataset
+        from dfd_lib.demo_data import SMOKE_SIZE, DemoConfig, demo_dir_for, ensure_demo_dataset
 
         size = SMOKE_SIZE if dataset == "demo-smoke" else spec.demo_size
-        out = DEMO_DATA_DIR if size == DemoConfig.n_images else DEMO_DATA_DIR.with_name(f"demo-{size}")
-        return ensure_demo_dataset(DemoConfig(n_images=size, seed=spec.seed), out)
+        return ensure_demo_dataset(DemoConfig(n_images=size, seed=spec.seed), demo_dir_for(size))
     kwargs = {"split": split} if labels_csv else {}
     manifest = read_dataset(resolve(dataset), labels_csv=resolve(labels_csv) if labels_csv else None, **kwargs)
     if split and not labels_csv:

@@ -250,11 +250,11 @@ def test_command_line_generates_into_the_run_and_stops_early_on_a_missing_checkp
     parser = argparse.ArgumentParser()
     augment.add_arguments(parser)
     run_dir = tmp_path / "run"
-    bad = parser.parse_args(["--run", str(run_dir), "--families", "sd_img2img", "--sd-checkpoint", str(tmp_path / "nope")])
+    bad = parser.parse_args(["--run-dir", str(run_dir), "--families", "sd_img2img", "--sd-checkpoint", str(tmp_path / "nope")])
     assert augment.run(bad) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("augment: Stable Diffusion checkpoint not found")
     assert not (run_dir / "augmented").exists()  # stopped before writing anything
-    ok = parser.parse_args(["--run", str(run_dir), "--families", "resample", "--images-per-family", "3"])
+    ok = parser.parse_args(["--run-dir", str(run_dir), "--families", "resample", "--images-per-family", "3"])
     assert augment.run(ok) == 0
     assert len(list((run_dir / "augmented" / "resample").glob("*.png"))) == 3
 
@@ -270,3 +270,43 @@ def test_a_local_inpainting_checkpoint_serves_sd_inpaint(source_table, tmp_path)
     assert len(failures) == 0
     pipelines = {row.family: json.loads(row.params)["pipeline"] for row in rows.itertuples()}
     assert pipelines == {"sd_img2img": "tiny-random-img2img", "sd_inpaint": "my-inpainting"}
+
+
+def test_resume_remakes_images_whose_plan_changed(source_table, tmp_path):
+    """Same ids, other sources or settings (02 re-run, strength changed): never a stale image."""
+    out = tmp_path / "out"
+    config = AugmentConfig(families=("colour_background", "sd_img2img"), images_per_family=2, image_size=64)
+    first, _ = augment_dataset(source_table.iloc[:3], config, out, progress=False)
+    other_sources, _ = augment_dataset(source_table.iloc[3:5], config, out, progress=False)
+    assert list(other_sources["path"]) == list(first["path"])  # the same file names ...
+    assert set(other_sources["parent"]) <= set(source_table["path"].iloc[3:5])  # ... remade from the new sources
+    assert not set(other_sources["hash"]) & set(first["hash"])
+    stronger = AugmentConfig(families=config.families, images_per_family=2, image_size=64, strength=0.9)
+    again, _ = augment_dataset(source_table.iloc[3:5], stronger, out, progress=False)
+    changed = again.set_index("family")["hash"] != other_sources.set_index("family")["hash"]
+    assert changed.groupby(level=0).all().to_dict() == {"colour_background": False, "sd_img2img": True}
+    assert "_fingerprint" not in again.columns
+
+
+def test_processes_split_the_work_under_torchrun(resplit_world, tmp_path):
+    """Two processes (torchrun, as accelerate launch does on GPUs) each make their share; the
+    edits are the same files a single process makes."""
+    import os
+    import subprocess
+    import sys
+
+    args = ["--run-dir", str(tmp_path / "run"), "--families", "colour_background", "resample", "sd_img2img",
+            "--images-per-family", "3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "dfd_lib.augment", "--out", str(tmp_path / "two"), *args],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "augment[0]" in done.stderr and "augment[1]" in done.stderr
+    assert done.stdout.count("9 images in") == 1  # gathered, reported once
+    _, resplits = resplit_world
+    config = AugmentConfig(families=("colour_background", "resample"), images_per_family=3, source_splits=("train", "val"))
+    alone, _ = augment_dataset(resplits, config, tmp_path / "one", progress=False)
+    two = {p.name: file_sha1(p) for p in (tmp_path / "two").glob("[cr]*/*.png")}
+    assert two == {Path(p).name: h for p, h in zip(alone["path"], alone["hash"])}
+    assert len(list((tmp_path / "two" / "sd_img2img").glob("*.png"))) == 3
