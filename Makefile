@@ -7,14 +7,13 @@ PROFILE ?= demo
 RUN ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo test data serve bench clean-reports
+.PHONY: help setup browser demo test data serve bench clean-reports
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-14s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install -e ".[dev]"
 	touch $(STAMP)
 
@@ -23,7 +22,14 @@ setup: $(STAMP) ## create .venv and install the kit with its dev tools (once)
 demo: setup ## build the demo dataset and run the whole pipeline on it (CPU, offline)
 	$(BIN)/dfd pipeline --profile $(PROFILE) $(if $(RUN),--run $(RUN))
 
-test: setup ## run every test: library, CLI, server and the notebooks at smoke size
+browser: ## install Debian's chromium for the browser tests (as root with apt; else they are skipped)
+	@if [ -x /usr/bin/chromium ]; then echo "chromium: present"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+	  || echo "chromium: could not be installed; the browser tests will be skipped"; \
+	else echo "chromium: absent and not installable here; the browser tests will be skipped"; fi
+
+test: setup browser ## run every test: library, CLI, server, browser and the notebooks at smoke size
 	$(BIN)/python -m pytest --nbval-lax tests reports/nbval-smoke/notebooks
 
 data: setup ## build only the demo dataset (data/demo/)

@@ -118,7 +118,11 @@ def load_rgb(source: ImageSource, max_pixels: int | None = DEFAULT_MAX_PIXELS) -
                 raise ImageLoadError("empty file (0 bytes)", name)
             stream = path
         try:
-            image = Image.open(stream)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                image = Image.open(stream)
+        except Image.DecompressionBombError as exc:
+            raise ImageLoadError(f"decompression bomb refused: {exc}", name) from None
         except UnidentifiedImageError:
             raise ImageLoadError("not an image (format not recognised)", name) from None
         except (OSError, SyntaxError, ValueError, EOFError) as exc:

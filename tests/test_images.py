@@ -93,3 +93,19 @@ def test_missing_file_and_bomb(tmp_path):
     with pytest.raises(ImageLoadError, match="too large"):
         load_rgb(path, max_pixels=1_000_000)
     assert load_rgb(path, max_pixels=None).size == (3000, 3000)
+
+
+def test_header_claiming_a_giant_image_is_refused_before_decoding():
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    # a PNG header claiming 20000 x 20000 pixels (400 M, past Pillow's own bomb limit) and no pixel data
+    header = struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0)
+    data = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+    image, reason = try_load_rgb(data)
+    assert image is None and ("bomb" in reason or "too large" in reason)
+    with pytest.raises(ImageLoadError):
+        load_rgb(data, max_pixels=None)

@@ -1,0 +1,124 @@
+// The page of `dfd serve`: choose or drop images, POST each to /explain, show the score,
+// the per-expert bars and the Grad-CAM heatmap; the threshold only recolours verdicts.
+"use strict";
+
+const state = { backbones: [], tokenRequired: false };
+const $ = (selector, root = document) => root.querySelector(selector);
+
+function threshold() {
+  return parseFloat($("#threshold").value);
+}
+
+function recolour(card) {
+  const prob = parseFloat(card.dataset.prob);
+  if (Number.isNaN(prob)) return;
+  const fake = prob >= threshold();
+  card.classList.toggle("fake", fake);
+  card.classList.toggle("real", !fake);
+  $(".verdict", card).textContent = fake ? "fake" : "real";
+  card.querySelectorAll(".bar > span").forEach((bar) => {
+    bar.classList.toggle("fake", parseFloat(bar.dataset.prob) >= threshold());
+  });
+}
+
+function showResult(card, body) {
+  card.dataset.prob = String(body.result);
+  $(".score", card).textContent = body.result.toFixed(4);
+  const list = $(".experts", card);
+  list.replaceChildren();
+  body.experts.forEach((p, i) => {
+    const item = document.createElement("li");
+    item.className = "expert";
+    const name = document.createElement("span");
+    name.textContent = `expert ${i}`;
+    name.title = (body.backbones || state.backbones)[i] || "";
+    const bar = document.createElement("div");
+    bar.className = "bar";
+    const fill = document.createElement("span");
+    fill.dataset.prob = String(p);
+    fill.style.width = `${(100 * p).toFixed(1)}%`;
+    bar.append(fill);
+    const value = document.createElement("span");
+    value.className = "expert-prob";
+    value.textContent = p.toFixed(3);
+    item.append(name, bar, value);
+    list.append(item);
+  });
+  if (body.heatmap) {
+    const heat = $(".heatmap", card);
+    heat.src = body.heatmap;
+    heat.hidden = false;
+  }
+  recolour(card);
+  card.classList.add("done");
+}
+
+function showError(card, message) {
+  $(".verdict", card).textContent = "not scored";
+  const error = $(".error", card);
+  error.textContent = message;
+  error.hidden = false;
+  card.classList.add("done", "failed");
+}
+
+async function score(file) {
+  const card = $("#result-template").content.firstElementChild.cloneNode(true);
+  card.dataset.name = file.name;
+  $(".name", card).textContent = file.name;
+  $(".original", card).src = URL.createObjectURL(file);
+  $("#results").prepend(card);
+  const form = new FormData();
+  form.append("image", file, file.name);
+  const headers = {};
+  const token = $("#token").value.trim();
+  if (token) headers.Authorization = `Bearer ${token}`;
+  try {
+    const response = await fetch("/explain", { method: "POST", body: form, headers });
+    const body = await response.json().catch(() => ({ error: `HTTP ${response.status}` }));
+    if (!response.ok) showError(card, body.error || `HTTP ${response.status}`);
+    else showResult(card, body);
+  } catch (err) {
+    showError(card, `request failed: ${err}`);
+  }
+}
+
+async function scoreAll(files) {
+  for (const file of files) await score(file);  // one at a time: the model serves one batch at a time anyway
+}
+
+async function loadHealth() {
+  try {
+    const health = await (await fetch("/health")).json();
+    state.backbones = health.model.backbones;
+    state.tokenRequired = health.token_required;
+    $("#token-row").hidden = !health.token_required;
+    $("#model-info").textContent =
+      `${health.model.experts} experts (${[...new Set(health.model.backbones)].join(", ")}) · ` +
+      `${health.model.image_size} px · ${health.model.device}`;
+  } catch (err) {
+    $("#model-info").textContent = `server unreachable: ${err}`;
+  }
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  const input = $("#file-input");
+  const zone = $("#drop-zone");
+  input.addEventListener("change", () => {
+    scoreAll([...input.files]);
+    input.value = "";
+  });
+  ["dragenter", "dragover"].forEach((type) => zone.addEventListener(type, (event) => {
+    event.preventDefault();
+    zone.classList.add("over");
+  }));
+  ["dragleave", "drop"].forEach((type) => zone.addEventListener(type, () => zone.classList.remove("over")));
+  zone.addEventListener("drop", (event) => {
+    event.preventDefault();
+    scoreAll([...event.dataTransfer.files]);
+  });
+  $("#threshold").addEventListener("input", () => {
+    $("#threshold-value").textContent = threshold().toFixed(2);
+    document.querySelectorAll(".result.done").forEach(recolour);
+  });
+  loadHealth();
+});
