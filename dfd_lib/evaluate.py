@@ -129,9 +129,11 @@ def _save_figure(fig, path: str | os.PathLike | None) -> None:
         fig.savefig(path, dpi=120, bbox_inches="tight")
 
 
-def plot_roc_curves(curves: Mapping[str, tuple], path: str | os.PathLike | None = None, title: str = "ROC curves"):
+def plot_roc_curves(curves: Mapping[str, tuple], path: str | os.PathLike | None = None, title: str = "ROC curves",
+                    emphasis: Sequence[str] = ()):
     """One figure with the ROC curve of each ``name -> (y_true, y_score)``, AUC in the legend;
-    saved to ``path`` when given. Returns the matplotlib figure."""
+    saved to ``path`` when given. Curves named in ``emphasis`` are drawn bold and the others
+    thin and faded (many curves stay readable). Returns the matplotlib figure."""
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 5))
@@ -140,7 +142,8 @@ def plot_roc_curves(curves: Mapping[str, tuple], path: str | os.PathLike | None 
         if math.isnan(metrics["auc"]):
             continue  # no curve for a single-class set
         points = roc_curve_points(y, s)
-        ax.plot(points["fpr"], points["tpr"], lw=1.8, label=f"{name} (AUC {metrics['auc']:.3f})")
+        style = {"lw": 1.8} if not emphasis else ({"lw": 2.6, "zorder": 3} if name in emphasis else {"lw": 1.0, "alpha": 0.6})
+        ax.plot(points["fpr"], points["tpr"], **style, label=f"{name} (AUC {metrics['auc']:.3f})")
     ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1, label="chance")
     ax.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.01), title=title)
     ax.legend(loc="lower right", fontsize="small")

@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -87,6 +88,7 @@ class LossConfig:
     temperature: float = 0.07  # SupCon temperature
     noise_kind: str = "gaussian"  # "gaussian" | "uniform"
     noise_strength: float = 0.1  # std (gaussian) or half-width (uniform), in normalised units
+    kl_fraction: float = 1.0  # share of each batch that gets a noisy copy for the KL term (CPU budgets: < 1)
 
     def __post_init__(self):
         for name in ("ce_weight", "nce_weight", "kl_weight"):
@@ -103,6 +105,8 @@ class LossConfig:
             raise ValueError(f"LossConfig.noise_kind must be one of {NOISE_KINDS}, got {self.noise_kind!r}")
         if not self.noise_strength >= 0:
             raise ValueError(f"LossConfig.noise_strength must be >= 0, got {self.noise_strength}")
+        if not (isinstance(self.kl_fraction, (int, float)) and 0 < self.kl_fraction <= 1):
+            raise ValueError(f"LossConfig.kl_fraction must be in (0, 1], got {self.kl_fraction!r}")
 
     @property
     def weights(self) -> dict[str, float]:
@@ -117,8 +121,9 @@ class MultiLoss:
 
     ``loss(model, images, labels)`` runs the model (and, only when ``kl_weight > 0``, the
     noisy copy of the batch in the same forward pass: one larger batch is cheaper than two
-    passes) and returns ``{"overall", "ce", "nce", "kl"}``; disabled losses are 0 and cost
-    nothing. ``model(x)`` must return ``{"logits": (B, 2), "features": (B, D)}``.
+    passes; with ``kl_fraction < 1`` only the first ``ceil(kl_fraction * B)`` images of the
+    batch, which is in random order, get a noisy copy) and returns ``{"overall", "ce", "nce",
+    "kl"}``; disabled losses are 0 and cost nothing. ``model(x)`` must return ``{"logits": (B, 2), "features": (B, D)}``.
     """
 
     def __init__(self, config: LossConfig | None = None):
@@ -128,7 +133,8 @@ class MultiLoss:
         cfg = self.config
         n = images.shape[0]
         if cfg.kl_weight > 0:
-            noisy = add_noise(images, cfg.noise_kind, cfg.noise_strength)
+            k = max(1, math.ceil(cfg.kl_fraction * n - 1e-9))
+            noisy = add_noise(images[:k], cfg.noise_kind, cfg.noise_strength)
             outputs = model(torch.cat([images, noisy], dim=0))
             logits, logits_noisy = outputs["logits"][:n], outputs["logits"][n:]
             features = outputs["features"][:n]
@@ -144,7 +150,8 @@ class MultiLoss:
         labels: torch.Tensor,
         logits_noisy: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """The loss dict from outputs already computed (``logits_noisy`` needed when kl is on)."""
+        """The loss dict from outputs already computed (``logits_noisy`` needed when kl is on;
+        it may cover the first rows of the batch only, see ``kl_fraction``)."""
         cfg = self.config
         zero = logits.new_zeros((), dtype=torch.float32)
         parts = {
@@ -155,6 +162,8 @@ class MultiLoss:
         if cfg.kl_weight > 0:
             if logits_noisy is None:
                 raise ValueError("kl_weight > 0 needs the logits of the noisy images")
-            parts["kl"] = noise_consistency_kl(logits, logits_noisy)
+            if logits_noisy.shape[0] > logits.shape[0]:
+                raise ValueError(f"{logits_noisy.shape[0]} noisy logits for a batch of {logits.shape[0]}")
+            parts["kl"] = noise_consistency_kl(logits[: logits_noisy.shape[0]], logits_noisy)
         overall = sum(cfg.weights[name] * parts[name] for name in LOSS_NAMES if cfg.weights[name] > 0)
         return {"overall": overall, **parts}

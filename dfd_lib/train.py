@@ -78,6 +78,7 @@ class TrainConfig:
     mixed_precision: str = "no"  # "bf16" / "fp16" apply on a GPU only
     channels_last: bool = True
     max_steps_per_epoch: int | None = None  # smoke runs
+    freeze_stages: int = 0  # the first N stage groups of the backbone (stem first) stay frozen: see freeze_backbone_stages
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     threads: int | None = None  # torch CPU threads (a busy shared CPU runs faster with fewer)
     progress: bool = True
@@ -107,6 +108,7 @@ class TrainConfig:
             ("grad_clip", self.grad_clip is None or self.grad_clip > 0, "None or > 0"),
             ("num_workers", isinstance(self.num_workers, int) and self.num_workers >= 0, "an int >= 0"),
             ("mixed_precision", self.mixed_precision in MIXED_PRECISION, f"one of {MIXED_PRECISION}"),
+            ("freeze_stages", isinstance(self.freeze_stages, int) and not isinstance(self.freeze_stages, bool) and self.freeze_stages >= 0, "an int >= 0"),
             ("max_steps_per_epoch", self.max_steps_per_epoch is None or (isinstance(self.max_steps_per_epoch, int) and self.max_steps_per_epoch >= 1), "None or an int >= 1"),
             ("device", self.device in DEVICES, f"one of {DEVICES}"),
             ("threads", self.threads is None or (isinstance(self.threads, int) and self.threads >= 1), "None or an int >= 1"),
@@ -149,6 +151,7 @@ class TrainResult:
     history: pd.DataFrame  # one row per epoch: lr, train_<loss> means, val metrics, throughput
     config: TrainConfig
     skipped: pd.DataFrame  # unreadable images (path, reason), never fatal
+    seconds: float = math.nan  # wall time of the call: training, validation and checkpoints
 
 
 # --------------------------------------------------------------------------- state files
@@ -231,6 +234,53 @@ def load_expert(weights_path: str | os.PathLike) -> tuple[Expert, dict]:
     return expert.eval(), meta
 
 
+# --------------------------------------------------------------------------- freezing
+
+
+def backbone_stage_groups(expert: Expert) -> list[list[str]]:
+    """The backbone's parameter names in timm's coarse stage groups, input side first: the
+    stem, one group per stage, the head last (``group_matcher(coarse=True)``)."""
+    from timm.models import group_parameters
+
+    net = expert.baseline_extractor
+    groups = group_parameters(net, net.group_matcher(coarse=True))
+    return [groups[key] for key in sorted(groups)]
+
+
+def freeze_backbone_stages(expert: Expert, n_stages: int) -> list[torch.nn.Module]:
+    """Freeze the first ``n_stages`` stage groups of ``expert`` (:func:`backbone_stage_groups`):
+    no gradients, and their BatchNorm statistics fixed. Returns the modules that must stay in
+    eval mode while the rest trains (pass them to ``model.train()`` callers).
+
+    Fine-tuning only the last stages of a pretrained backbone is far cheaper on a CPU: the
+    backward pass stops where the trainable part begins, and the early stages run at the
+    highest resolution."""
+    if n_stages == 0:
+        return []
+    groups = backbone_stage_groups(expert)
+    if n_stages >= len(groups):
+        raise ValueError(f"freeze_stages={n_stages}, but {expert.backbone_name} has {len(groups)} stage groups "
+                         f"(stem, stages, head); at most {len(groups) - 1} can be frozen: the head always trains")
+    frozen_names = {f"baseline_extractor.{name}" for group in groups[:n_stages] for name in group}
+    for name, param in expert.named_parameters():
+        if name in frozen_names:
+            param.requires_grad_(False)
+    # a module is frozen when it has parameters and all of them are: eval() keeps its BatchNorm
+    # statistics (and any dropout or drop-path inside it) fixed while the rest trains
+    frozen = []
+    for name, module in expert.named_modules():
+        params = list(module.parameters())
+        if params and not any(p.requires_grad for p in params) and not any(name.startswith(f"{outer}.") for outer in frozen):
+            frozen.append(name)
+    return [expert.get_submodule(name) for name in frozen]
+
+
+def _train_mode(model: torch.nn.Module, frozen: Sequence[torch.nn.Module]) -> None:
+    model.train()
+    for module in frozen:
+        module.eval()
+
+
 # --------------------------------------------------------------------------- the loop
 
 
@@ -310,7 +360,9 @@ def train_expert(
     from accelerate.utils import set_seed
 
     set_seed(config.seed)
+    started_at = time.perf_counter()
     model = Expert(config.backbone, pretrained=config.pretrained, weights_path=config.weights_path, drop_rate=config.drop_rate)
+    frozen = freeze_backbone_stages(model, config.freeze_stages)
     from timm.data import resolve_model_data_config
 
     data_config = resolve_model_data_config(model.baseline_extractor)
@@ -325,7 +377,7 @@ def train_expert(
 
     from timm.optim import create_optimizer_v2
 
-    # timm's AdamW groups: no weight decay on biases and norm weights
+    # timm's AdamW groups: no weight decay on biases and norm weights; frozen parameters left out
     optimizer = create_optimizer_v2(model, "adamw", lr=config.lr, weight_decay=config.weight_decay)
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
     inner_optimizer = getattr(optimizer, "optimizer", optimizer)  # the torch optimiser under accelerate's wrapper
@@ -370,7 +422,7 @@ def train_expert(
         started = time.perf_counter()
         seen, sums, data_seconds, global_step = _train_epoch(
             accelerator, model, optimizer, scheduler, ema, loss_fn, train_loader, steps_per_epoch, memory_format,
-            epoch, global_step, config, show, out_dir.name, skipped, on_step,
+            epoch, global_step, config, show, out_dir.name, skipped, on_step, frozen,
         )
         train_seconds = time.perf_counter() - started
         totals = accelerator.reduce(torch.tensor([seen, *sums.values()], dtype=torch.float64, device=accelerator.device), "sum")
@@ -415,13 +467,14 @@ def train_expert(
         out_dir=out_dir, best_weights=out_dir / BEST_WEIGHTS, best_epoch=best_epoch, best_val_auc=best_auc,
         selection=selection, history=history_frame, config=config,
         skipped=pd.DataFrame(sorted(skipped.items()), columns=["path", "reason"]),
+        seconds=time.perf_counter() - started_at,
     )
 
 
 def _train_epoch(accelerator, model, optimizer, scheduler, ema, loss_fn, loader, steps, memory_format, epoch, global_step,
-                 config, show, name, skipped, on_step):
+                 config, show, name, skipped, on_step, frozen=()):
     """One epoch of optimiser steps; returns (images seen, loss sums, seconds waiting for data, global step)."""
-    model.train()
+    _train_mode(model, frozen)
     sums = {loss: 0.0 for loss in ("overall", *LOSS_NAMES)}
     seen, data_seconds = 0, 0.0
     bar = tqdm(total=steps, desc=f"{name} epoch {epoch + 1}/{config.epochs}", disable=not show, leave=False)
@@ -497,6 +550,7 @@ class MixtureTrainResult:
     directory: Path  # the mixture in our weights format (dfd_lib.checkpoint)
     experts: list[TrainResult]
     summary: pd.DataFrame  # one row per expert: resplit, backbone, best epoch, best val AUC
+    seconds: float = math.nan  # wall time of all the experts' training
 
 
 def resplit_indices(table: pd.DataFrame) -> list[int]:
@@ -523,10 +577,12 @@ def train_mixture(
     out_dir: str | os.PathLike,
     resplits: Sequence[int] | None = None,
     resume: bool = True,
+    mixture_dir: str | os.PathLike | None = None,
 ) -> MixtureTrainResult:
     """One expert per re-split (train on rows whose ``resplit_<i>`` is ``train``, validate on
-    ``val``), then their best EMA weights saved as a mixture in ``out_dir/mixture``.
-    ``config`` is shared or one per re-split (the backbone may differ per expert)."""
+    ``val``), then their best EMA weights saved as a mixture in ``mixture_dir`` (default
+    ``out_dir/mixture``). ``config`` is shared or one per re-split (the backbone may differ
+    per expert)."""
     available = resplit_indices(table)
     chosen = list(available if resplits is None else resplits)
     missing = sorted(set(chosen) - set(available))
@@ -536,24 +592,25 @@ def train_mixture(
     if len(configs) != len(chosen):
         raise ValueError(f"{len(configs)} configs for {len(chosen)} re-splits")
     out_dir = Path(out_dir)
+    started = time.perf_counter()
     results = []
     for i, cfg in zip(chosen, configs):
         column = table[f"{RESPLIT_PREFIX}{i}"]
         results.append(train_expert(table[column == "train"], table[column == "val"], cfg, out_dir / f"expert_{i}", resume=resume))
     summary = pd.DataFrame([
         {"resplit": i, "backbone": r.config.backbone, "best_epoch": r.best_epoch, "best_val_auc": r.best_val_auc,
-         "selection": r.selection, "images_per_s": float(r.history["images_per_s"].mean())}
+         "selection": r.selection, "images_per_s": float(r.history["images_per_s"].mean()), "seconds": r.seconds}
         for i, r in zip(chosen, results)
     ])
     provenance = {"trained_by": "dfd_lib.train.train_mixture", "resplits": ",".join(map(str, chosen)),
                   "best_val_auc": ",".join(f"{r.best_val_auc:.4f}" for r in results)}
-    directory = out_dir / "mixture"
+    directory = Path(mixture_dir) if mixture_dir is not None else out_dir / "mixture"
     model, mixture_config = mixture_from_experts([r.best_weights for r in results], provenance)
     from accelerate import PartialState
 
     if PartialState().is_main_process:
         save_mixture(model, directory, mixture_config)
-    return MixtureTrainResult(directory=directory, experts=results, summary=summary)
+    return MixtureTrainResult(directory=directory, experts=results, summary=summary, seconds=time.perf_counter() - started)
 
 
 # --------------------------------------------------------------------------- entry point

@@ -100,6 +100,12 @@ def test_plot_roc_curves_writes_figure(tmp_path):
     assert labels == ["a (AUC 0.750)", "b (AUC 1.000)", "chance"]
 
 
+def test_plot_roc_curves_emphasis_draws_named_curves_bold():
+    fig = plot_roc_curves({"a": (Y, S), "b": ([0, 1], [0.2, 0.9]), "c": ([0, 1], [0.9, 0.2])}, emphasis=["b"])
+    widths = {line.get_label().split(" (")[0]: line.get_linewidth() for line in fig.axes[0].lines}
+    assert widths["b"] > widths["a"] and widths["a"] == widths["c"]
+
+
 def _blur_sensitive_images(n=12, size=64):
     """Fakes carry a high-frequency checkerboard that blur and downscaling remove."""
     rng = np.random.default_rng(0)

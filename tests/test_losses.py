@@ -109,6 +109,8 @@ def test_add_noise_kinds_and_strength():
         (dict(temperature=0), "temperature"),
         (dict(noise_kind="poisson"), "noise_kind"),
         (dict(noise_strength=-0.1), "noise_strength"),
+        (dict(kl_fraction=0.0), "kl_fraction"),
+        (dict(kl_fraction=1.5), "kl_fraction"),
     ],
 )
 def test_loss_config_validation(kwargs, message):
@@ -153,3 +155,26 @@ def test_multiloss_switched_off_parts_cost_nothing():
     assert model.batch_sizes == [8]  # no noisy forward when kl is off
     assert losses["nce"].item() == 0.0 and losses["kl"].item() == 0.0
     assert losses["overall"].item() == pytest.approx(cross_entropy_loss(model(x)["logits"], y).item(), rel=1e-6)
+
+
+def test_multiloss_kl_fraction_noises_the_first_part_of_the_batch():
+    # kl_fraction 0.25 of 8 -> the first 2 images get a noisy copy: one forward of 8 + 2, and
+    # the KL term equals the KL of those 2 clean rows against their noisy rows
+    torch.manual_seed(0)
+    model = _CountingModel()
+    x, y = torch.randn(8, 6), torch.tensor([0, 1] * 4)
+    torch.manual_seed(1)
+    losses = MultiLoss(LossConfig(kl_fraction=0.25, noise_strength=0.5))(model, x, y)
+    assert model.batch_sizes == [10]
+    torch.manual_seed(1)  # the same noise again, drawn for the 2 rows
+    noisy = add_noise(x[:2], "gaussian", 0.5)
+    with torch.no_grad():
+        expected = noise_consistency_kl(model(x[:2])["logits"], model(noisy)["logits"])
+    assert losses["kl"].item() == pytest.approx(expected.item(), rel=1e-5)
+    # the CE term still covers the whole batch
+    with torch.no_grad():
+        assert losses["ce"].item() == pytest.approx(cross_entropy_loss(model(x)["logits"], y).item(), rel=1e-6)
+    # at least one image is noised however small the fraction
+    model.batch_sizes.clear()
+    MultiLoss(LossConfig(kl_fraction=0.01))(model, x, y)
+    assert model.batch_sizes == [9]

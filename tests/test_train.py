@@ -218,3 +218,43 @@ def test_dataset_augmentation_is_seeded_per_epoch_and_sample(images):
     batch = collate_skipping_unreadable([dataset[0], {"index": 9, "path": "x.png", "error": "not an image"}, dataset[1]])
     assert batch["image"].shape == (2, 3, 32, 32) and batch["index"].tolist() == [0, 1]
     assert batch["skipped"] == [("x.png", "not an image")]
+
+
+def test_frozen_stages_keep_their_weights_and_statistics(images, tmp_path):
+    from accelerate.utils import set_seed
+
+    from dfd_lib.models import Expert
+    from dfd_lib.train import backbone_stage_groups, freeze_backbone_stages
+
+    config = _config(epochs=1, freeze_stages=3)
+    result = train_expert(images.iloc[:16], images.iloc[16:], config, tmp_path / "frozen")
+    set_seed(config.seed)  # train_expert seeds, then builds the expert: the same initial weights
+    initial = Expert(BACKBONE).state_dict()
+    trained = load_state_file(tmp_path / "frozen" / LAST_CHECKPOINT)["model"]
+    groups = backbone_stage_groups(Expert(BACKBONE))
+    frozen_prefixes = tuple(f"baseline_extractor.{name.rsplit('.', 2)[0]}" for group in groups[:3] for name in group)
+    frozen_keys = [k for k in initial if k.startswith(frozen_prefixes)]
+    # weights and BatchNorm running statistics of the frozen stages: untouched
+    assert any("running_mean" in k for k in frozen_keys)
+    for key in frozen_keys:
+        torch.testing.assert_close(trained[key], initial[key], msg=key)
+    # the stages after them and the head did learn
+    assert not torch.allclose(trained["baseline_extractor.classifier.weight"], initial["baseline_extractor.classifier.weight"])
+    last_block = [k for k in initial if k.startswith("baseline_extractor.blocks.4") and k.endswith("weight")]
+    assert any(not torch.allclose(trained[k], initial[k]) for k in last_block)
+    assert result.seconds > 0
+    # the head always trains: freezing every group is refused
+    with pytest.raises(ValueError, match="head always trains"):
+        freeze_backbone_stages(Expert(BACKBONE), len(groups))
+    with pytest.raises(ValueError, match="freeze_stages"):
+        TrainConfig(freeze_stages=-1)
+
+
+def test_train_mixture_writes_the_mixture_where_asked(images, tmp_path):
+    table = images.copy()
+    for i in range(2):
+        table[f"resplit_{i}"] = np.where(table["cluster"] == i, "val", "train")
+    result = train_mixture(table, _config(epochs=1, max_steps_per_epoch=1), tmp_path / "experts", mixture_dir=tmp_path / "weights" / "moe")
+    assert result.directory == tmp_path / "weights" / "moe"
+    assert load_mixture(result.directory)[1].backbones == [BACKBONE, BACKBONE]
+    assert not (tmp_path / "experts" / "mixture").exists() and result.seconds > 0
