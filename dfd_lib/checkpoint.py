@@ -98,7 +98,7 @@ class MixtureConfig:
 # --------------------------------------------------------------------------- writing
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     """``write(tmp_path)`` then rename over ``path``: readers see the old file or the new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -121,8 +121,8 @@ def save_mixture(model: MixtureOfExperts, directory: str | os.PathLike, config: 
         raise ValueError(f"config names backbones {config.backbones} but the model has {model.backbones}")
     tensors = {key: value.detach().to("cpu").contiguous() for key, value in model.state_dict().items()}
     metadata = {"format": "pt", "dfd_format_version": str(FORMAT_VERSION)}
-    _atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
-    _atomic_write(directory / CONFIG_FILE, lambda tmp: tmp.write_text(config.to_json() + "\n", encoding="utf-8"))
+    atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    atomic_write(directory / CONFIG_FILE, lambda tmp: tmp.write_text(config.to_json() + "\n", encoding="utf-8"))
     return directory
 
 
@@ -356,6 +356,6 @@ def save_released(
         for i, shadow in enumerate(shadow_params)
     }
     weight_path, ema_path = directory / RELEASED_WEIGHTS_FILE, directory / RELEASED_EMA_FILE
-    _atomic_write(weight_path, lambda tmp: torch.save(model.experts.state_dict(), tmp))
-    _atomic_write(ema_path, lambda tmp: torch.save(ema_state, tmp))
+    atomic_write(weight_path, lambda tmp: torch.save(model.experts.state_dict(), tmp))
+    atomic_write(ema_path, lambda tmp: torch.save(ema_state, tmp))
     return weight_path, ema_path

@@ -38,7 +38,7 @@ from safetensors.torch import save_file
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
-from dfd_lib.checkpoint import MixtureConfig, _atomic_write, save_mixture
+from dfd_lib.checkpoint import MixtureConfig, atomic_write, save_mixture
 from dfd_lib.datasets import AugmentConfig, ManifestDataset, make_loader
 from dfd_lib.evaluate import binary_metrics
 from dfd_lib.losses import LOSS_NAMES, LossConfig, MultiLoss
@@ -195,7 +195,7 @@ def save_state_file(path: str | os.PathLike, state: dict) -> Path:
     skeleton = _flatten(state, "", tensors)
     metadata = {"format": "pt", "dfd_state": json.dumps(skeleton)}
     path = Path(path)
-    _atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     return path
 
 
@@ -411,7 +411,7 @@ def train_expert(
             tqdm.write(f"resuming {out_dir.name} after epoch {start_epoch} of {config.epochs}")
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write(out_dir / CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(config.to_dict(), indent=2) + "\n"))
+        atomic_write(out_dir / CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(config.to_dict(), indent=2) + "\n"))
 
     skipped: dict[str, str] = {}
     show = config.progress and accelerator.is_local_main_process
@@ -451,7 +451,7 @@ def train_expert(
         if accelerator.is_main_process:
             if improved:
                 _save_best(out_dir / BEST_WEIGHTS, ema.module, config, mean, std, epoch, row)
-            _atomic_write(out_dir / HISTORY_FILE, lambda tmp: pd.DataFrame(history).to_csv(tmp, index=False))
+            atomic_write(out_dir / HISTORY_FILE, lambda tmp: pd.DataFrame(history).to_csv(tmp, index=False))
         _save_last(last_path, accelerator, model, ema, inner_optimizer, scheduler, config, epoch, global_step, best_epoch, best_score, history)
         if show:
             tqdm.write(
@@ -519,7 +519,7 @@ def _save_best(path: Path, ema_module, config: TrainConfig, mean, std, epoch: in
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in ema_module.state_dict().items()}
     meta = {"backbone": ema_module.backbone_name, "image_size": config.image_size, "mean": list(mean), "std": list(std),
             "epoch": epoch, "val_auc": row["val_auc"], "val_loss": row["val_loss"]}
-    _atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt", "dfd_expert": json.dumps(meta)}))
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt", "dfd_expert": json.dumps(meta)}))
 
 
 def _save_last(path, accelerator, model, ema, optimizer, scheduler, config, epoch, global_step, best_epoch, best_score, history):
