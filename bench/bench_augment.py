@@ -24,25 +24,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-from skimage import data  # noqa: E402
 
 from dfd_lib.augment import ALL_FAMILIES, AugmentConfig, augment_dataset  # noqa: E402
 from dfd_lib.manifest import file_sha1  # noqa: E402
+from dfd_lib.sample_photos import write_photo_crops  # noqa: E402
 
 
 def make_sources(folder: Path, count: int, size: int) -> pd.DataFrame:
     """``count`` random square crops of scikit-image's bundled photos, as a manifest table."""
-    photos = [data.astronaut(), data.chelsea(), data.coffee(), data.rocket()]
-    rng = np.random.default_rng(0)
     rows = []
-    for i in range(count):
-        photo = photos[i % len(photos)]
-        side = int(min(photo.shape[:2]) * rng.uniform(0.5, 0.95))
-        top, left = (int(rng.integers(0, photo.shape[d] - side + 1)) for d in (0, 1))
-        path = folder / f"real{i:04d}.png"
-        Image.fromarray(photo[top:top + side, left:left + side]).resize((size, size), Image.Resampling.LANCZOS).save(path)
-        rows.append(dict(path=str(path), label=0, family="real", source=f"photo{i % len(photos)}", group=f"g{i}",
+    for i, (path, source) in enumerate(write_photo_crops(folder, count, size)):
+        rows.append(dict(path=str(path), label=0, family="real", source=source, group=f"g{i}",
                          width=size, height=size, hash=file_sha1(path), split="train", cluster=0))
     return pd.DataFrame(rows)
 

@@ -31,7 +31,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
-from PIL import Image  # noqa: E402
 
 from dfd_lib.losses import LossConfig  # noqa: E402
 from dfd_lib.paths import DEMO_DATA_DIR  # noqa: E402
@@ -55,18 +54,9 @@ def demo_or_synthetic_table(folder: Path, count: int, size: int) -> tuple[pd.Dat
         table = Manifest.load(manifest).table
         table = table[table["split"] == "train"].sample(frac=1.0, random_state=0).reset_index(drop=True)
         return table, f"demo dataset ({manifest.relative_to(DEMO_DATA_DIR.parents[1])}, train split)"
-    from skimage import data
+    from dfd_lib.sample_photos import write_photo_crops
 
-    photos = [data.astronaut(), data.chelsea(), data.coffee(), data.rocket()]
-    rng = np.random.default_rng(0)
-    rows = []
-    for i in range(count):
-        photo = photos[i % len(photos)]
-        side = int(min(photo.shape[:2]) * rng.uniform(0.5, 0.95))
-        top, left = (int(rng.integers(0, photo.shape[d] - side + 1)) for d in (0, 1))
-        path = folder / f"img{i:04d}.png"
-        Image.fromarray(photo[top:top + side, left:left + side]).resize((size, size), Image.Resampling.LANCZOS).save(path)
-        rows.append({"path": str(path), "label": i % 2})
+    rows = [{"path": str(path), "label": i % 2} for i, (path, _) in enumerate(write_photo_crops(folder, count, size))]
     return pd.DataFrame(rows), "synthetic 128 px crops of scikit-image photos"
 
 

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from dfd_lib import edits, generation
 from dfd_lib.manifest import Manifest
 from dfd_lib.paths import DEMO_DATA_DIR, resolve
-from dfd_lib.sample_photos import available_sources, load_source
+from dfd_lib.sample_photos import available_sources, load_source, random_square_crop
 
 SD_FAMILIES = ("sd_img2img", "sd_inpaint")
 SMOKE_SIZE = 200
@@ -111,23 +111,12 @@ class _Item:
     params: dict = field(default_factory=dict)
 
 
-def _random_crop(frames: tuple[np.ndarray, ...], size: int, rng: np.random.Generator) -> tuple[Image.Image, dict]:
-    frame_index = int(rng.integers(len(frames)))
-    frame = frames[frame_index]
-    height, width = frame.shape[:2]
-    side = int(min(height, width) * rng.uniform(0.35, 0.95))
-    top = int(rng.integers(0, height - side + 1))
-    left = int(rng.integers(0, width - side + 1))
-    crop = Image.fromarray(frame[top:top + side, left:left + side]).resize((size, size), Image.Resampling.LANCZOS)
-    return crop, {"frame": frame_index, "box": [left, top, side, side]}
-
-
 def _make_reals(sources: list[str], count: int, split_name: str, config: DemoConfig,
                 rng: np.random.Generator, start: int) -> list[_Item]:
     items = []
     for i in range(count):
         source = sources[i % len(sources)]
-        image, params = _random_crop(load_source(source), config.image_size, rng)
+        image, params = random_square_crop(load_source(source), config.image_size, rng)
         item_id = f"r{start + i:05d}"
         items.append(_Item(item_id, image, 0, "real", source, item_id, split_name, params=params))
     return items

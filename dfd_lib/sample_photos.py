@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from PIL import Image
 
 
 @dataclass(frozen=True)
@@ -124,3 +125,33 @@ def load_source(name: str) -> tuple[np.ndarray, ...]:
 def available_sources(names: list[str]) -> list[str]:
     """The names among ``names`` whose files are installed and decode (videos are optional)."""
     return [n for n in names if len(load_source(n)) > 0]
+
+
+def random_square_crop(frames: tuple[np.ndarray, ...], size: int, rng: np.random.Generator,
+                       scale: tuple[float, float] = (0.35, 0.95)) -> tuple[Image.Image, dict]:
+    """A random square crop (side ``scale`` x the frame's short side) of a random frame,
+    resized to ``size``; the params say which frame and box."""
+    frame_index = int(rng.integers(len(frames)))
+    frame = frames[frame_index]
+    height, width = frame.shape[:2]
+    side = int(min(height, width) * rng.uniform(*scale))
+    top = int(rng.integers(0, height - side + 1))
+    left = int(rng.integers(0, width - side + 1))
+    crop = Image.fromarray(frame[top:top + side, left:left + side]).resize((size, size), Image.Resampling.LANCZOS)
+    return crop, {"frame": frame_index, "box": [left, top, side, side]}
+
+
+def write_photo_crops(folder: Path, count: int, size: int, seed: int = 0,
+                      sources: tuple[str, ...] = ("astronaut", "chelsea", "coffee", "rocket")) -> list[tuple[Path, str]]:
+    """Write ``count`` PNG crops cycling over ``sources`` into ``folder`` (for benchmarks and
+    quick experiments); returns ``(path, source)`` pairs."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    written = []
+    for i in range(count):
+        name = sources[i % len(sources)]
+        crop, _ = random_square_crop(load_source(name), size, rng, scale=(0.5, 0.95))
+        path = folder / f"crop{i:04d}.png"
+        crop.save(path)
+        written.append((path, name))
+    return written
