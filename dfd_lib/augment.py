@@ -33,6 +33,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from dfd_lib import edits, generation
+from dfd_lib.atomic import atomic_write
 from dfd_lib.images import ImageLoadError, load_rgb
 from dfd_lib.manifest import COLUMNS, file_sha1
 from dfd_lib.paths import resolve
@@ -204,9 +205,7 @@ def _write(out_dir: Path, job: _Job, image: Image.Image, label: int, params: dic
     """Write image then row sidecar, each atomically: an interrupted write never looks done."""
     image_path, row_path = _paths(out_dir, job)
     image_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = image_path.with_name(f"{image_path.name}.{os.getpid()}.tmp")  # per process: never two writers on one file
-    image.save(tmp, format="PNG")
-    os.replace(tmp, image_path)
+    atomic_write(image_path, lambda tmp: image.save(tmp, format="PNG"))
     source = job.source
     row = {
         "path": str(image_path), "label": int(label), "family": job.family, "source": source.get("source"),
@@ -215,9 +214,8 @@ def _write(out_dir: Path, job: _Job, image: Image.Image, label: int, params: dic
         "parent": str(source["path"]), "seed": job.seed, "params": json.dumps(params, sort_keys=True),
     }
     row = {k: (None if _is_missing(v) else (v.item() if isinstance(v, np.generic) else v)) for k, v in row.items()}
-    tmp = row_path.with_name(f"{row_path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({**row, _FINGERPRINT_KEY: job.fingerprint}, sort_keys=True), encoding="utf-8")
-    os.replace(tmp, row_path)
+    sidecar = json.dumps({**row, _FINGERPRINT_KEY: job.fingerprint}, sort_keys=True)
+    atomic_write(row_path, lambda tmp: tmp.write_text(sidecar, encoding="utf-8"))
     return row
 
 

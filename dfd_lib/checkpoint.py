@@ -22,9 +22,8 @@ import json
 import os
 import pickle
 import sys
-import tempfile
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from dfd_lib.atomic import atomic_write
 from dfd_lib.models import ORIGINAL_BACKBONES, MixtureOfExperts, build_mixture, canonical_backbone_name
 
 WEIGHTS_FILE = "model.safetensors"
@@ -96,22 +96,6 @@ class MixtureConfig:
 
 
 # --------------------------------------------------------------------------- writing
-
-
-def atomic_write(path: Path, write) -> None:
-    """``write(tmp_path)`` then rename over ``path``: readers see the old file or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes owner-only files; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_mixture(model: MixtureOfExperts, directory: str | os.PathLike, config: MixtureConfig) -> Path:

@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from dfd_lib.atomic import atomic_write
 from dfd_lib.backbones import backbone_data_config, backbone_transform, create_backbone
 from dfd_lib.images import load_rgb
 from dfd_lib.paths import cache_dir as default_cache_dir
@@ -231,9 +232,8 @@ def _compute(table, model, transform, image_size, batch_size, num_workers, devic
     failed_rows = {index for index, _ in failed}
     meta = {"key": json.loads(key_source), "embedded_rows": [i for i in range(len(paths)) if i not in failed_rows],
             "failed": [{"row": i, "path": paths[i], "reason": r} for i, r in failed]}
-    tmp = meta_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(meta))
-    os.replace(tmp, meta_path)  # the metadata file marks the cache entry complete
+    # the metadata file marks the cache entry complete
+    atomic_write(meta_path, lambda tmp: tmp.write_text(json.dumps(meta)))
 
 
 def _read_cache(table: pd.DataFrame, array_path: Path, meta_path: Path, from_cache: bool) -> EmbeddingResult:

@@ -25,6 +25,7 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
+from dfd_lib.atomic import atomic_write
 from dfd_lib.images import ImageLoadError, is_image_path, load_rgb
 
 COLUMNS = ["path", "label", "family", "source", "group", "width", "height", "hash", "split", "cluster"]
@@ -115,9 +116,7 @@ def skipped_path(manifest_path: Path) -> Path:
 
 
 def _atomic_csv(table: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    table.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: table.to_csv(tmp, index=False))
 
 
 def _relative_to(p: str, base: Path) -> str:

@@ -193,7 +193,7 @@ def _describe_failure(exc: Exception) -> str:
     cell = getattr(exc, "exec_count", None)
     source = (getattr(exc, "source", "") or "").strip()
     where = f" in cell [{cell}]" if cell is not None else ""
-    return f"{ename}{where}: {evalue}" + (f"\n  cell source:\n    " + source.replace("\n", "\n    ") if source else "")
+    return f"{ename}{where}: {evalue}" + ("\n  cell source:\n    " + source.replace("\n", "\n    ") if source else "")
 
 
 def run_pipeline(profile: str, only: str | None = None, start: str | None = None, run: str | None = None,

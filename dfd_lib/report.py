@@ -16,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from dfd_lib import runs
+from dfd_lib.atomic import atomic_write
 
 STEP_TITLES = {
     "01": "01 · Embeddings and the 2-D map",
@@ -164,7 +165,4 @@ def write_report(run_dir: str | os.PathLike, render_notebooks: bool = True) -> P
             f"{html.escape(run_dir.name)}</title><style>{STYLE}</style></head><body>"
             + "\n".join(head + sections + appendix) + "</body></html>")
     target = run_dir / "index.html"
-    tmp = target.with_name("index.html.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, target)
-    return target
+    return atomic_write(target, lambda tmp: tmp.write_text(page, encoding="utf-8"))

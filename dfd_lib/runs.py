@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from dfd_lib.atomic import atomic_write
 from dfd_lib.paths import REPORTS_DIR, resolve
 
 MANIFEST = "manifest.csv"
@@ -83,9 +84,7 @@ class RunDir:
         path = self.root / METRICS
         metrics = json.loads(path.read_text()) if path.is_file() else {}
         metrics.setdefault(step, {}).update(_jsonable(values))
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True))
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True)))
         return metrics
 
     def metrics(self) -> dict:

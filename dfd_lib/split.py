@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from dfd_lib.atomic import atomic_write
+
 RESPLIT_PREFIX = "resplit_"
 TRAIN, VAL = "train", "val"
 MINIBATCH_ABOVE = 20_000  # rows beyond which full k-means is slower than it is worth
@@ -192,12 +194,7 @@ def save_resplits(table: pd.DataFrame, path: str | os.PathLike) -> Path:
     if not columns or "cluster" not in table.columns:
         raise ValueError("the table has no 'cluster' or resplit_<i> columns; run leave_one_cluster_out first")
     check_no_group_leakage(table)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    table.to_csv(tmp, index=False)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda tmp: table.to_csv(tmp, index=False))
 
 
 def load_resplits(path: str | os.PathLike) -> pd.DataFrame:

@@ -38,7 +38,8 @@ from safetensors.torch import save_file
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
-from dfd_lib.checkpoint import MixtureConfig, atomic_write, save_mixture
+from dfd_lib.atomic import atomic_write
+from dfd_lib.checkpoint import MixtureConfig, save_mixture
 from dfd_lib.datasets import AugmentConfig, ManifestDataset, make_loader
 from dfd_lib.evaluate import binary_metrics
 from dfd_lib.losses import LOSS_NAMES, LossConfig, MultiLoss

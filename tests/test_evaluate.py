@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image, ImageFilter
+from PIL import Image
 
 from dfd_lib.evaluate import (
     binary_metrics,
