@@ -1,6 +1,6 @@
-"""The ``dfd`` command. Each subcommand lives beside the code it drives: the module named
-here defines ``add_arguments(parser)`` and ``run(args) -> int``; it is imported only when
-its subcommand runs, so ``dfd --help`` stays fast."""
+"""The ``dfd`` command. Each subcommand lives in the stage it drives: the module named here
+defines ``add_arguments(parser)`` and ``run(args) -> int``; it is imported only when its
+subcommand runs, so ``dfd --help`` stays fast. Messages go through :mod:`dfd_lib.logs`."""
 from __future__ import annotations
 
 import argparse
@@ -9,13 +9,14 @@ import sys
 
 # subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "build-demo": ("dfd_lib.demo_data", "build the embedded demo dataset offline (data/demo/)"),
-    "manifest": ("dfd_lib.manifest", "scan a dataset (competition CSV or real/ fake/ folders) into a manifest"),
-    "augment": ("dfd_lib.augment", "generate edited / Stable Diffusion images into a run folder"),
-    "pipeline": ("dfd_lib.pipeline", "run the numbered notebooks headless with papermill"),
-    "predict": ("dfd_lib.predict_cli", "score images, folders or globs into a CSV"),
-    "convert-weights": ("dfd_lib.checkpoint", "convert the released weight.pth + ema.state into our format"),
-    "serve": ("dfd_lib.serve", "serve the HTTP API and the web page"),
+    "build-demo": ("dfd_lib.data.demo", "build the embedded demo dataset offline (data/demo/)"),
+    "manifest": ("dfd_lib.data.readers", "scan a dataset (competition CSV or real/ fake/ folders) into a manifest"),
+    "pipeline": ("dfd_lib.pipeline.cli", "run the numbered notebooks headless with papermill"),
+    "augment": ("dfd_lib.synth.cli", "generate notebook 03's edited / Stable Diffusion images into a run folder"),
+    "train": ("dfd_lib.modeling.cli", "train an expert, or one per re-split and their mixture, from a config file"),
+    "predict": ("dfd_lib.scoring.cli", "score images, folders or globs into a CSV"),
+    "convert-weights": ("dfd_lib.modeling.released", "convert the released weight.pth + ema.state into our format"),
+    "serve": ("dfd_lib.serving.cli", "serve the HTTP API and the web page"),
 }
 
 
@@ -39,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name, rest = argv[0], argv[1:]
     module_name, text = COMMANDS[name]
+    from dfd_lib.logs import setup_logging
+
+    setup_logging()
     module = importlib.import_module(module_name)
     sub = argparse.ArgumentParser(prog=f"dfd {name}", description=text)
     module.add_arguments(sub)

@@ -20,7 +20,7 @@ import requests
 from PIL import Image
 from skimage import data as skdata
 
-from dfd_lib.manifest import Manifest
+from dfd_lib.data.manifest import Manifest
 from dfd_lib.paths import PROJECT_ROOT
 from test_serve import b64, free_port, make_tiny_weights
 

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from dfd_lib import edits
+from dfd_lib.synth import edits
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,10 @@ import torch
 from PIL import Image
 from skimage import data as skdata
 
-from dfd_lib import explain
-from dfd_lib.checkpoint import MixtureConfig
-from dfd_lib.inference import Predictor
-from dfd_lib.models import build_mixture
+from dfd_lib.modeling.checkpoints import MixtureConfig
+from dfd_lib.modeling.experts import build_mixture
+from dfd_lib.scoring import explain
+from dfd_lib.scoring.predictor import Predictor
 
 BACKBONES = ["test_efficientnet", "resnet10t"]  # two families: the layer finder must handle both
 SIZE = 64

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dfd_lib.images import ImageLoadError, image_size, load_rgb, try_load_rgb
+from dfd_lib.data.images import ImageLoadError, image_size, load_rgb, try_load_rgb
 
 
 def _photo(width=40, height=30) -> np.ndarray:

@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from dfd_lib.manifest import Manifest, ManifestError, read_competition, read_dataset, read_real_fake_folders
+from dfd_lib.data.manifest import Manifest, ManifestError
+from dfd_lib.data.readers import read_competition, read_dataset, read_real_fake_folders
 
 
 def _write_image(path, seed, mode="RGB", fmt=None, size=(24, 20)):

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from dfd_lib.paths import NOTEBOOKS_DIR, PIPELINES_DIR
-from dfd_lib.pipeline import discover_steps, load_profile, run_pipeline
+from dfd_lib.pipeline.chain import discover_steps, load_profile, run_pipeline
 
 
 @pytest.mark.parametrize("profile", ["smoke", "demo", "full"])

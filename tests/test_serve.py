@@ -24,13 +24,13 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from skimage import data as skdata
 
-from dfd_lib.checkpoint import MixtureConfig, save_mixture
 from dfd_lib.cli import main as dfd_main
-from dfd_lib.images import load_rgb
-from dfd_lib.inference import Predictor
-from dfd_lib.model_worker import ModelWorker
-from dfd_lib.models import build_mixture
-from dfd_lib.serve import create_app
+from dfd_lib.data.images import load_rgb
+from dfd_lib.modeling.checkpoints import MixtureConfig, save_mixture
+from dfd_lib.modeling.experts import build_mixture
+from dfd_lib.scoring.predictor import Predictor
+from dfd_lib.serving.app import create_app
+from dfd_lib.serving.worker import ModelWorker
 
 TINY = ["test_efficientnet", "test_efficientnet"]
 SIZE = 64
@@ -270,7 +270,7 @@ def odd_images() -> dict[str, tuple[bytes, np.ndarray | None, int]]:
 
 def test_odd_but_valid_images_are_decoded_and_scored(client, predictor):
     """CMYK, 16-bit and RGBA images are valid images: the kit decodes every mode to RGB
-    (dfd_lib.images), so the server scores them (200) — as the pixels they show."""
+    (dfd_lib.data.images), so the server scores them (200) — as the pixels they show."""
     for name, (raw, expected_rgb, max_error) in odd_images().items():
         response = client.post("/predict", json={"image": b64(raw)})
         assert response.status_code == 200, (name, response.content)

@@ -13,10 +13,11 @@ from PIL import Image
 from skimage import data as skdata
 from traitlets import Bunch
 
-from dfd_lib import folder_scoring, widgets
-from dfd_lib.images import load_rgb
-from dfd_lib.inference import Predictor
-from dfd_lib.manifest import Manifest
+from dfd_lib.data.images import load_rgb
+from dfd_lib.data.manifest import Manifest
+from dfd_lib.scoring import folders as folder_scoring
+from dfd_lib.scoring import widgets
+from dfd_lib.scoring.predictor import Predictor
 from test_serve import make_tiny_weights
 
 

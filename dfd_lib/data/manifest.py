@@ -1,0 +1,125 @@
+"""One table describes a dataset: the manifest, and the words every step uses for its rows.
+
+Columns (see ``data/manifest_format.md``): ``path`` (absolute in memory; written relative to
+the manifest file when below it), ``label`` (0 real, 1 fake), ``family`` (fake family or
+``real``), ``source`` (where the image comes from), ``group`` (id of the original image it
+derives from: images of one group always land on the same side of a split), ``width``,
+``height``, ``hash`` (sha1 of the file bytes), ``split`` (``train`` / ``val`` / ``test``) and
+``cluster``. Extra columns (augmentation ``params``, ``seed``, ``parent``, re-split columns)
+travel along unchanged. :mod:`dfd_lib.data.readers` builds manifests from datasets on disk.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from dfd_lib.atomic import atomic_write
+
+COLUMNS = ["path", "label", "family", "source", "group", "width", "height", "hash", "split", "cluster"]
+SKIPPED_COLUMNS = ["path", "reason"]
+REAL, FAKE = 0, 1  # the label column
+CLASS_NAMES = {REAL: "real", FAKE: "fake"}
+TRAIN, VAL, TEST = "train", "val", "test"  # the split column; train/val are also the two sides of a re-split
+SPLITS = (TRAIN, VAL, TEST)
+
+
+class ManifestError(ValueError):
+    """A dataset description that cannot be read (missing columns, bad labels, no images)."""
+
+
+def file_sha1(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha1()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def empty_table() -> pd.DataFrame:
+    return pd.DataFrame({c: pd.Series(dtype="object") for c in COLUMNS})
+
+
+def empty_skipped() -> pd.DataFrame:
+    return pd.DataFrame({c: pd.Series(dtype="object") for c in SKIPPED_COLUMNS})
+
+
+@dataclass
+class Manifest:
+    """A dataset: the usable images in ``table``, the refused files with reasons in ``skipped``."""
+
+    table: pd.DataFrame
+    skipped: pd.DataFrame = field(default_factory=empty_skipped)
+
+    def __post_init__(self) -> None:
+        missing = [c for c in ("path", "label") if c not in self.table.columns]
+        if missing:
+            raise ManifestError(f"manifest lacks required column(s) {missing}; it has {list(self.table.columns)}")
+        for column in COLUMNS:
+            if column not in self.table.columns:
+                self.table[column] = pd.NA
+        bad = ~self.table["label"].isin([REAL, FAKE])
+        if bad.any():
+            raise ManifestError(
+                f"labels must be 0 (real) or 1 (fake); found {sorted(map(str, self.table.loc[bad, 'label'].unique()))[:5]}"
+            )
+        self.table["label"] = self.table["label"].astype(int)
+        ordered = COLUMNS + [c for c in self.table.columns if c not in COLUMNS]
+        self.table = self.table[ordered].reset_index(drop=True)
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def summary(self) -> pd.DataFrame:
+        """Image counts per label, family and split."""
+        table = self.table.assign(
+            label=self.table["label"].map(CLASS_NAMES),
+            split=self.table["split"].fillna("-"),
+        )
+        return table.groupby(["label", "family", "split"], dropna=False).size().unstack("split", fill_value=0)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``path`` (CSV) and, beside it, ``<stem>.skipped.csv``; paths below the
+        manifest's folder are stored relative to it so the folder can move."""
+        path = Path(path).resolve()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        table = self.table.copy()
+        table["path"] = [_relative_to(p, path.parent) for p in table["path"]]
+        _atomic_csv(table, path)
+        _atomic_csv(self.skipped, skipped_path(path))
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Manifest":
+        path = Path(path).resolve()
+        if not path.is_file():
+            raise ManifestError(f"manifest file not found: {path}")
+        table = pd.read_csv(path, dtype={"group": str, "hash": str, "source": str, "family": str})
+        if "path" not in table.columns:
+            raise ManifestError(f"{path} has no 'path' column; columns: {list(table.columns)}")
+        table["path"] = [str(_absolute(p, path.parent)) for p in table["path"]]
+        skipped = pd.read_csv(skipped_path(path)) if skipped_path(path).is_file() else empty_skipped()
+        return cls(table, skipped)
+
+
+def skipped_path(manifest_path: Path) -> Path:
+    return manifest_path.with_name(manifest_path.stem + ".skipped.csv")
+
+
+def _atomic_csv(table: pd.DataFrame, path: Path) -> None:
+    atomic_write(path, lambda tmp: table.to_csv(tmp, index=False))
+
+
+def _relative_to(p: str, base: Path) -> str:
+    try:
+        return Path(p).resolve().relative_to(base).as_posix()
+    except ValueError:
+        return str(p)
+
+
+def _absolute(p: str, base: Path) -> Path:
+    q = Path(p)
+    return q if q.is_absolute() else (base / q).resolve()

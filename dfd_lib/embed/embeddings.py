@@ -1,0 +1,283 @@
+"""Image embeddings of a manifest, streamed to an on-disk cache (notebook 01), and read back by
+notebook 02 from the run folder.
+
+:func:`extract_embeddings` encodes every row of a manifest table with a backbone (a timm
+name built by :func:`dfd_lib.modeling.backbones.create_backbone`, or any module such as a trained
+expert), decoding in DataLoader workers and writing each batch straight into a memory-mapped
+``.npy`` file, so a dataset of any size never sits in memory as one tensor. The cache key
+covers the manifest's content, the backbone's identity and the preprocessing, so a rerun
+reads the file instead of recomputing. :func:`embed_run` also records which cache entry the
+run's map was drawn from, and :func:`load_run_embeddings` reads exactly that entry back.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from dfd_lib.atomic import atomic_write
+from dfd_lib.config import StepConfig
+from dfd_lib.data.images import load_rgb
+from dfd_lib.data.manifest import Manifest
+from dfd_lib.modeling.backbones import backbone_data_config, backbone_transform, create_backbone
+from dfd_lib.paths import cache_dir as default_cache_dir
+from dfd_lib.paths import resolve
+from dfd_lib.pipeline import runs
+
+CACHE_FORMAT = 1  # bump when the file layout or the meaning of a key changes
+
+
+@dataclass
+class EmbeddingConfig(StepConfig):
+    """How notebook 01 embeds its images."""
+
+    backbone: str = "tf_efficientnet_lite0"  # timm name (lite0 has real ImageNet weights offline)
+    backbone_weights: str = ""  # a local .safetensors/.pth file; empty = packaged (or random) weights
+    pretrained: bool = True
+    image_size: int = 224  # input side in pixels
+    crop_pct: float = 1.0  # 1.0 embeds the whole image (an edit near the border still counts)
+    batch_size: int = 64
+    num_workers: int = 2  # DataLoader decoding processes
+    device: str = "auto"  # auto (CUDA if present), cpu, cuda, cuda:1
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.num_workers < 0:
+            raise ValueError(f"batch_size must be >= 1 and num_workers >= 0, got {self.batch_size}, {self.num_workers}")
+        if self.image_size < 8:
+            raise ValueError(f"image_size must be at least 8 pixels, got {self.image_size}")
+        if not 0.0 < self.crop_pct <= 1.0:
+            raise ValueError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
+
+
+@dataclass
+class EmbeddingResult:
+    """Row ``i`` of ``embeddings`` belongs to ``table.iloc[i]``; ``failed`` lists the rows
+    (``path``, ``reason``) that could not be decoded and have no embedding."""
+
+    embeddings: np.ndarray  # (N, D) float32, memory-mapped read-only from ``cache_path``
+    table: pd.DataFrame  # the embedded rows of the input table, original index kept
+    failed: pd.DataFrame
+    cache_path: Path
+    from_cache: bool
+
+    @property
+    def paths(self) -> list[str]:
+        return self.table["path"].astype(str).tolist()
+
+    def __len__(self) -> int:
+        return int(self.embeddings.shape[0])
+
+    def select(self, splits: list[str]) -> "EmbeddingResult":
+        """The rows whose ``split`` is one of ``splits`` (embeddings gathered into memory)."""
+        mask = self.table["split"].isin(splits).to_numpy()
+        return EmbeddingResult(np.asarray(self.embeddings[mask]), self.table[mask], self.failed,
+                               self.cache_path, self.from_cache)
+
+
+class _ImageRows(Dataset):
+    """Decodes one manifest row per item; a failure yields a blank image and its reason."""
+
+    def __init__(self, paths: list[str], transform, image_size: int):
+        self.paths, self.transform, self.image_size = paths, transform, image_size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        try:
+            return self.transform(load_rgb(self.paths[index])), index, ""
+        except Exception as err:  # any decode/transform failure is reported, never fatal
+            reason = getattr(err, "reason", None) or f"{type(err).__name__}: {err}"
+            return torch.zeros(3, self.image_size, self.image_size), index, reason
+
+
+def _manifest_identity(table: pd.DataFrame) -> str:
+    """Content hashes when the manifest has them all; else path, size and mtime of each file."""
+    digest = hashlib.sha1()
+    if "hash" in table.columns and table["hash"].notna().all():
+        for value in table["hash"].astype(str):
+            digest.update(value.encode() + b"\n")
+        return "content:" + digest.hexdigest()
+    for path in table["path"].astype(str):
+        try:
+            stat = os.stat(path)
+            digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+        except OSError:
+            digest.update(f"{path}|missing\n".encode())
+    return "files:" + digest.hexdigest()
+
+
+def module_identity(module: nn.Module) -> str:
+    """A hash of a module's class and every tensor of its state dict (a checkpoint's identity)."""
+    digest = hashlib.sha1(type(module).__qualname__.encode())
+    for key, tensor in module.state_dict().items():
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{key}|{flat.dtype}|{tuple(tensor.shape)}".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return "module:" + digest.hexdigest()
+
+
+def _weights_identity(weights_path: str | os.PathLike | None) -> str | None:
+    if weights_path is None:
+        return None
+    stat = os.stat(weights_path)
+    return f"{Path(weights_path).resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+
+
+def _data_config_of(module: nn.Module) -> dict[str, Any]:
+    """timm's data config of the first submodule that carries one (an Expert wraps its timm model)."""
+    for sub in module.modules():
+        if hasattr(sub, "pretrained_cfg"):
+            return backbone_data_config(sub)
+    return backbone_data_config(module)
+
+
+def _pooled(output: Any) -> torch.Tensor:
+    if isinstance(output, dict):
+        if "features" not in output:
+            raise ValueError(f"the backbone returned a dict without 'features' (keys: {sorted(output)})")
+        output = output["features"]
+    if not isinstance(output, torch.Tensor):
+        raise ValueError(f"the backbone must return a tensor or a dict with 'features', got {type(output).__name__}")
+    if output.ndim == 4:  # an unpooled feature map: global average pool
+        output = output.mean(dim=(2, 3))
+    elif output.ndim == 3:  # tokens
+        output = output.mean(dim=1)
+    return output.float()
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def extract_embeddings(
+    table: pd.DataFrame,
+    config: EmbeddingConfig | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    model: nn.Module | None = None,
+    progress: bool = True,
+) -> EmbeddingResult:
+    """Embed every row of ``table`` (a manifest with a ``path`` column), or read the cache.
+
+    The backbone is ``config.backbone`` (with ``config.backbone_weights``), or ``model`` when given
+    (any module: a trained expert, ...). The cache lives in ``cache_dir`` (default ``<cache>/embeddings``).
+    """
+    config = config or EmbeddingConfig()
+    if "path" not in table.columns:
+        raise ValueError("the table needs a 'path' column (a manifest table)")
+    if len(table) == 0:
+        raise ValueError("the table has no rows to embed")
+    if model is None:
+        weights = str(resolve(config.backbone_weights)) if config.backbone_weights else None
+        model = create_backbone(config.backbone, pretrained=config.pretrained, num_classes=0, weights_path=weights)
+        identity = f"name:{config.backbone}|pretrained:{config.pretrained}|weights:{_weights_identity(weights)}"
+    elif isinstance(model, nn.Module):
+        identity = module_identity(model)
+    else:
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    data_config = _data_config_of(model)
+    transform = backbone_transform(data_config, image_size=config.image_size, crop_pct=config.crop_pct)
+
+    key_source = json.dumps(
+        {"format": CACHE_FORMAT, "manifest": _manifest_identity(table), "rows": len(table),
+         "backbone": identity, "image_size": int(config.image_size), "crop_pct": config.crop_pct,
+         "mean": list(data_config["mean"]), "std": list(data_config["std"]),
+         "interpolation": data_config["interpolation"]},
+        sort_keys=True,
+    )
+    key = hashlib.sha1(key_source.encode()).hexdigest()[:20]
+    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "embeddings"
+    array_path, meta_path = folder / f"{key}.npy", folder / f"{key}.json"
+
+    from_cache = meta_path.is_file() and array_path.is_file()
+    if not from_cache:
+        folder.mkdir(parents=True, exist_ok=True)
+        loader = DataLoader(_ImageRows(table["path"].astype(str).tolist(), transform, int(config.image_size)),
+                            batch_size=config.batch_size, shuffle=False, num_workers=config.num_workers,
+                            pin_memory=torch.cuda.is_available())
+        _compute(loader, model, _resolve_device(config.device), array_path, meta_path, key_source, progress)
+    return _read_cache(table, array_path, meta_path, from_cache)
+
+
+def embed_run(run: runs.RunDir, table: pd.DataFrame, config: EmbeddingConfig, progress: bool = True) -> EmbeddingResult:
+    """Notebook 01: embed the run's manifest rows into the run's cache and record which entry the
+    run's map is drawn from, so notebook 02 clusters exactly these embeddings."""
+    result = extract_embeddings(table, config, cache_dir=run.path(runs.EMBEDDINGS_DIR), progress=progress)
+    index = {"array": result.cache_path.name, "config": config.to_dict()}
+    atomic_write(run.path(runs.EMBEDDINGS_INDEX), lambda tmp: tmp.write_text(json.dumps(index, indent=2)))
+    return result
+
+
+def load_run_embeddings(run: runs.RunDir) -> EmbeddingResult:
+    """The embeddings notebook 01 made for this run (its manifest's rows, in order); an error naming
+    step 01 when they are missing or the manifest changed since."""
+    manifest = Manifest.load(run.require(runs.MANIFEST, "01_features_umap")).table
+    index = json.loads(run.require(runs.EMBEDDINGS_INDEX, "01_features_umap").read_text())
+    array_path = run.path(runs.EMBEDDINGS_DIR) / index["array"]
+    meta_path = array_path.with_suffix(".json")
+    if not (array_path.is_file() and meta_path.is_file()):
+        raise runs.MissingArtefactError(f"{array_path} is missing: run step 01_features_umap again")
+    key = json.loads(meta_path.read_text())["key"]
+    if key["manifest"] != _manifest_identity(manifest) or key["rows"] != len(manifest):
+        raise ValueError(f"{run.path(runs.MANIFEST)} changed after notebook 01 embedded it: run step 01 again")
+    return _read_cache(manifest, array_path, meta_path, from_cache=True)
+
+
+def _compute(loader: DataLoader, model: nn.Module, device: torch.device, array_path: Path, meta_path: Path,
+             key_source: str, progress: bool) -> None:
+    paths = loader.dataset.paths
+    was_training = model.training
+    model = model.to(device).eval()
+    partial = array_path.with_name(f"{array_path.stem}.{os.getpid()}.partial.npy")  # concurrent runs never share it
+    out: np.ndarray | None = None
+    written, failed = 0, []
+    try:
+        with torch.inference_mode():
+            for images, indices, reasons in tqdm(loader, desc="embedding", unit="batch", disable=not progress):
+                ok = torch.tensor([reason == "" for reason in reasons])
+                failed += [(int(i), reason) for i, reason in zip(indices, reasons) if reason]
+                if not ok.any():
+                    continue
+                batch = images[ok].to(device, non_blocking=True)
+                with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
+                    features = _pooled(model(batch)).cpu().numpy()
+                if out is None:  # the width is known only after the first forward pass
+                    out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32,
+                                                    shape=(len(paths), features.shape[1]))
+                out[written:written + len(features)] = features
+                written += len(features)
+    except BaseException:
+        partial.unlink(missing_ok=True)  # an interrupted run leaves no half-written cache
+        raise
+    finally:
+        model.train(was_training)
+    if out is None:
+        raise RuntimeError(f"none of the {len(paths)} images could be decoded; first reason: {failed[0][1]}")
+    out.flush()
+    del out
+    os.replace(partial, array_path)
+    failed_rows = {index for index, _ in failed}
+    meta = {"key": json.loads(key_source), "embedded_rows": [i for i in range(len(paths)) if i not in failed_rows],
+            "failed": [{"row": i, "path": paths[i], "reason": r} for i, r in failed]}
+    # the metadata file marks the cache entry complete
+    atomic_write(meta_path, lambda tmp: tmp.write_text(json.dumps(meta)))
+
+
+def _read_cache(table: pd.DataFrame, array_path: Path, meta_path: Path, from_cache: bool) -> EmbeddingResult:
+    meta = json.loads(meta_path.read_text())
+    rows = meta["embedded_rows"]
+    embeddings = np.load(array_path, mmap_mode="r")[: len(rows)]  # trailing rows were reserved for failures
+    failed = pd.DataFrame(meta["failed"], columns=["row", "path", "reason"])
+    return EmbeddingResult(embeddings, table.iloc[rows], failed, array_path, from_cache)

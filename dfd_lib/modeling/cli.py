@@ -1,0 +1,65 @@
+"""``dfd train``: train one expert, or one expert per re-split and their mixture, from a config file.
+
+The same under ``accelerate launch -m dfd_lib.modeling.cli ...`` on several GPUs (or CPU
+processes); notebook 04 writes these commands for its own trainings (``experts/launch/``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def _read_config_file(path: Path) -> dict:
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        return yaml.safe_load(text) or {}
+    return json.loads(text)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="YAML/JSON with TrainConfig fields (nested 'loss' and 'augment')")
+    parser.add_argument("--table", type=Path, help="re-split CSV (notebook 02): one expert per resplit_<i>, then the mixture")
+    parser.add_argument("--resplits", type=int, nargs="*", help="which re-splits (default: all)")
+    parser.add_argument("--train-table", type=Path, help="manifest CSV to train one expert on")
+    parser.add_argument("--val-table", type=Path, help="manifest CSV to validate it on")
+    parser.add_argument("--out-dir", type=Path, required=True)
+    parser.add_argument("--no-resume", action="store_true", help="start over even if out-dir holds a training state")
+
+
+def run(args: argparse.Namespace) -> int:
+    from dfd_lib.data.manifest import Manifest
+    from dfd_lib.embed.resplits import load_resplits
+    from dfd_lib.modeling.mixture_training import train_mixture
+    from dfd_lib.modeling.train_config import TrainConfig
+    from dfd_lib.modeling.training import train_expert
+
+    if args.table is None and (args.train_table is None or args.val_table is None):
+        log.error("dfd train: give --table, or --train-table and --val-table")
+        return 2
+    try:
+        config = TrainConfig.from_dict(_read_config_file(args.config) if args.config else {})
+        if args.table is not None:
+            result = train_mixture(load_resplits(args.table), config, args.out_dir, args.resplits, resume=not args.no_resume)
+            print(result.summary.to_string(index=False))
+            print(f"mixture written to {result.directory}")
+        else:
+            expert = train_expert(Manifest.load(args.train_table).table, Manifest.load(args.val_table).table, config,
+                                  args.out_dir, resume=not args.no_resume)
+            print(f"best epoch {expert.best_epoch + 1}: val AUC {expert.best_val_auc:.4f}; weights {expert.best_weights}")
+    except (ValueError, FileNotFoundError) as exc:
+        log.error("dfd train: %s", exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    from dfd_lib.cli import main
+
+    sys.exit(main(["train", *sys.argv[1:]]))

@@ -1,0 +1,244 @@
+"""Scoring images with a mixture of experts: load once, then batched, gradient-free forwards.
+
+Speed without changing the scores (figures in bench/RESULTS.md, "Inference"):
+- the EMA weights are folded in once at load (the original swapped them in and out around
+  every forward) and weights load through the meta device with ``mmap``;
+- ``torch.inference_mode``, batches, channels_last memory layout on the CPU;
+- glibc is told to keep freed memory (:func:`tune_malloc`), otherwise each batch page-faults
+  its activation buffers back in and batching looks slower than one image at a time.
+``torch.compile`` is faster per image but compiles for minutes per input shape: opt-in.
+bf16 autocast is opt-in and GPU-only (on this CPU it is slower and moves probabilities).
+
+Preprocessing modes (both end with the same tensor ops, :class:`dfd_lib.data.preprocess.InputTransform`:
+to [0, 1], normalisation, then a resize to ``image_size`` x ``image_size`` with antialiasing — the
+original's order, and the one training validates with):
+- ``compat`` decodes files and bytes with OpenCV (BGR -> RGB) exactly as the original did,
+  after :func:`dfd_lib.data.images.load_rgb` has vetted them (missing, truncated, not-an-image and
+  oversized files are reported instead of being scored as grey). OpenCV drops transparency
+  and truncates 16-bit images to their high byte.
+- ``default`` decodes with :func:`dfd_lib.data.images.load_rgb` (Pillow), the decoder every other
+  part of the kit uses: EXIF orientation applied, transparency flattened onto white,
+  16-bit and float images scaled by their range. For ordinary 8-bit JPEG/PNG files the two
+  modes give the same pixels.
+PIL images and arrays (RGB order) are used as given in both modes.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import platform
+from collections.abc import Iterable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from dfd_lib.data.images import ImageLoadError, ImageSource, load_rgb
+from dfd_lib.data.preprocess import InputTransform
+from dfd_lib.modeling.checkpoints import PREPROCESS_MODES, MixtureConfig, load_weights
+from dfd_lib.modeling.experts import MixtureOfExperts
+from dfd_lib.paths import WEIGHTS_DIR
+
+DEFAULT_WEIGHTS_DIR = WEIGHTS_DIR / "moe"
+
+# glibc mallopt parameters (malloc.h): the same as
+# GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=100000000000
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_TRIM_THRESHOLD = 100_000_000_000
+
+
+def tune_malloc() -> bool:
+    """Make glibc keep freed memory for reuse instead of returning it to the OS after every
+    batch (large activation buffers are otherwise mmap'ed and page-faulted in each time).
+    Takes effect for later allocations, so it can be called at run time; ``False`` where
+    the C library is not glibc. Peak memory is unchanged; memory is held until exit."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
+
+
+def _materialize(model: MixtureOfExperts, device: torch.device, memory_format: torch.memory_format) -> MixtureOfExperts:
+    """Copy every weight into ordinary memory on ``device`` in ``memory_format``. Checkpoints
+    load memory-mapped; once no tensor refers to the file its mapping is dropped, so the
+    pages read at load time do not stay resident beside the copies."""
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            fmt = memory_format if tensor.dim() == 4 else torch.contiguous_format
+            tensor.data = tensor.data.to(device, memory_format=fmt, copy=True)
+    return model
+
+
+@dataclass
+class Prediction:
+    """One input's score: ``prob`` is the mixture's fake probability; ``error`` says why an
+    input could not be scored (then ``prob`` is None)."""
+
+    source: str
+    prob: float | None
+    expert_probs: list[float] = field(default_factory=list)
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.error
+
+
+def describe_source(source: ImageSource, index: int) -> str:
+    if isinstance(source, (str, os.PathLike)):
+        return str(source)
+    return f"<{type(source).__name__} #{index}>"
+
+
+def auto_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class Predictor:
+    """A loaded mixture ready to score images. Build it with :meth:`load`."""
+
+    def __init__(
+        self,
+        model: MixtureOfExperts,
+        config: MixtureConfig,
+        device: str | torch.device | None = None,
+        batch_size: int = 4,
+        preprocess: str = "default",
+        bf16: bool = False,
+        channels_last: bool | None = None,
+        compile: bool = False,
+    ):
+        if preprocess not in PREPROCESS_MODES:
+            raise ValueError(f"preprocess must be one of {PREPROCESS_MODES}, got {preprocess!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.device = torch.device(device) if device is not None else auto_device()
+        if bf16 and self.device.type != "cuda":
+            raise ValueError("bf16 autocast is GPU-only: on the CPU it is slower and moves probabilities")
+        self.config = config
+        self.batch_size = batch_size
+        self.preprocess = preprocess
+        self.bf16 = bf16
+        # channels_last measured faster on this CPU (bench/RESULTS.md) and on GPUs for convnets.
+        self.channels_last = True if channels_last is None else channels_last
+        self.memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        self.model = _materialize(model.eval().requires_grad_(False), self.device, self.memory_format)
+        # opt-in: minutes of compilation per new input shape before it pays back (bench/RESULTS.md)
+        self._forward = torch.compile(self.model, dynamic=False) if compile else self.model
+        self.transform = InputTransform(config.image_size, config.mean, config.std, config.interpolation, config.antialias)
+
+    @classmethod
+    def load(
+        cls,
+        weights_dir: str | os.PathLike | None = None,
+        device: str | torch.device | None = None,
+        batch_size: int = 4,
+        threads: int | None = None,
+        preprocess: str = "default",
+        bf16: bool = False,
+        channels_last: bool | None = None,
+        compile: bool = False,
+        malloc_tuning: bool = True,
+        backbones: Sequence[str] | None = None,
+    ) -> Predictor:
+        """Load our format or the released ``weight.pth`` + ``ema.state`` (EMA folded once)
+        from ``weights_dir`` (default ``weights/moe``). ``threads`` sets torch's CPU threads."""
+        weights_dir = Path(weights_dir) if weights_dir is not None else DEFAULT_WEIGHTS_DIR
+        if threads is not None:
+            if threads < 1:
+                raise ValueError(f"threads must be >= 1, got {threads}")
+            torch.set_num_threads(threads)
+        model, config = load_weights(weights_dir, backbones)
+        predictor = cls(model, config, device, batch_size, preprocess, bf16, channels_last, compile)
+        if malloc_tuning:  # after loading, so load-time buffers are still returned to the OS
+            tune_malloc()
+        return predictor
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.model.experts)
+
+    # ------------------------------------------------------------------ preprocessing
+
+    def _decode(self, source: ImageSource) -> np.ndarray:
+        """HxWx3 uint8 RGB; raises ImageLoadError with the reason."""
+        image = load_rgb(source)  # vets every input, in both modes
+        if self.preprocess == "compat" and isinstance(source, (str, os.PathLike, bytes, bytearray, memoryview)):
+            if isinstance(source, (str, os.PathLike)):
+                encoded = np.fromfile(str(source), dtype=np.uint8)
+            else:
+                encoded = np.frombuffer(bytes(source), dtype=np.uint8)
+            bgr = cv2.imdecode(encoded, cv2.IMREAD_COLOR)
+            if bgr is None:
+                raise ImageLoadError("OpenCV cannot decode this image (compat mode)", str(source)[:200])
+            return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        return np.asarray(image)
+
+    def to_tensor(self, rgb: np.ndarray) -> torch.Tensor:
+        """The model input of an HxWx3 uint8 RGB image: ``(3, S, S)``."""
+        return self.transform(rgb)
+
+    def load_tensor(self, source: ImageSource) -> torch.Tensor:
+        return self.to_tensor(self._decode(source))
+
+    # ------------------------------------------------------------------ scoring
+
+    @torch.inference_mode()
+    def predict_tensor(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Preprocessed ``(B, 3, S, S)`` -> ``{"prob": (B,), "expert_probs": (B, E)}`` on the CPU."""
+        x = batch.to(self.device, memory_format=self.memory_format, non_blocking=True)
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.bf16 else nullcontext()
+        with autocast:
+            out = self._forward(x)
+        return {"prob": out["prob"].float().cpu(), "expert_probs": out["expert_probs"].float().cpu()}
+
+    def predict(self, sources: Iterable[ImageSource], progress: bool = False) -> list[Prediction]:
+        """Score every source; unreadable ones come back with ``error`` set, never raised."""
+        sources = list(sources)
+        results: list[Prediction] = []
+        bar = tqdm(total=len(sources), desc="scoring", unit="img", disable=not progress)
+        for start in range(0, len(sources), self.batch_size):
+            chunk = sources[start : start + self.batch_size]
+            preds, tensors, slots = [], [], []
+            for offset, source in enumerate(chunk):
+                name = describe_source(source, start + offset)
+                try:
+                    tensors.append(self.load_tensor(source))
+                    slots.append(offset)
+                    preds.append(Prediction(name, None))
+                except ImageLoadError as exc:
+                    preds.append(Prediction(name, None, error=exc.reason))
+            if tensors:
+                out = self.predict_tensor(torch.stack(tensors))
+                for row, offset in enumerate(slots):
+                    preds[offset].prob = float(out["prob"][row])
+                    preds[offset].expert_probs = [float(p) for p in out["expert_probs"][row]]
+            results.extend(preds)
+            bar.update(len(chunk))
+        bar.close()
+        return results
+
+    def predict_one(self, source: ImageSource) -> Prediction:
+        return self.predict([source])[0]
+
+    def predict_paths(self, paths: Iterable[str | os.PathLike], progress: bool = True) -> pd.DataFrame:
+        """A table with columns path, prob_fake, prob_expert_<i>..., error (empty when scored)."""
+        return predictions_frame(self.predict([str(p) for p in paths], progress=progress), self.num_experts)
+
+
+def predictions_frame(predictions: Sequence[Prediction], num_experts: int) -> pd.DataFrame:
+    rows = []
+    for pred in predictions:
+        row = {"path": pred.source, "prob_fake": pred.prob}
+        for i in range(num_experts):
+            row[f"prob_expert_{i}"] = pred.expert_probs[i] if pred.ok else None
+        row["error"] = pred.error
+        rows.append(row)
+    columns = ["path", "prob_fake", *[f"prob_expert_{i}" for i in range(num_experts)], "error"]
+    return pd.DataFrame(rows, columns=columns)

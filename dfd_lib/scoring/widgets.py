@@ -1,0 +1,176 @@
+"""The upload widget of notebook 05 (also an app under Voilà): drop images, see each one's
+fake probability, its experts' probabilities and a Grad-CAM heatmap; a threshold slider
+recolours the verdicts without rescoring.
+
+The work is in plain functions — :func:`handle_upload` scores a FileUpload value (a list of
+``{"name", "type", "size", "content", "last_modified"}`` records, as ipywidgets 8 gives
+them) — so it is tested without a browser by setting the widget's value as an upload does.
+"""
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import ipywidgets as widgets
+from PIL import Image
+
+from dfd_lib.data.images import ImageLoadError, load_rgb
+from dfd_lib.scoring import explain
+from dfd_lib.scoring.predictor import Prediction, Predictor
+
+FAKE_COLOUR, REAL_COLOUR, ERROR_COLOUR = "#c62828", "#2e7d32", "#6d4c41"
+THUMBNAIL_SIDE = 256
+
+
+@dataclass
+class UploadResult:
+    """One uploaded file: its prediction (``prediction.error`` says why when unreadable) and,
+    when scored, a thumbnail and the Grad-CAM overlay."""
+
+    name: str
+    prediction: Prediction
+    thumbnail: Image.Image | None = None
+    overlay: Image.Image | None = None
+
+
+@dataclass
+class _Card:
+    result: UploadResult
+    verdict: widgets.HTML
+    bars: list[widgets.FloatProgress]
+    box: widgets.Box
+
+
+@dataclass
+class UploadApp:
+    """The widgets and the state behind them; display ``app.widget``."""
+
+    predictor: Predictor
+    upload: widgets.FileUpload
+    threshold: widgets.FloatSlider
+    status: widgets.HTML
+    results_box: widgets.VBox
+    widget: widgets.VBox
+    explain: bool = True
+    cards: list[_Card] = field(default_factory=list)
+
+    @property
+    def results(self) -> list[UploadResult]:
+        return [card.result for card in self.cards]
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def verdict_html(prediction: Prediction, threshold: float) -> str:
+    if not prediction.ok:
+        return f'<b style="color:{ERROR_COLOUR}">not scored</b>: {prediction.error}'
+    fake = prediction.prob >= threshold
+    colour, word = (FAKE_COLOUR, "FAKE") if fake else (REAL_COLOUR, "REAL")
+    return (f'<span style="color:{colour};font-size:1.3em;font-weight:700">{word}</span> '
+            f'<span style="font-size:1.3em">{prediction.prob:.4f}</span>'
+            f'<br><small>fake probability (threshold {threshold:.2f})</small>')
+
+
+def _bar_style(prob: float, threshold: float) -> str:
+    return "danger" if prob >= threshold else "success"
+
+
+def score_upload(predictor: Predictor, name: str, content: bytes, with_heatmap: bool = True) -> UploadResult:
+    """Score one uploaded file; an unreadable file becomes a result with ``error`` set."""
+    try:
+        rgb = load_rgb(content)
+    except ImageLoadError as exc:
+        return UploadResult(name, Prediction(name, None, error=exc.reason))
+    except Image.DecompressionBombError as exc:  # Pillow's guard fires before load_rgb's own check
+        return UploadResult(name, Prediction(name, None, error=f"decompression bomb refused: {exc}"))
+    # compat mode decodes the file's bytes with OpenCV, as the original did
+    source = content if predictor.preprocess == "compat" else rgb
+    thumbnail = rgb.copy()
+    thumbnail.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
+    if with_heatmap:
+        result = explain.explain(predictor, source)
+        prediction = Prediction(name, result.prob, result.expert_probs)
+        overlay = explain.overlay_heatmap(rgb, result.cam, max_side=THUMBNAIL_SIDE)
+        return UploadResult(name, prediction, thumbnail, overlay)
+    prediction = predictor.predict_one(source)
+    prediction.source = name
+    return UploadResult(name, prediction, thumbnail)
+
+
+def result_card(result: UploadResult, threshold: float, backbones: Sequence[str] = ()) -> _Card:
+    """The widgets showing one result: image, heatmap, verdict and one bar per expert."""
+    verdict = widgets.HTML(verdict_html(result.prediction, threshold))
+    title = widgets.HTML(f"<b>{result.name}</b>")
+    bars = []
+    for i, prob in enumerate(result.prediction.expert_probs):
+        label = f"expert {i}" + (f" ({backbones[i].split('.')[0]})" if i < len(backbones) else "")
+        bars.append(widgets.FloatProgress(value=prob, min=0.0, max=1.0, description=f"{prob:.3f}",
+                                          bar_style=_bar_style(prob, threshold), tooltip=label,
+                                          layout=widgets.Layout(width="320px")))
+    images = []
+    for picture, caption in ((result.thumbnail, "image"), (result.overlay, "Grad-CAM")):
+        if picture is not None:
+            images.append(widgets.VBox([widgets.Image(value=_png(picture), format="png"), widgets.HTML(f"<small>{caption}</small>")]))
+    details = widgets.VBox([title, verdict, *bars])
+    box = widgets.HBox([*images, details], layout=widgets.Layout(border_bottom="1px solid #ddd", padding="6px"))
+    return _Card(result, verdict, bars, box)
+
+
+def recolour(app: UploadApp) -> None:
+    """Redraw every verdict and bar at the slider's threshold (no rescoring)."""
+    threshold = app.threshold.value
+    for card in app.cards:
+        card.verdict.value = verdict_html(card.result.prediction, threshold)
+        for bar in card.bars:
+            bar.bar_style = _bar_style(bar.value, threshold)
+
+
+def _file_records(value) -> list[tuple[str, bytes]]:
+    """``(name, bytes)`` from a FileUpload value: ipywidgets 8 gives a tuple of records,
+    ipywidgets 7 a dict name -> record."""
+    records = value.values() if isinstance(value, Mapping) else value
+    out = []
+    for record in records:
+        content = record["content"]
+        out.append((str(record.get("name", "upload")), content.tobytes() if isinstance(content, memoryview) else bytes(content)))
+    return out
+
+
+def handle_upload(app: UploadApp, value) -> list[UploadResult]:
+    """Score the files of a FileUpload ``value`` and show them (newest first)."""
+    files = _file_records(value)
+    if not files:
+        return []
+    app.status.value = f"scoring {len(files)} image(s)…"
+    new_cards = []
+    for name, content in files:
+        result = score_upload(app.predictor, name, content, with_heatmap=app.explain)
+        new_cards.append(result_card(result, app.threshold.value, app.predictor.config.backbones))
+    app.cards[:0] = new_cards
+    app.results_box.children = tuple(card.box for card in app.cards)
+    failed = sum(not card.result.prediction.ok for card in new_cards)
+    app.status.value = f"scored {len(files) - failed} of {len(files)} image(s)" + (f"; {failed} unreadable" if failed else "")
+    return [card.result for card in new_cards]
+
+
+def build_upload_app(predictor: Predictor, threshold: float = 0.5, with_heatmap: bool = True) -> UploadApp:
+    """The upload widget wired to ``predictor``; display ``app.widget``."""
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+    upload = widgets.FileUpload(accept="image/*", multiple=True, description="Upload images")
+    slider = widgets.FloatSlider(value=threshold, min=0.0, max=1.0, step=0.01, description="threshold",
+                                 continuous_update=True, readout_format=".2f")
+    status = widgets.HTML("drop or choose images to score")
+    results_box = widgets.VBox()
+    experts = ", ".join(dict.fromkeys(predictor.config.backbones))
+    header = widgets.HTML(f"<b>{predictor.num_experts} experts</b> ({experts}) at {predictor.config.image_size} px")
+    app = UploadApp(predictor, upload, slider, status, results_box,
+                    widgets.VBox([header, widgets.HBox([upload, slider]), status, results_box]), with_heatmap)
+    upload.observe(lambda change: handle_upload(app, change["new"]), names="value")
+    slider.observe(lambda _change: recolour(app), names="value")
+    return app

@@ -1,0 +1,319 @@
+"""The HTTP API and the web page of ``dfd serve`` (:mod:`dfd_lib.serving.cli` runs it on uvicorn).
+
+The original release's contract holds byte for byte: ``POST /predict`` with JSON
+``{"image": "<base64>"}`` answers ``200`` with ``{"result":<fake probability>}`` plus a
+newline, ``Content-Type: application/json`` — exactly what Flask's ``jsonify`` sends, so a
+client written for the original server works unchanged. Around it: a batch endpoint,
+Grad-CAM heatmaps (``POST /explain``), ``GET /health``, the OpenAPI schema (``/openapi.json``,
+``/docs``), limits on body size and pixel count, an optional bearer token, and a
+``{"error": "<message>"}`` JSON answer with a 4xx status for every bad request.
+
+The model is loaded once; one thread owns it (:mod:`dfd_lib.serving.worker`), so concurrent
+requests share it safely and are batched, while decoding runs in the server's thread pool
+and the event loop never waits on torch. See ``docs/serving.md``.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import logging
+import os
+import secrets
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from dfd_lib.data.images import ImageLoadError
+from dfd_lib.scoring import explain
+from dfd_lib.scoring.predictor import Predictor
+from dfd_lib.serving.request_parsing import ApiError, ImageLimits, read_image_bytes, read_image_list, vet_image
+from dfd_lib.serving.worker import ModelWorker
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+DEFAULT_MAX_BODY_MB = 20.0
+DEFAULT_MAX_PIXELS = 25_000_000  # 5000x5000; a decoded image costs 3 bytes/pixel, its float tensor 12
+DEFAULT_MIN_SIDE = 16  # smaller images carry no evidence a 512 px model can use
+DEFAULT_MAX_BATCH_IMAGES = 32
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- responses
+
+
+class CompactJSONResponse(JSONResponse):
+    """JSON as Flask's ``jsonify`` writes it outside debug mode: sorted keys, no spaces,
+    ASCII only, a trailing newline, ``Content-Type: application/json``."""
+
+    def render(self, content: Any) -> bytes:
+        return (json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=True) + "\n").encode("ascii")
+
+
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> CompactJSONResponse:
+    return CompactJSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+class PredictResponse(BaseModel):
+    result: float = Field(description="the mixture's fake probability in [0, 1]")
+    experts: list[float] | None = Field(None, description="each expert's fake probability (with ?details=true)")
+
+
+class BatchItem(BaseModel):
+    index: int
+    result: float | None = None
+    experts: list[float] | None = None
+    error: str | None = Field(None, description="why this image could not be scored")
+    status: int | None = Field(None, description="the HTTP status this error would have on its own")
+
+
+class BatchResponse(BaseModel):
+    results: list[BatchItem]
+    count: int
+    errors: int
+
+
+class ExplainResponse(BaseModel):
+    result: float
+    experts: list[float]
+    backbones: list[str]
+    heatmap: str = Field(description="PNG data URL: the Grad-CAM heatmap over the image")
+
+
+class ErrorResponse(BaseModel):
+    error: str
+
+
+_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422)}
+
+
+def _image_body(field: str, many: bool) -> dict:
+    """OpenAPI request body: the JSON and multipart forms the endpoint reads by hand."""
+    string = {"type": "string", "description": "base64 (or a data:image/...;base64, URL)"}
+    binary = {"type": "string", "format": "binary"}
+    json_schema = {"type": "array", "items": string} if many else string
+    form_schema = {"type": "array", "items": binary} if many else binary
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": {"type": "object", "required": [field], "properties": {field: json_schema}}},
+        "multipart/form-data": {"schema": {"type": "object", "required": [field], "properties": {field: form_schema}}},
+    }}}
+
+
+# --------------------------------------------------------------------------- limits
+
+
+class BodyLimitMiddleware:
+    """Refuses bodies over ``max_body_bytes`` with a JSON error: from ``Content-Length``
+    before reading a byte, and by counting streamed (chunked) bytes as they arrive.
+    (FastAPI's own ``max_body_size`` answers a declared oversize body in plain text.)"""
+
+    def __init__(self, app, max_body_bytes: int):
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    def _too_large(self, size: str) -> str:
+        return f"request body {size} exceeds the limit of {self.max_body_bytes:,} bytes"
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None:
+            if not declared.strip().isdigit():
+                return await error_response(400, "invalid Content-Length header")(scope, receive, send)
+            if int(declared) > self.max_body_bytes:
+                message = self._too_large(f"of {int(declared):,} bytes")
+                return await error_response(413, message)(scope, receive, send)
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    raise ApiError(413, self._too_large(f"(over {received:,} bytes so far)"))
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+# --------------------------------------------------------------------------- the app
+
+
+def create_app(
+    predictor_or_weights_dir: Predictor | str | os.PathLike,
+    max_body_bytes: int = int(DEFAULT_MAX_BODY_MB * 1024 * 1024),
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    token: str | None = None,
+    *,
+    min_side: int = DEFAULT_MIN_SIDE,
+    max_batch_images: int = DEFAULT_MAX_BATCH_IMAGES,
+    strict_modes: bool = False,
+    model_batch: int | None = None,
+) -> FastAPI:
+    """The API and the page around a loaded :class:`Predictor` (or the weights folder to
+    load one from). ``token``: when set, every POST needs ``Authorization: Bearer <token>``.
+    ``model_batch``: most images per forward pass (default: the predictor's batch size)."""
+    predictor = (predictor_or_weights_dir if isinstance(predictor_or_weights_dir, Predictor)
+                 else Predictor.load(predictor_or_weights_dir))
+    if max_body_bytes < 1024:
+        raise ValueError(f"max_body_bytes must be at least 1024, got {max_body_bytes}")
+    if max_batch_images < 1:
+        raise ValueError(f"max_batch_images must be >= 1, got {max_batch_images}")
+    if token is not None and not token.strip():
+        raise ValueError("the bearer token must not be empty (leave it unset to serve without one)")
+    limits = ImageLimits(max_pixels, min_side, strict_modes)
+    worker = ModelWorker(predictor, model_batch)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        yield
+        worker.close()
+
+    app = FastAPI(
+        title="dfd-kit deepfake detection API",
+        version="1",
+        description="Scores images with a mixture of experts: the fake probability, each expert's, "
+                    "and a Grad-CAM heatmap. `POST /predict` keeps the original release's contract.",
+        default_response_class=CompactJSONResponse,
+        lifespan=lifespan,
+    )
+    app.state.predictor, app.state.worker, app.state.limits = predictor, worker, limits
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=max_body_bytes)
+    bearer = HTTPBearer(auto_error=False, description="needed only when the server was started with --token")
+
+    def require_token(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        if token is None:
+            return
+        challenge = {"WWW-Authenticate": "Bearer"}
+        if credentials is None:
+            raise ApiError(401, "missing bearer token: send the header 'Authorization: Bearer <token>'", challenge)
+        if not secrets.compare_digest(credentials.credentials.encode(), token.encode()):
+            raise ApiError(401, "invalid bearer token", challenge)
+
+    # ---------------------------------------------------------------- errors: always {"error": ...}
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        if isinstance(exc, ApiError):
+            message = exc.detail
+        elif exc.status_code == 404:
+            message = f"no such endpoint: {request.method} {request.url.path}"
+        elif exc.status_code == 405:
+            message = f"method {request.method} is not allowed on {request.url.path}"
+        else:
+            message = str(exc.detail)
+        return error_response(exc.status_code, message, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_request: Request, exc: RequestValidationError):
+        parts = [f"{'.'.join(str(p) for p in err.get('loc', ()))}: {err.get('msg', '')}" for err in exc.errors()]
+        return error_response(400, "invalid request: " + "; ".join(parts))
+
+    @app.exception_handler(Exception)
+    async def _server_error(_request: Request, exc: Exception):
+        log.exception("request failed")
+        return error_response(500, f"internal server error ({type(exc).__name__})")
+
+    # ---------------------------------------------------------------- helpers
+
+    def prepare(data: bytes):
+        """Vet, decode and preprocess one image (thread pool): ``(rgb, tensor)``."""
+        rgb = vet_image(data, limits)
+        source = data if predictor.preprocess == "compat" else rgb  # compat decodes bytes with OpenCV
+        try:
+            return rgb, predictor.load_tensor(source)
+        except ImageLoadError as exc:
+            raise ApiError(422, exc.reason) from None
+
+    async def _prepare_item(item):
+        if isinstance(item, ApiError):
+            return item
+        try:
+            return await run_in_threadpool(prepare, item)
+        except ApiError as exc:
+            return exc
+
+    max_part = max_body_bytes
+
+    # ---------------------------------------------------------------- routes
+
+    @app.get("/", include_in_schema=False)
+    async def page():
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    @app.get("/health", summary="Liveness and what the server runs")
+    async def health() -> dict:
+        return {
+            "status": "ok",
+            "model": {"backbones": predictor.config.backbones, "experts": predictor.num_experts,
+                      "image_size": predictor.config.image_size, "preprocess": predictor.preprocess,
+                      "device": str(predictor.device)},
+            "limits": {"max_body_bytes": max_body_bytes, "max_pixels": limits.max_pixels,
+                       "min_side": limits.min_side, "max_batch_images": max_batch_images,
+                       "strict_modes": limits.strict_modes},
+            "token_required": token is not None,
+            "served": {"images": worker.stats.images, "batches": worker.stats.batches,
+                       "mean_batch": round(worker.stats.mean_batch, 3), "explanations": worker.stats.calls},
+        }
+
+    @app.post("/predict", summary="Fake probability of one image (the original contract)",
+              response_model=None, responses={200: {"model": PredictResponse}, **_ERRORS},
+              openapi_extra=_image_body("image", many=False), dependencies=[Depends(require_token)])
+    async def predict(request: Request, details: bool = Query(False, description="add each expert's probability")):
+        _rgb, tensor = await run_in_threadpool(prepare, await read_image_bytes(request, max_part))
+        [(prob, experts)] = await worker.score([tensor])
+        return CompactJSONResponse({"result": prob, "experts": experts} if details else {"result": prob})
+
+    @app.post("/predict/batch", summary="Fake probabilities of several images",
+              response_model=None, responses={200: {"model": BatchResponse}, **_ERRORS},
+              openapi_extra=_image_body("images", many=True), dependencies=[Depends(require_token)])
+    async def predict_batch(request: Request):
+        items = await read_image_list(request, max_part, max_batch_images)
+        results: list[dict] = [{"index": i} for i in range(len(items))]
+        prepared = await asyncio.gather(*[_prepare_item(item) for item in items])  # decoded in parallel
+        ready: list[tuple[int, Any]] = []
+        for i, outcome in enumerate(prepared):
+            if isinstance(outcome, ApiError):
+                results[i].update(error=outcome.detail, status=outcome.status_code)
+            else:
+                ready.append((i, outcome[1]))
+        scores = await worker.score([tensor for _, tensor in ready]) if ready else []
+        for (i, _), (prob, experts) in zip(ready, scores):
+            results[i].update(result=prob, experts=experts)
+        errors = sum("error" in r for r in results)
+        return CompactJSONResponse({"results": results, "count": len(results), "errors": errors})
+
+    @app.post("/explain", summary="Scores and a Grad-CAM heatmap of one image",
+              response_model=None, responses={200: {"model": ExplainResponse}, **_ERRORS},
+              openapi_extra=_image_body("image", many=False), dependencies=[Depends(require_token)])
+    async def explain_image(request: Request, expert: int | None = Query(None, ge=0, description="one expert's map (default: the mixture's)")):
+        if expert is not None and expert >= predictor.num_experts:
+            raise ApiError(400, f"expert {expert} does not exist: the mixture has experts 0..{predictor.num_experts - 1}")
+        rgb, tensor = await run_in_threadpool(prepare, await read_image_bytes(request, max_part))
+        experts = None if expert is None else [expert]
+        result = await worker.call(lambda: explain.explain_tensor(predictor, tensor, experts))
+        png = await run_in_threadpool(_png_data_url, explain.overlay_heatmap(rgb, result.cam))
+        return CompactJSONResponse({"result": result.prob, "experts": result.expert_probs,
+                                    "backbones": predictor.config.backbones, "heatmap": png})
+
+    return app
+
+
+def _png_data_url(image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", optimize=False)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")

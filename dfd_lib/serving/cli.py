@@ -1,0 +1,144 @@
+"""``dfd serve``: the HTTP API and the web page (:mod:`dfd_lib.serving.app`) on uvicorn, a
+production ASGI server; ``--workers N`` runs N processes, each with its own copy of the model."""
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from fastapi import FastAPI
+
+from dfd_lib.modeling.checkpoints import PREPROCESS_MODES, CheckpointError
+from dfd_lib.scoring.predictor import DEFAULT_WEIGHTS_DIR, Predictor
+from dfd_lib.serving.app import (DEFAULT_MAX_BATCH_IMAGES, DEFAULT_MAX_BODY_MB, DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE,
+                                 create_app)
+from dfd_lib.serving.request_parsing import ImageLimits
+
+TOKEN_ENV = "DFD_SERVE_TOKEN"
+SETTINGS_ENV = "DFD_SERVE_SETTINGS"  # hands the settings to each process when --workers > 1
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """Everything ``dfd serve`` needs to build the app (also passed to worker processes)."""
+
+    weights: str = str(DEFAULT_WEIGHTS_DIR)
+    max_body_bytes: int = int(DEFAULT_MAX_BODY_MB * 1024 * 1024)
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    min_side: int = DEFAULT_MIN_SIDE
+    max_batch_images: int = DEFAULT_MAX_BATCH_IMAGES
+    strict_modes: bool = False
+    batch_size: int = 8
+    threads: int | None = None
+    device: str | None = None
+    preprocess: str = "default"
+
+    def __post_init__(self):
+        if self.max_body_bytes < 1024:
+            raise ValueError(f"the body limit must be at least 1 KiB, got {self.max_body_bytes} bytes")
+        if self.max_batch_images < 1:
+            raise ValueError(f"max_batch_images must be >= 1, got {self.max_batch_images}")
+        if self.preprocess not in PREPROCESS_MODES:
+            raise ValueError(f"preprocess must be one of {PREPROCESS_MODES}, got {self.preprocess!r}")
+        ImageLimits(self.max_pixels, self.min_side, self.strict_modes)  # validates those two
+
+
+def app_from_settings(settings: ServeSettings, token: str | None = None) -> FastAPI:
+    predictor = Predictor.load(settings.weights, device=settings.device, batch_size=settings.batch_size,
+                               threads=settings.threads, preprocess=settings.preprocess)
+    return create_app(predictor, settings.max_body_bytes, settings.max_pixels, token,
+                      min_side=settings.min_side, max_batch_images=settings.max_batch_images,
+                      strict_modes=settings.strict_modes)
+
+
+def app_from_environment() -> FastAPI:
+    """The factory uvicorn calls in each worker process (``--workers N``)."""
+    settings = ServeSettings(**json.loads(os.environ[SETTINGS_ENV]))
+    return app_from_settings(settings, os.environ.get(TOKEN_ENV) or None)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS_DIR,
+                        help=f"checkpoint folder: ours or the released weight.pth + ema.state (default: {DEFAULT_WEIGHTS_DIR})")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    parser.add_argument("--token", default=None,
+                        help=f"require 'Authorization: Bearer TOKEN' on every POST (or set ${TOKEN_ENV}, kept out of `ps`)")
+    parser.add_argument("--max-body-mb", type=float, default=DEFAULT_MAX_BODY_MB,
+                        help=f"largest request body in MiB (default: {DEFAULT_MAX_BODY_MB:g})")
+    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                        help=f"largest image in pixels, checked from the header before decoding (default: {DEFAULT_MAX_PIXELS:,})")
+    parser.add_argument("--min-side", type=int, default=DEFAULT_MIN_SIDE,
+                        help=f"smallest accepted image side in pixels (default: {DEFAULT_MIN_SIDE})")
+    parser.add_argument("--max-batch-images", type=int, default=DEFAULT_MAX_BATCH_IMAGES,
+                        help=f"most images in one /predict/batch request (default: {DEFAULT_MAX_BATCH_IMAGES})")
+    parser.add_argument("--strict-modes", action="store_true",
+                        help="refuse images that are not 8-bit RGB or greyscale (CMYK, 16-bit, alpha) instead of converting them")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="server processes, each with its own copy of the model (default: 1)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads per process (default: cores / workers)")
+    parser.add_argument("--batch-size", type=int, default=8, help="most images per forward pass (default: 8)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA when present)")
+    parser.add_argument("--preprocess", choices=PREPROCESS_MODES, default="default",
+                        help="'compat' decodes with OpenCV exactly like the original release (default: default)")
+    parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+
+
+def settings_from_args(args: argparse.Namespace) -> ServeSettings:
+    if args.workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    if args.max_body_mb <= 0:
+        raise ValueError(f"--max-body-mb must be positive, got {args.max_body_mb}")
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
+    return ServeSettings(weights=str(args.weights), max_body_bytes=int(args.max_body_mb * 1024 * 1024),
+                         max_pixels=args.max_pixels, min_side=args.min_side, max_batch_images=args.max_batch_images,
+                         strict_modes=args.strict_modes, batch_size=args.batch_size, threads=threads,
+                         device=args.device, preprocess=args.preprocess)
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    token = args.token or os.environ.get(TOKEN_ENV) or None
+    try:
+        settings = settings_from_args(args)
+    except ValueError as exc:
+        log.error("dfd serve: %s", exc)
+        return 2
+    if not Path(settings.weights).is_dir():
+        log.error("dfd serve: weights folder %s not found; train one (notebook 04), convert the released weights "
+                  "with `dfd convert-weights SRC %s`, or pass --weights DIR", settings.weights, DEFAULT_WEIGHTS_DIR)
+        return 2
+    if not is_loopback(args.host) and token is None:
+        log.warning("dfd serve: listening on %s without --token: anyone who can reach this address can use the model",
+                    args.host)
+    common = dict(host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=10)
+    if args.workers == 1:
+        try:
+            app = app_from_settings(settings, token)
+        except (CheckpointError, ValueError) as exc:
+            log.error("dfd serve: %s", exc)
+            return 2
+        log.info("dfd serve: %d experts loaded from %s; page and API on http://%s:%d/ (schema: /docs)",
+                 app.state.predictor.num_experts, settings.weights, args.host, args.port)
+        uvicorn.run(app, **common)
+    else:  # each process loads the model itself; the settings travel in the environment
+        os.environ[SETTINGS_ENV] = json.dumps(asdict(settings))
+        if token is not None:
+            os.environ[TOKEN_ENV] = token
+        uvicorn.run("dfd_lib.serving.cli:app_from_environment", factory=True, workers=args.workers, **common)
+    return 0

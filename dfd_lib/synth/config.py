@@ -1,0 +1,68 @@
+"""What notebook 03 makes: :class:`EnrichmentConfig`, one dataclass for the notebook, the
+``dfd augment`` command (every field is an option) and the enrichment driver."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from dfd_lib.config import StepConfig
+from dfd_lib.data.manifest import TRAIN, VAL
+from dfd_lib.paths import resolve
+from dfd_lib.synth.factory import ALL_FAMILIES, SD_FAMILIES, DiffusionSettings, check_families
+
+
+@dataclass
+class EnrichmentConfig(StepConfig):
+    """What to generate; the same config and source table give the same images."""
+
+    families: tuple[str, ...] = ALL_FAMILIES  # edit families, sd_img2img, sd_inpaint, degraded
+    images_per_family: int = 16  # new images written per family
+    seed: int = 0  # fixes every source choice, edit and generation
+    sd_checkpoint: str = ""  # diffusers folder or .safetensors file; empty = the tiny random-weight pipeline
+    sd_inpaint_checkpoint: str = ""  # a dedicated inpainting checkpoint for sd_inpaint; empty = sd_checkpoint
+    sd_single_file_config: str = ""  # for a single-file checkpoint offline: a diffusers folder with its configs
+    strength: float = 0.6  # img2img / inpainting strength (share of the steps that run)
+    steps: int = 4  # denoising steps before strength is applied
+    guidance_scale: float = 1.0  # <= 1 disables classifier-free guidance; 5-8 suits real checkpoints
+    sd_batch_size: int = 8  # images per Stable Diffusion call
+    keep_unmasked: bool = True  # inpainting: paste the source back outside the mask (a fake differs only inside it)
+    sd_image_size: int = 0  # Stable Diffusion working size; 0 = the pipeline's native size
+    device: str = ""  # cpu, cuda, cuda:1; empty = this process's accelerate device (CUDA if present)
+    degrade_fake_fraction: float = 0.0  # share of "degraded" images made from fakes (they stay fakes)
+    source_splits: tuple[str, ...] = (TRAIN, VAL)  # draw sources only from these splits; empty = every split
+    torch_threads: int = 1  # torch CPU threads during the run (1 is fastest for small CPU models); 0 = leave torch's
+
+    def __post_init__(self) -> None:
+        self.families = check_families(self.families)
+        self.source_splits = tuple(self.source_splits or ())
+        checks = [
+            ("images_per_family", self.images_per_family >= 0, ">= 0"),
+            ("strength", 0.0 < self.strength <= 1.0, "in (0, 1]"),
+            ("steps", self.steps >= 1 and int(self.steps * self.strength) >= 1, "such that steps * strength >= 1"),
+            ("sd_batch_size", self.sd_batch_size >= 1, ">= 1"),
+            ("sd_image_size", self.sd_image_size == 0 or self.sd_image_size >= 64, "0 or at least 64"),
+            ("degrade_fake_fraction", 0.0 <= self.degrade_fake_fraction <= 1.0, "in [0, 1]"),
+            ("torch_threads", self.torch_threads >= 0, ">= 0"),
+        ]
+        for name, ok, requirement in checks:
+            if not ok:
+                raise ValueError(f"EnrichmentConfig.{name} must be {requirement}, got {getattr(self, name)!r}")
+        # relative paths are under the project root
+        for name in ("sd_checkpoint", "sd_inpaint_checkpoint", "sd_single_file_config"):
+            value = getattr(self, name)
+            setattr(self, name, str(resolve(value)) if value else "")
+        # a missing checkpoint must stop the run before anything is written
+        if any(f in SD_FAMILIES for f in self.families):
+            for what, value in (("checkpoint", self.sd_checkpoint), ("single-file config", self.sd_single_file_config),
+                                ("inpainting checkpoint", self.sd_inpaint_checkpoint if "sd_inpaint" in self.families else "")):
+                if value and not Path(value).exists():
+                    raise FileNotFoundError(f"Stable Diffusion {what} not found: {value}")
+
+    def checkpoint_for(self, task: str) -> str | None:
+        """The checkpoint that serves ``task`` ("img2img" or "inpaint"); None = the tiny pipeline."""
+        return (self.sd_inpaint_checkpoint if task == "inpaint" else "") or self.sd_checkpoint or None
+
+    @property
+    def diffusion(self) -> DiffusionSettings:
+        return DiffusionSettings(strength=self.strength, steps=self.steps, guidance_scale=self.guidance_scale,
+                                 size=self.sd_image_size or None, keep_unmasked=self.keep_unmasked)
