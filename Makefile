@@ -7,7 +7,7 @@ PROFILE ?= demo
 RUN ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup browser demo test data serve bench clean-reports
+.PHONY: help setup browser demo lint test data serve bench clean-reports
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-14s %s\n", $$1, $$2}'
@@ -29,7 +29,10 @@ browser: ## install Debian's chromium for the browser tests (as root with apt; e
 	  || echo "chromium: could not be installed; the browser tests will be skipped"; \
 	else echo "chromium: absent and not installable here; the browser tests will be skipped"; fi
 
-test: setup browser ## run every test: library, CLI, server, browser and the notebooks at smoke size
+lint: setup ## ruff over the library, tests, benchmarks and notebooks (pyproject.toml [tool.ruff])
+	$(BIN)/ruff check dfd_lib tests bench notebooks
+
+test: setup browser lint ## lint, then every test: library, CLI, server, browser and the notebooks at smoke size
 	$(BIN)/python -m pytest --nbval-lax tests reports/nbval-smoke/notebooks
 
 data: setup ## build only the demo dataset (data/demo/)

@@ -17,7 +17,7 @@ def pytest_sessionstart(session):
     if not session.config.getoption("nbval_lax", default=False):
         return
     from dfd_lib.paths import REPORTS_DIR
-    from dfd_lib.pipeline import run_pipeline
+    from dfd_lib.pipeline.chain import run_pipeline
 
     run_dir = REPORTS_DIR / NBVAL_RUN
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh chain every test session

@@ -1,6 +1,6 @@
 """Images per minute for each augmentation family (tiny random-weight SD pipeline on CPU).
 
-Runs :func:`dfd_lib.augment.augment_dataset` end to end (source decode, edit or generation,
+Runs :func:`dfd_lib.synth.enrichment.enrich_dataset` end to end (source decode, edit or generation,
 PNG write, hash, sidecar) one family at a time on 128 px crops of bundled photos, after one
 warm-up call that pays the one-off imports and first-call costs. Each family runs
 ``--repeats`` times into fresh folders and the fastest run counts (the machine is shared and
@@ -25,9 +25,11 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from dfd_lib.augment import ALL_FAMILIES, AugmentConfig, augment_dataset  # noqa: E402
-from dfd_lib.manifest import file_sha1  # noqa: E402
-from dfd_lib.sample_photos import write_photo_crops  # noqa: E402
+from dfd_lib.data.manifest import file_sha1  # noqa: E402
+from dfd_lib.data.photos import write_photo_crops  # noqa: E402
+from dfd_lib.synth.config import EnrichmentConfig  # noqa: E402
+from dfd_lib.synth.enrichment import enrich_dataset  # noqa: E402
+from dfd_lib.synth.factory import ALL_FAMILIES  # noqa: E402
 
 
 def make_sources(folder: Path, count: int, size: int) -> pd.DataFrame:
@@ -56,20 +58,20 @@ def main() -> None:
         tmp = Path(tmp)
         (tmp / "src").mkdir()
         table = make_sources(tmp / "src", 32, args.size)
-        common = dict(steps=args.steps, strength=args.strength, batch_size=args.batch_size, device="cpu")
+        common = dict(steps=args.steps, strength=args.strength, sd_batch_size=args.batch_size, device="cpu", source_splits=())
         # warm-up: imports and first-call costs of every code path
-        augment_dataset(table, AugmentConfig(families=tuple(args.families), images_per_family=2, **common),
+        enrich_dataset(table, EnrichmentConfig(families=tuple(args.families), images_per_family=2, **common),
                         tmp / "warmup", progress=False)
         results = []
         load_before = os.getloadavg()[0]
         for threads in args.threads:
             for family in args.families:
                 n = args.sd_images if family.startswith("sd_") else args.images
-                config = AugmentConfig(families=(family,), images_per_family=n, seed=1, torch_threads=threads, **common)
+                config = EnrichmentConfig(families=(family,), images_per_family=n, seed=1, torch_threads=threads, **common)
                 times = []
                 for repeat in range(args.repeats):
                     started = time.perf_counter()
-                    rows, failures = augment_dataset(table, config, tmp / f"out{threads}-{repeat}", progress=False)
+                    rows, failures = enrich_dataset(table, config, tmp / f"out{threads}-{repeat}", progress=False)
                     times.append(time.perf_counter() - started)
                     assert len(rows) == n and failures.empty, failures
                 results.append((threads, family, n, min(times), float(np.median(times))))

@@ -3,7 +3,7 @@
     python bench/bench_features.py [--images 256] [--sizes 10000 50000 100000]
 
 Part 1 embeds ``--images`` real photo crops (scikit-image's bundled photos) at the demo size
-with the pretrained tf_efficientnet_lite0 through :func:`dfd_lib.features.extract_embeddings`
+with the pretrained tf_efficientnet_lite0 through :func:`dfd_lib.embed.embeddings.extract_embeddings`
 (DataLoader decoding, streaming to the cache), then reruns it to time a cache hit.
 Part 2 writes synthetic embeddings of lite0's width (1280) to a cache file and times, per
 size, everything notebooks 01 and 02 do after extraction: open the memmap, PCA + UMAP,
@@ -22,11 +22,10 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from dfd_lib.features import extract_embeddings
-from dfd_lib.split import (
-    assign_groups_to_clusters, check_no_group_leakage, cluster_embeddings, leave_one_cluster_out, save_resplits,
-)
-from dfd_lib.viz import fit_umap
+from dfd_lib.embed.clusters import assign_groups_to_clusters, cluster_embeddings
+from dfd_lib.embed.embeddings import EmbeddingConfig, extract_embeddings
+from dfd_lib.embed.projection import fit_umap
+from dfd_lib.embed.resplits import check_no_group_leakage, leave_one_cluster_out, save_resplits
 
 
 def _photo_crops(folder: Path, count: int, size: int, seed: int = 0) -> pd.DataFrame:
@@ -49,14 +48,15 @@ def _photo_crops(folder: Path, count: int, size: int, seed: int = 0) -> pd.DataF
 def bench_embedding(images: int, image_size: int, batch_size: int, workers: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         table = _photo_crops(Path(tmp), images, image_size)
-        kwargs = dict(image_size=image_size, batch_size=batch_size, num_workers=workers, device="cpu",
-                      cache_dir=Path(tmp) / "cache", progress=False)
-        extract_embeddings(table.iloc[:batch_size], "tf_efficientnet_lite0", **kwargs)  # warm-up
+        config = EmbeddingConfig("tf_efficientnet_lite0", image_size=image_size, batch_size=batch_size,
+                                 num_workers=workers, device="cpu")
+        kwargs = dict(cache_dir=Path(tmp) / "cache", progress=False)
+        extract_embeddings(table.iloc[:batch_size], config, **kwargs)  # warm-up
         start = time.perf_counter()
-        result = extract_embeddings(table, "tf_efficientnet_lite0", **kwargs)
+        result = extract_embeddings(table, config, **kwargs)
         cold = time.perf_counter() - start
         start = time.perf_counter()
-        extract_embeddings(table, "tf_efficientnet_lite0", **kwargs)
+        extract_embeddings(table, config, **kwargs)
         hit = time.perf_counter() - start
     print(f"embedding: lite0 (pretrained) {images} images at {image_size}px, batch {batch_size}, "
           f"{workers} workers, {torch.get_num_threads()} torch threads: {cold:.1f} s = {images / cold:.1f} img/s; "

@@ -69,8 +69,8 @@ def available_gb() -> float:
 def make_weights(directory: Path, seed: int) -> None:
     import torch
 
-    from dfd_lib.checkpoint import save_released
-    from dfd_lib.models import ORIGINAL_BACKBONES, build_mixture
+    from dfd_lib.modeling.experts import ORIGINAL_BACKBONES, build_mixture
+    from dfd_lib.modeling.released import save_released
 
     torch.manual_seed(seed)
     model = build_mixture(ORIGINAL_BACKBONES)
@@ -137,7 +137,7 @@ def run_reference(weights: Path, images: list[str], warmup: int) -> dict:
     from torch import nn
     from torchvision import transforms
 
-    from dfd_lib.models import ORIGINAL_BACKBONES
+    from dfd_lib.modeling.experts import ORIGINAL_BACKBONES
 
     class Expert(nn.Module):
         def __init__(self, name):
@@ -182,7 +182,7 @@ def run_reference(weights: Path, images: list[str], warmup: int) -> dict:
 def run_predictor(weights: Path, images: list[str], warmup: int, options: dict) -> dict:
     import torch
 
-    from dfd_lib.inference import Predictor
+    from dfd_lib.scoring.predictor import Predictor
 
     started = time.perf_counter()
     predictor = Predictor.load(weights, preprocess="compat", **options)

@@ -23,7 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dfd", description="dfd-kit: deepfake detection, reproducibly.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module, text) in COMMANDS.items():
+    for name, (_module, text) in COMMANDS.items():
         sub.add_parser(name, help=text, description=text, add_help=False)
     return parser
 

@@ -74,6 +74,27 @@ def check_choice(owner: str, name: str, value: Any, choices: Iterable[Any]) -> N
 # --------------------------------------------------------------------------- command lines
 
 
+def field_comments(cls: type) -> dict[str, str]:
+    """``name -> the comment after the field`` in the dataclass source: the same words the notebooks'
+    parameters cells use, shown again as ``--help`` text."""
+    import inspect
+    import io
+    import tokenize
+
+    comments: dict[str, str] = {}
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return comments
+    line_comments = {tok.start[0]: tok.string.lstrip("# ").strip()
+                     for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
+    for number, line in enumerate(source.splitlines(), start=1):
+        name = line.strip().split(":", 1)[0]
+        if name.isidentifier() and number in line_comments:
+            comments.setdefault(name, line_comments[number])
+    return comments
+
+
 def _option_type(annotation: Any) -> tuple[Any, bool]:
     """``(element type, is a list)`` of a field annotation such as ``int``, ``tuple[str, ...]``, ``list``."""
     origin = typing.get_origin(annotation)
@@ -86,20 +107,19 @@ def _option_type(annotation: Any) -> tuple[Any, bool]:
     return annotation, False
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type, exclude: Iterable[str] = (),
-                  help: Mapping[str, str] | None = None) -> None:
+def add_arguments(parser: argparse.ArgumentParser, cls: type, exclude: Iterable[str] = ()) -> None:
     """One ``--field-name`` option per field of the dataclass ``cls`` (booleans as ``--x/--no-x``,
     sequences as several values), defaulting to the field's default; read the parsed values back with
     ``cls.from_params(vars(args))``."""
     hints = typing.get_type_hints(cls)
-    help = dict(help or {})
+    comments = field_comments(cls)
     for f in dataclasses.fields(cls):
         if f.name in set(exclude) or not f.init:
             continue
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         kind, many = _option_type(hints[f.name])
         option = "--" + f.name.replace("_", "-")
-        text = help.get(f.name, f.metadata.get("help", "")) + f" (default: {default!r})"
+        text = f"{comments.get(f.name, '')} (default: {default!r})".strip()
         if kind is bool:
             parser.add_argument(option, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=text)
         elif many:

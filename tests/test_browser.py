@@ -19,10 +19,10 @@ import pytest
 import requests
 from PIL import Image
 from skimage import data as skdata
+from test_serve import b64, free_port, make_tiny_weights
 
 from dfd_lib.data.manifest import Manifest
 from dfd_lib.paths import PROJECT_ROOT
-from test_serve import b64, free_port, make_tiny_weights
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

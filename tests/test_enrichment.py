@@ -12,7 +12,8 @@ from PIL import Image
 from skimage import data
 
 from dfd_lib.data.manifest import COLUMNS, Manifest, file_sha1
-from dfd_lib.embed import clusters, resplits as resplit_lib
+from dfd_lib.embed import clusters
+from dfd_lib.embed import resplits as resplit_lib
 from dfd_lib.embed.resplits import attach_to_resplits
 from dfd_lib.synth.config import EnrichmentConfig
 from dfd_lib.synth.enrichment import enrich_dataset, save_augmented_manifest
@@ -173,7 +174,7 @@ def test_augmented_images_land_on_their_source_side_of_every_resplit(resplit_wor
     caplog.clear()
     attached = attach_to_resplits(resplits, rows)
     assert attached.attrs["dropped"] == int(from_test.sum())  # ... and they are dropped, with a line saying so
-    assert "dropped %d augmented" % from_test.sum() in caplog.text
+    assert f"dropped {from_test.sum()} augmented" in caplog.text
     assert len(attached) == len(rows) - from_test.sum()
 
     source_side = resplits.set_index("path")
@@ -323,7 +324,7 @@ def test_processes_split_the_work_under_torchrun(resplit_world, tmp_path):
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            "-m", "dfd_lib.synth.cli", "--out-dir", str(tmp_path / "two"), *args],
                           capture_output=True, text=True, timeout=120, env=env)
-    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.returncode == 0, done.stderr[-8000:]  # the processes' own messages come before torchrun's summary
     assert "augment[0]" in done.stderr and "augment[1]" in done.stderr
     assert done.stdout.count("9 images in") == 1  # gathered, reported once
     _, resplits = resplit_world

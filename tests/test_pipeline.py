@@ -7,7 +7,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from dfd_lib.pipeline.chain import PipelineError, merge_parameters, parse_overrides, run_pipeline, select_steps, discover_steps
+from dfd_lib.pipeline.chain import PipelineError, discover_steps, merge_parameters, parse_overrides, run_pipeline, select_steps
 
 
 def _notebook(path: Path, params: str, body: str) -> None:

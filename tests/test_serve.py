@@ -218,12 +218,14 @@ def malformed_requests(photos) -> dict[str, tuple[dict, int, str]]:
         "decompression bomb": (dict(json={"image": b64(png_claiming(30_000, 30_000))}), 413, "too large"),
         "over the pixel limit": (dict(json={"image": b64(small_bomb)}), 413, "exceeds the limit"),
         "50 MB body": (dict(content=b"x" * (50 * 1024 * 1024), headers={"content-type": "application/json"}), 413, "exceeds the limit"),
-        "chunked body over the limit": (dict(content=iter([b'{"image": "'] + [b"A" * 65536] * 80), headers={"content-type": "application/json"}), 413, "exceeds the limit"),
+        "chunked body over the limit": (dict(content=iter([b'{"image": "'] + [b"A" * 65536] * 80),
+                                             headers={"content-type": "application/json"}), 413, "exceeds the limit"),
         "text/plain": (dict(content=b64(jpeg).encode(), headers={"content-type": "text/plain"}), 415, "unsupported content type"),
         "form-urlencoded": (dict(data={"image": b64(jpeg)}), 415, "unsupported content type"),
         "multipart wrong field": (dict(files={"file": ("a.jpg", jpeg, "image/jpeg")}), 400, "missing form field 'image'"),
         "multipart empty file": (dict(files={"image": ("a.jpg", b"", "image/jpeg")}), 400, "empty"),
-        "multipart garbage": (dict(content=b"--xyz\r\nnot a part", headers={"content-type": "multipart/form-data; boundary=xyz"}), 400, "multipart"),
+        "multipart garbage": (dict(content=b"--xyz\r\nnot a part",
+                                   headers={"content-type": "multipart/form-data; boundary=xyz"}), 400, "multipart"),
     }
 
 

@@ -79,7 +79,8 @@ def test_one_epoch_writes_checkpoints_and_logs_each_loss(images, tmp_path):
 
 
 def test_disabled_losses_are_logged_as_zero(images, tmp_path):
-    result = train_expert(images.iloc[:16], images.iloc[16:], _config(epochs=1, loss=LossConfig(nce_weight=0, kl_weight=0)), tmp_path / "ce")
+    config = _config(epochs=1, loss=LossConfig(nce_weight=0, kl_weight=0))
+    result = train_expert(images.iloc[:16], images.iloc[16:], config, tmp_path / "ce")
     row = result.history.iloc[0]
     assert row["train_nce"] == 0 and row["train_kl"] == 0
     assert row["train_overall"] == pytest.approx(row["train_ce"])

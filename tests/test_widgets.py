@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 from skimage import data as skdata
+from test_serve import make_tiny_weights
 from traitlets import Bunch
 
 from dfd_lib.data.images import load_rgb
@@ -18,7 +19,6 @@ from dfd_lib.data.manifest import Manifest
 from dfd_lib.scoring import folders as folder_scoring
 from dfd_lib.scoring import widgets
 from dfd_lib.scoring.predictor import Predictor
-from test_serve import make_tiny_weights
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,8 @@ def test_an_upload_scores_each_file_and_shows_a_card(predictor):
     app = widgets.build_upload_app(predictor, threshold=0.5)
     astronaut, coffee = jpeg(skdata.astronaut()), jpeg(skdata.coffee())
     # exactly what the frontend does: the JSON state goes through the widget's deserialiser
-    app.upload.set_state({"value": [browser_record("astronaut.jpg", astronaut), browser_record("notes.txt", b"not an image", "text/plain")]})
+    app.upload.set_state({"value": [browser_record("astronaut.jpg", astronaut),
+                                    browser_record("notes.txt", b"not an image", "text/plain")]})
     assert [r.name for r in app.results] == ["astronaut.jpg", "notes.txt"]
     scored, failed = app.results
     expected = predictor.predict_one(load_rgb(astronaut))
@@ -54,7 +55,8 @@ def test_an_upload_scores_each_file_and_shows_a_card(predictor):
     assert [bar.value for bar in card.bars] == expected.expert_probs
     assert f"{expected.prob:.4f}" in card.verdict.value
     # a second upload (set as a Python value) goes on top
-    app.upload.value = (Bunch(name="coffee.jpg", type="image/jpeg", size=len(coffee), content=memoryview(coffee), last_modified=datetime.now(timezone.utc)),)
+    app.upload.value = (Bunch(name="coffee.jpg", type="image/jpeg", size=len(coffee), content=memoryview(coffee),
+                              last_modified=datetime.now(timezone.utc)),)
     assert [r.name for r in app.results] == ["coffee.jpg", "astronaut.jpg", "notes.txt"]
     assert app.results[0].prediction.prob == predictor.predict_one(load_rgb(coffee)).prob
 

@@ -85,7 +85,7 @@ class DemoConfig:
             raise ValueError("both train/val and test need at least one fake family")
 
     @classmethod
-    def smoke(cls, **overrides) -> "DemoConfig":
+    def smoke(cls, **overrides) -> DemoConfig:
         return cls(n_images=SMOKE_SIZE, **overrides)
 
     def identity(self) -> dict:

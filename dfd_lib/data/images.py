@@ -22,7 +22,7 @@ DEFAULT_MAX_PIXELS = 64_000_000  # ~8000x8000: past this a file is treated as a 
 # Never decode a truncated file silently as grey: a truncated image is an error we report.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
-ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray]
+ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray]  # noqa: UP007 - a runtime alias for 3.10
 
 
 class ImageLoadError(ValueError):

@@ -93,7 +93,7 @@ class Manifest:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Manifest":
+    def load(cls, path: str | os.PathLike) -> Manifest:
         path = Path(path).resolve()
         if not path.is_file():
             raise ManifestError(f"manifest file not found: {path}")

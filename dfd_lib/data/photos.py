@@ -8,10 +8,10 @@ Loaders that would fetch through ``pooch`` are never called.
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from PIL import Image
@@ -114,7 +114,7 @@ SOURCES: dict[str, PhotoSource] = {
 }
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_source(name: str) -> tuple[np.ndarray, ...]:
     """The frames of source ``name`` (cached for the process)."""
     if name not in SOURCES:

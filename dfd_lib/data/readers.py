@@ -16,8 +16,17 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from dfd_lib.data.images import ImageLoadError, is_image_path, load_rgb
-from dfd_lib.data.manifest import (FAKE, REAL, SKIPPED_COLUMNS, Manifest, ManifestError, empty_skipped, empty_table,
-                                   file_sha1, skipped_path)
+from dfd_lib.data.manifest import (
+    FAKE,
+    REAL,
+    SKIPPED_COLUMNS,
+    Manifest,
+    ManifestError,
+    empty_skipped,
+    empty_table,
+    file_sha1,
+    skipped_path,
+)
 
 log = logging.getLogger(__name__)
 

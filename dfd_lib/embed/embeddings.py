@@ -77,7 +77,7 @@ class EmbeddingResult:
     def __len__(self) -> int:
         return int(self.embeddings.shape[0])
 
-    def select(self, splits: list[str]) -> "EmbeddingResult":
+    def select(self, splits: list[str]) -> EmbeddingResult:
         """The rows whose ``split`` is one of ``splits`` (embeddings gathered into memory)."""
         mask = self.table["split"].isin(splits).to_numpy()
         return EmbeddingResult(np.asarray(self.embeddings[mask]), self.table[mask], self.failed,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from dfd_lib.figures import save_figure  # noqa: I001 - first: it picks the headless matplotlib backend
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
@@ -19,6 +18,7 @@ import seaborn as sns
 
 from dfd_lib.data.manifest import CLASS_NAMES, TRAIN, VAL
 from dfd_lib.embed.resplits import resplit_columns
+from dfd_lib.figures import save_figure  # noqa: I001 - first: it picks the headless matplotlib backend
 
 CLASS_COLOURS = {"real": "#1f77b4", "fake": "#d62728"}
 CLASS_MARKERS = {"real": "o", "fake": "X"}

@@ -19,8 +19,12 @@ import pandas as pd
 
 from dfd_lib.atomic import atomic_write
 from dfd_lib.data.manifest import COLUMNS, TRAIN, VAL
-from dfd_lib.embed.clusters import (assign_groups_to_clusters, cluster_embeddings, merge_single_class_clusters,
-                                    single_class_clusters)
+from dfd_lib.embed.clusters import (
+    assign_groups_to_clusters,
+    cluster_embeddings,
+    merge_single_class_clusters,
+    single_class_clusters,
+)
 
 RESPLIT_PREFIX = "resplit_"
 log = logging.getLogger(__name__)

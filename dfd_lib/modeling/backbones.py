@@ -9,8 +9,8 @@ backbone through timm's data config (:func:`backbone_data_config`, :func:`backbo
 """
 from __future__ import annotations
 
-import os
 import logging
+import os
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path

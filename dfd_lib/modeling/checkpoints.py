@@ -192,7 +192,8 @@ def load_expert(weights_path: str | os.PathLike) -> tuple[Expert, dict]:
     return expert.eval(), meta
 
 
-def mixture_from_experts(weights_paths: Sequence[str | os.PathLike], provenance: dict | None = None) -> tuple[MixtureOfExperts, MixtureConfig]:
+def mixture_from_experts(weights_paths: Sequence[str | os.PathLike],
+                         provenance: dict | None = None) -> tuple[MixtureOfExperts, MixtureConfig]:
     """The experts' weights files as one mixture and its config (our checkpoint format)."""
     experts, metas = zip(*(load_expert(path) for path in weights_paths))
     first = metas[0]

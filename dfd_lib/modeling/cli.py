@@ -56,6 +56,9 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as exc:
         log.error("dfd train: %s", exc)
         return 1
+    from accelerate import PartialState
+
+    PartialState().destroy_process_group()  # under accelerate launch: every process leaves the group before exiting
     return 0
 
 

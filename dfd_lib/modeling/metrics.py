@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
-from dfd_lib.data.manifest import FAKE, REAL
+from dfd_lib.data.manifest import REAL
 from dfd_lib.figures import save_figure
 
 

@@ -21,8 +21,15 @@ from pathlib import Path
 import torch
 
 from dfd_lib.atomic import atomic_write
-from dfd_lib.modeling.checkpoints import (CONFIG_FILE, WEIGHTS_FILE, CheckpointError, MixtureConfig, assign_state,
-                                          build_on_meta, save_mixture)
+from dfd_lib.modeling.checkpoints import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    CheckpointError,
+    MixtureConfig,
+    assign_state,
+    build_on_meta,
+    save_mixture,
+)
 from dfd_lib.modeling.experts import ORIGINAL_BACKBONES, MixtureOfExperts
 
 RELEASED_WEIGHTS_FILE = "weight.pth"

@@ -108,7 +108,7 @@ def _step_section(key: str, run_dir: Path, metrics: dict, timings: dict) -> str:
                 links.append(f'<a href="{runs.NOTEBOOKS_DIR}/{nb.with_suffix(".html").name}">as HTML</a>')
             parts.append(" — executed " + ", ".join(links))
         parts.append("</p>")
-    for name, values in step_metrics.items():
+    for values in step_metrics.values():
         rows = _scalar_rows(values)
         if rows:
             parts.append("<table><tr><th>key figure</th><th>value</th></tr>"

@@ -17,20 +17,19 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import json
 import logging
 import os
 import secrets
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -38,6 +37,15 @@ from dfd_lib.data.images import ImageLoadError
 from dfd_lib.scoring import explain
 from dfd_lib.scoring.predictor import Predictor
 from dfd_lib.serving.request_parsing import ApiError, ImageLimits, read_image_bytes, read_image_list, vet_image
+from dfd_lib.serving.schema import (
+    ERRORS,
+    BatchResponse,
+    CompactJSONResponse,
+    ExplainResponse,
+    PredictResponse,
+    error_response,
+    image_body,
+)
 from dfd_lib.serving.worker import ModelWorker
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -47,66 +55,20 @@ DEFAULT_MIN_SIDE = 16  # smaller images carry no evidence a 512 px model can use
 DEFAULT_MAX_BATCH_IMAGES = 32
 
 log = logging.getLogger(__name__)
+router = APIRouter()
+_bearer = HTTPBearer(auto_error=False, description="needed only when the server was started with --token")
 
 
-# --------------------------------------------------------------------------- responses
+@dataclass
+class Served:
+    """What the routes share, kept in ``app.state.served``."""
 
-
-class CompactJSONResponse(JSONResponse):
-    """JSON as Flask's ``jsonify`` writes it outside debug mode: sorted keys, no spaces,
-    ASCII only, a trailing newline, ``Content-Type: application/json``."""
-
-    def render(self, content: Any) -> bytes:
-        return (json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=True) + "\n").encode("ascii")
-
-
-def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> CompactJSONResponse:
-    return CompactJSONResponse({"error": message}, status_code=status, headers=headers)
-
-
-class PredictResponse(BaseModel):
-    result: float = Field(description="the mixture's fake probability in [0, 1]")
-    experts: list[float] | None = Field(None, description="each expert's fake probability (with ?details=true)")
-
-
-class BatchItem(BaseModel):
-    index: int
-    result: float | None = None
-    experts: list[float] | None = None
-    error: str | None = Field(None, description="why this image could not be scored")
-    status: int | None = Field(None, description="the HTTP status this error would have on its own")
-
-
-class BatchResponse(BaseModel):
-    results: list[BatchItem]
-    count: int
-    errors: int
-
-
-class ExplainResponse(BaseModel):
-    result: float
-    experts: list[float]
-    backbones: list[str]
-    heatmap: str = Field(description="PNG data URL: the Grad-CAM heatmap over the image")
-
-
-class ErrorResponse(BaseModel):
-    error: str
-
-
-_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422)}
-
-
-def _image_body(field: str, many: bool) -> dict:
-    """OpenAPI request body: the JSON and multipart forms the endpoint reads by hand."""
-    string = {"type": "string", "description": "base64 (or a data:image/...;base64, URL)"}
-    binary = {"type": "string", "format": "binary"}
-    json_schema = {"type": "array", "items": string} if many else string
-    form_schema = {"type": "array", "items": binary} if many else binary
-    return {"requestBody": {"required": True, "content": {
-        "application/json": {"schema": {"type": "object", "required": [field], "properties": {field: json_schema}}},
-        "multipart/form-data": {"schema": {"type": "object", "required": [field], "properties": {field: form_schema}}},
-    }}}
+    predictor: Predictor
+    worker: ModelWorker
+    limits: ImageLimits
+    token: str | None
+    max_body_bytes: int
+    max_batch_images: int
 
 
 # --------------------------------------------------------------------------- limits
@@ -173,13 +135,13 @@ def create_app(
         raise ValueError(f"max_batch_images must be >= 1, got {max_batch_images}")
     if token is not None and not token.strip():
         raise ValueError("the bearer token must not be empty (leave it unset to serve without one)")
-    limits = ImageLimits(max_pixels, min_side, strict_modes)
-    worker = ModelWorker(predictor, model_batch)
+    served = Served(predictor, ModelWorker(predictor, model_batch), ImageLimits(max_pixels, min_side, strict_modes),
+                    token, max_body_bytes, max_batch_images)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
         yield
-        worker.close()
+        served.worker.close()
 
     app = FastAPI(
         title="dfd-kit deepfake detection API",
@@ -189,20 +151,16 @@ def create_app(
         default_response_class=CompactJSONResponse,
         lifespan=lifespan,
     )
-    app.state.predictor, app.state.worker, app.state.limits = predictor, worker, limits
+    app.state.served = served
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=max_body_bytes)
-    bearer = HTTPBearer(auto_error=False, description="needed only when the server was started with --token")
+    _add_error_handlers(app)
+    app.include_router(router)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    return app
 
-    def require_token(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
-        if token is None:
-            return
-        challenge = {"WWW-Authenticate": "Bearer"}
-        if credentials is None:
-            raise ApiError(401, "missing bearer token: send the header 'Authorization: Bearer <token>'", challenge)
-        if not secrets.compare_digest(credentials.credentials.encode(), token.encode()):
-            raise ApiError(401, "invalid bearer token", challenge)
 
-    # ---------------------------------------------------------------- errors: always {"error": ...}
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error answers ``{"error": "<message>"}`` with its status."""
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
@@ -226,94 +184,118 @@ def create_app(
         log.exception("request failed")
         return error_response(500, f"internal server error ({type(exc).__name__})")
 
-    # ---------------------------------------------------------------- helpers
 
-    def prepare(data: bytes):
-        """Vet, decode and preprocess one image (thread pool): ``(rgb, tensor)``."""
-        rgb = vet_image(data, limits)
-        source = data if predictor.preprocess == "compat" else rgb  # compat decodes bytes with OpenCV
-        try:
-            return rgb, predictor.load_tensor(source)
-        except ImageLoadError as exc:
-            raise ApiError(422, exc.reason) from None
+# --------------------------------------------------------------------------- helpers
 
-    async def _prepare_item(item):
-        if isinstance(item, ApiError):
-            return item
-        try:
-            return await run_in_threadpool(prepare, item)
-        except ApiError as exc:
-            return exc
 
-    max_part = max_body_bytes
+def _served(request: Request) -> Served:
+    return request.app.state.served
 
-    # ---------------------------------------------------------------- routes
 
-    @app.get("/", include_in_schema=False)
-    async def page():
-        return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+def require_token(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> None:
+    token = _served(request).token
+    if token is None:
+        return
+    challenge = {"WWW-Authenticate": "Bearer"}
+    if credentials is None:
+        raise ApiError(401, "missing bearer token: send the header 'Authorization: Bearer <token>'", challenge)
+    if not secrets.compare_digest(credentials.credentials.encode(), token.encode()):
+        raise ApiError(401, "invalid bearer token", challenge)
 
-    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
-    @app.get("/health", summary="Liveness and what the server runs")
-    async def health() -> dict:
-        return {
-            "status": "ok",
-            "model": {"backbones": predictor.config.backbones, "experts": predictor.num_experts,
-                      "image_size": predictor.config.image_size, "preprocess": predictor.preprocess,
-                      "device": str(predictor.device)},
-            "limits": {"max_body_bytes": max_body_bytes, "max_pixels": limits.max_pixels,
-                       "min_side": limits.min_side, "max_batch_images": max_batch_images,
-                       "strict_modes": limits.strict_modes},
-            "token_required": token is not None,
-            "served": {"images": worker.stats.images, "batches": worker.stats.batches,
-                       "mean_batch": round(worker.stats.mean_batch, 3), "explanations": worker.stats.calls},
-        }
+def _prepare(served: Served, data: bytes):
+    """Vet, decode and preprocess one image (thread pool): ``(rgb, tensor)``."""
+    rgb = vet_image(data, served.limits)
+    source = data if served.predictor.preprocess == "compat" else rgb  # compat decodes bytes with OpenCV
+    try:
+        return rgb, served.predictor.load_tensor(source)
+    except ImageLoadError as exc:
+        raise ApiError(422, exc.reason) from None
 
-    @app.post("/predict", summary="Fake probability of one image (the original contract)",
-              response_model=None, responses={200: {"model": PredictResponse}, **_ERRORS},
-              openapi_extra=_image_body("image", many=False), dependencies=[Depends(require_token)])
-    async def predict(request: Request, details: bool = Query(False, description="add each expert's probability")):
-        _rgb, tensor = await run_in_threadpool(prepare, await read_image_bytes(request, max_part))
-        [(prob, experts)] = await worker.score([tensor])
-        return CompactJSONResponse({"result": prob, "experts": experts} if details else {"result": prob})
 
-    @app.post("/predict/batch", summary="Fake probabilities of several images",
-              response_model=None, responses={200: {"model": BatchResponse}, **_ERRORS},
-              openapi_extra=_image_body("images", many=True), dependencies=[Depends(require_token)])
-    async def predict_batch(request: Request):
-        items = await read_image_list(request, max_part, max_batch_images)
-        results: list[dict] = [{"index": i} for i in range(len(items))]
-        prepared = await asyncio.gather(*[_prepare_item(item) for item in items])  # decoded in parallel
-        ready: list[tuple[int, Any]] = []
-        for i, outcome in enumerate(prepared):
-            if isinstance(outcome, ApiError):
-                results[i].update(error=outcome.detail, status=outcome.status_code)
-            else:
-                ready.append((i, outcome[1]))
-        scores = await worker.score([tensor for _, tensor in ready]) if ready else []
-        for (i, _), (prob, experts) in zip(ready, scores):
-            results[i].update(result=prob, experts=experts)
-        errors = sum("error" in r for r in results)
-        return CompactJSONResponse({"results": results, "count": len(results), "errors": errors})
-
-    @app.post("/explain", summary="Scores and a Grad-CAM heatmap of one image",
-              response_model=None, responses={200: {"model": ExplainResponse}, **_ERRORS},
-              openapi_extra=_image_body("image", many=False), dependencies=[Depends(require_token)])
-    async def explain_image(request: Request, expert: int | None = Query(None, ge=0, description="one expert's map (default: the mixture's)")):
-        if expert is not None and expert >= predictor.num_experts:
-            raise ApiError(400, f"expert {expert} does not exist: the mixture has experts 0..{predictor.num_experts - 1}")
-        rgb, tensor = await run_in_threadpool(prepare, await read_image_bytes(request, max_part))
-        experts = None if expert is None else [expert]
-        result = await worker.call(lambda: explain.explain_tensor(predictor, tensor, experts))
-        png = await run_in_threadpool(_png_data_url, explain.overlay_heatmap(rgb, result.cam))
-        return CompactJSONResponse({"result": result.prob, "experts": result.expert_probs,
-                                    "backbones": predictor.config.backbones, "heatmap": png})
-
-    return app
+async def _prepare_item(served: Served, item):
+    if isinstance(item, ApiError):
+        return item
+    try:
+        return await run_in_threadpool(_prepare, served, item)
+    except ApiError as exc:
+        return exc
 
 
 def _png_data_url(image) -> str:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", optimize=False)
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+# --------------------------------------------------------------------------- routes
+
+
+@router.get("/", include_in_schema=False)
+async def page():
+    return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+
+
+@router.get("/health", summary="Liveness and what the server runs")
+async def health(request: Request) -> dict:
+    served = _served(request)
+    predictor, worker, limits = served.predictor, served.worker, served.limits
+    return {
+        "status": "ok",
+        "model": {"backbones": predictor.config.backbones, "experts": predictor.num_experts,
+                  "image_size": predictor.config.image_size, "preprocess": predictor.preprocess,
+                  "device": str(predictor.device)},
+        "limits": {"max_body_bytes": served.max_body_bytes, "max_pixels": limits.max_pixels,
+                   "min_side": limits.min_side, "max_batch_images": served.max_batch_images,
+                   "strict_modes": limits.strict_modes},
+        "token_required": served.token is not None,
+        "served": {"images": worker.stats.images, "batches": worker.stats.batches,
+                   "mean_batch": round(worker.stats.mean_batch, 3), "explanations": worker.stats.calls},
+    }
+
+
+@router.post("/predict", summary="Fake probability of one image (the original contract)",
+             response_model=None, responses={200: {"model": PredictResponse}, **ERRORS},
+             openapi_extra=image_body("image", many=False), dependencies=[Depends(require_token)])
+async def predict(request: Request, details: bool = Query(False, description="add each expert's probability")):
+    served = _served(request)
+    _rgb, tensor = await run_in_threadpool(_prepare, served, await read_image_bytes(request, served.max_body_bytes))
+    [(prob, experts)] = await served.worker.score([tensor])
+    return CompactJSONResponse({"result": prob, "experts": experts} if details else {"result": prob})
+
+
+@router.post("/predict/batch", summary="Fake probabilities of several images",
+             response_model=None, responses={200: {"model": BatchResponse}, **ERRORS},
+             openapi_extra=image_body("images", many=True), dependencies=[Depends(require_token)])
+async def predict_batch(request: Request):
+    served = _served(request)
+    items = await read_image_list(request, served.max_body_bytes, served.max_batch_images)
+    results: list[dict] = [{"index": i} for i in range(len(items))]
+    prepared = await asyncio.gather(*[_prepare_item(served, item) for item in items])  # decoded in parallel
+    ready: list[tuple[int, Any]] = []
+    for i, outcome in enumerate(prepared):
+        if isinstance(outcome, ApiError):
+            results[i].update(error=outcome.detail, status=outcome.status_code)
+        else:
+            ready.append((i, outcome[1]))
+    scores = await served.worker.score([tensor for _, tensor in ready]) if ready else []
+    for (i, _), (prob, experts) in zip(ready, scores):
+        results[i].update(result=prob, experts=experts)
+    errors = sum("error" in r for r in results)
+    return CompactJSONResponse({"results": results, "count": len(results), "errors": errors})
+
+
+@router.post("/explain", summary="Scores and a Grad-CAM heatmap of one image",
+             response_model=None, responses={200: {"model": ExplainResponse}, **ERRORS},
+             openapi_extra=image_body("image", many=False), dependencies=[Depends(require_token)])
+async def explain_image(request: Request, expert: int | None = Query(None, ge=0, description="one expert's map (default: the mixture's)")):
+    served = _served(request)
+    predictor = served.predictor
+    if expert is not None and expert >= predictor.num_experts:
+        raise ApiError(400, f"expert {expert} does not exist: the mixture has experts 0..{predictor.num_experts - 1}")
+    rgb, tensor = await run_in_threadpool(_prepare, served, await read_image_bytes(request, served.max_body_bytes))
+    experts = None if expert is None else [expert]
+    result = await served.worker.call(lambda: explain.explain_tensor(predictor, tensor, experts))
+    png = await run_in_threadpool(_png_data_url, explain.overlay_heatmap(rgb, result.cam))
+    return CompactJSONResponse({"result": result.prob, "experts": result.expert_probs,
+                                "backbones": predictor.config.backbones, "heatmap": png})

@@ -14,8 +14,7 @@ from fastapi import FastAPI
 
 from dfd_lib.modeling.checkpoints import PREPROCESS_MODES, CheckpointError
 from dfd_lib.scoring.predictor import DEFAULT_WEIGHTS_DIR, Predictor
-from dfd_lib.serving.app import (DEFAULT_MAX_BATCH_IMAGES, DEFAULT_MAX_BODY_MB, DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE,
-                                 create_app)
+from dfd_lib.serving.app import DEFAULT_MAX_BATCH_IMAGES, DEFAULT_MAX_BODY_MB, DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, create_app
 from dfd_lib.serving.request_parsing import ImageLimits
 
 TOKEN_ENV = "DFD_SERVE_TOKEN"
@@ -134,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
             log.error("dfd serve: %s", exc)
             return 2
         log.info("dfd serve: %d experts loaded from %s; page and API on http://%s:%d/ (schema: /docs)",
-                 app.state.predictor.num_experts, settings.weights, args.host, args.port)
+                 app.state.served.predictor.num_experts, settings.weights, args.host, args.port)
         uvicorn.run(app, **common)
     else:  # each process loads the model itself; the settings travel in the environment
         os.environ[SETTINGS_ENV] = json.dumps(asdict(settings))

@@ -40,9 +40,12 @@ def run(args: argparse.Namespace) -> int:
     rows, failures = enrich_dataset(resplits, config, out)
     from accelerate import PartialState
 
-    if PartialState().is_main_process:
+    state = PartialState()
+    if state.is_main_process:
         print(family_counts(rows, failures).to_string())
         print(f"{len(rows)} images in {out}; {len(failures)} failed")
+    state.wait_for_everyone()
+    state.destroy_process_group()  # under accelerate launch: every process leaves the group before exiting
     return 0
 
 

@@ -80,8 +80,13 @@ def build_tiny_pipeline(task: Task = "img2img", seed: int = 0):
     """A Stable Diffusion img2img or inpainting pipeline at toy size with random weights,
     built offline and deterministically from ``seed`` (128 px native, about 0.15 s per
     image for 4 steps on a 2-core CPU). The global torch RNG is left untouched."""
-    from diffusers import (AutoencoderKL, PNDMScheduler, StableDiffusionImg2ImgPipeline,
-                           StableDiffusionInpaintPipeline, UNet2DConditionModel)
+    from diffusers import (
+        AutoencoderKL,
+        PNDMScheduler,
+        StableDiffusionImg2ImgPipeline,
+        StableDiffusionInpaintPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     _check_task(task)
@@ -162,8 +167,12 @@ def load_pipeline(task: Task = "img2img", path: str | os.PathLike | None = None,
 
 
 def _load_local_pipeline(task: str, path: Path, dtype: torch.dtype, single_file_config) -> object:
-    from diffusers import (AutoPipelineForImage2Image, AutoPipelineForInpainting,
-                           StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline)
+    from diffusers import (
+        AutoPipelineForImage2Image,
+        AutoPipelineForInpainting,
+        StableDiffusionImg2ImgPipeline,
+        StableDiffusionInpaintPipeline,
+    )
 
     if not path.exists():
         raise FileNotFoundError(f"Stable Diffusion checkpoint not found: {path} "

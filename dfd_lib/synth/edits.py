@@ -9,7 +9,7 @@ parametric functions, so the robustness evaluation reuses them at fixed strength
 from __future__ import annotations
 
 import io
-from typing import Callable
+from collections.abc import Callable
 
 import cv2
 import numpy as np

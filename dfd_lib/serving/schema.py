@@ -1,0 +1,66 @@
+"""What the API answers, as FastAPI and its OpenAPI schema see it: the compact JSON the original
+release's Flask server wrote, the response models, and the request bodies the endpoints read by hand."""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+
+
+class CompactJSONResponse(JSONResponse):
+    """JSON as Flask's ``jsonify`` writes it outside debug mode: sorted keys, no spaces,
+    ASCII only, a trailing newline, ``Content-Type: application/json``."""
+
+    def render(self, content: Any) -> bytes:
+        return (json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=True) + "\n").encode("ascii")
+
+
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> CompactJSONResponse:
+    return CompactJSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+class PredictResponse(BaseModel):
+    result: float = Field(description="the mixture's fake probability in [0, 1]")
+    experts: list[float] | None = Field(None, description="each expert's fake probability (with ?details=true)")
+
+
+class BatchItem(BaseModel):
+    index: int
+    result: float | None = None
+    experts: list[float] | None = None
+    error: str | None = Field(None, description="why this image could not be scored")
+    status: int | None = Field(None, description="the HTTP status this error would have on its own")
+
+
+class BatchResponse(BaseModel):
+    results: list[BatchItem]
+    count: int
+    errors: int
+
+
+class ExplainResponse(BaseModel):
+    result: float
+    experts: list[float]
+    backbones: list[str]
+    heatmap: str = Field(description="PNG data URL: the Grad-CAM heatmap over the image")
+
+
+class ErrorResponse(BaseModel):
+    error: str
+
+
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422)}
+
+
+def image_body(field: str, many: bool) -> dict:
+    """OpenAPI request body: the JSON and multipart forms the endpoint reads by hand."""
+    string = {"type": "string", "description": "base64 (or a data:image/...;base64, URL)"}
+    binary = {"type": "string", "format": "binary"}
+    json_schema = {"type": "array", "items": string} if many else string
+    form_schema = {"type": "array", "items": binary} if many else binary
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": {"type": "object", "required": [field], "properties": {field: json_schema}}},
+        "multipart/form-data": {"schema": {"type": "object", "required": [field], "properties": {field: form_schema}}},
+    }}}
