@@ -16,6 +16,7 @@ import pandas as pd
 
 from dfd_lib.config import StepConfig
 from dfd_lib.data.manifest import SPLITS, TEST, TRAIN, VAL, Manifest
+from dfd_lib.data.readers import read_dataset
 from dfd_lib.paths import resolve
 from dfd_lib.pipeline import runs
 
@@ -53,8 +54,6 @@ def _read(dataset: str, labels_csv: str, split: str | None, spec: DatasetSpec) -
 
         size = SMOKE_SIZE if dataset == "demo-smoke" else spec.demo_size
         return ensure_demo_dataset(DemoConfig(n_images=size, seed=spec.seed), demo_dir_for(size))
-    from dfd_lib.data.readers import read_dataset
-
     kwargs = {"split": split} if labels_csv else {}
     manifest = read_dataset(resolve(dataset), labels_csv=resolve(labels_csv) if labels_csv else None, **kwargs)
     if split and not labels_csv:

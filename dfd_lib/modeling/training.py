@@ -40,7 +40,7 @@ from dfd_lib.modeling.freezing import freeze_backbone_stages, train_mode
 from dfd_lib.modeling.losses import LOSS_NAMES, MultiLoss
 from dfd_lib.modeling.metrics import binary_metrics
 from dfd_lib.modeling.train_config import TrainConfig
-from dfd_lib.modeling.training_state import Progress, find_state, load_training_state, save_training_state
+from dfd_lib.modeling.training_state import Progress, find_state, load_training_state, read_progress, save_training_state
 
 BEST_WEIGHTS = "best_ema.safetensors"
 HISTORY_FILE = "history.csv"
@@ -199,10 +199,9 @@ def _resume(loop: _Loop, out_dir: Path) -> Progress:
     state = find_state(out_dir)
     if state is None:
         return Progress()
-    saved = json.loads((state / "progress.json").read_text())["config"]
-    if not loop.config.same_run_as(saved):
+    if not loop.config.same_run_as(read_progress(state).config):
         raise ValueError(f"{state} was written by a run with a different config; use another out_dir or resume=False")
-    progress = load_training_state(loop.accelerator, state)
+    progress = load_training_state(loop.accelerator, state, loop.optimizer)
     if loop.accelerator.is_main_process:
         log.info("resuming %s after epoch %d of %d", out_dir.name, progress.epoch + 1, loop.config.epochs)
     return progress

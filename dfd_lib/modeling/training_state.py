@@ -80,11 +80,11 @@ def save_training_state(accelerator, out_dir: str | os.PathLike, progress: Progr
     return final
 
 
-def load_training_state(accelerator, state_dir: str | os.PathLike) -> Progress:
-    """Restore everything :func:`save_training_state` wrote into the prepared objects; the progress."""
+def load_training_state(accelerator, state_dir: str | os.PathLike, optimizer) -> Progress:
+    """Restore everything :func:`save_training_state` wrote into the prepared objects (``optimizer``:
+    the prepared optimiser, whose loaded moments get their parameters' memory layout); the progress."""
     accelerator.load_state(str(state_dir))
-    for optimizer in accelerator._optimizers:
-        _match_strides(getattr(optimizer, "optimizer", optimizer))
+    _match_strides(getattr(optimizer, "optimizer", optimizer))
     return read_progress(state_dir)
 
 
