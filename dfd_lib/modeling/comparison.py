@@ -175,6 +175,12 @@ def per_cluster_table(data: TrainingData, experts: MixtureTrainResult, headline:
     return pd.DataFrame(rows).set_index("resplit")
 
 
+def weights_sources(official: TrainResult, experts: MixtureTrainResult) -> dict[str, str]:
+    """Where each trained model's backbone started from (``file:``, ``package:``, ``hub:<repo>@<revision>``)."""
+    names = [OFFICIAL, *expert_names(experts)]
+    return {name: result.weights_source for name, result in zip(names, [official, *experts.experts])}
+
+
 def summary_metrics(
     headline: Headline,
     official: TrainResult,

@@ -49,6 +49,7 @@ class Expert(nn.Module):
         # random weights unless pretrained or a local file asks for more (create_backbone says where they come from)
         self.baseline_extractor = create_backbone(self.backbone_name, pretrained=pretrained or weights_path is not None,
                                                   num_classes=NUM_CLASSES, weights_path=weights_path, drop_rate=drop_rate)
+        self.weights_source = self.baseline_extractor.weights_source  # where the starting weights came from
 
     @property
     def num_features(self) -> int:

@@ -61,6 +61,7 @@ class TrainResult:
     config: TrainConfig
     skipped: pd.DataFrame  # unreadable images (path, reason), never fatal
     seconds: float = math.nan  # wall time of the call: training, validation and checkpoints
+    weights_source: str = ""  # where the backbone's starting weights came from (modeling.backbones)
 
 
 @dataclass
@@ -82,6 +83,7 @@ class _Loop:
     std: tuple
     name: str  # the run folder's name, for messages
     selection: str  # "val_auc" or "val_loss"
+    weights_source: str  # where the backbone's starting weights came from
     on_step: Callable[[int, int, int], None] | None = None
     skipped: dict[str, str] = field(default_factory=dict)
 
@@ -167,7 +169,7 @@ def _build_loop(train_table: pd.DataFrame, val_table: pd.DataFrame, config: Trai
     if selection == "val_loss":
         log.warning("the validation set holds one class only: AUC is undefined, the best epoch is chosen by validation loss")
     return _Loop(config, accelerator, model, optimizer, scheduler, ema, MultiLoss(config.loss), train_loader, val_loader,
-                 steps, frozen, mean, std, name, selection, on_step)
+                 steps, frozen, mean, std, name, selection, accelerator.unwrap_model(model).weights_source, on_step)
 
 
 def _accelerator(config: TrainConfig):
@@ -305,7 +307,8 @@ def _predict(loop: _Loop) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def _best_meta(loop: _Loop, row: dict) -> dict:
     return {"image_size": loop.config.image_size, "mean": list(loop.mean), "std": list(loop.std),
-            "epoch": row["epoch"], "val_auc": row["val_auc"], "val_loss": row["val_loss"]}
+            "epoch": row["epoch"], "val_auc": row["val_auc"], "val_loss": row["val_loss"],
+            "initial_weights": loop.weights_source}
 
 
 def _epoch_summary(loop: _Loop, row: dict, improved: bool) -> str:
@@ -323,4 +326,5 @@ def _result(loop: _Loop, out_dir: Path, progress: Progress, seconds: float) -> T
         out_dir=out_dir, best_weights=out_dir / BEST_WEIGHTS, best_epoch=best, best_val_auc=best_auc,
         selection=loop.selection, history=history, config=loop.config,
         skipped=pd.DataFrame(sorted(loop.skipped.items()), columns=["path", "reason"]), seconds=seconds,
+        weights_source=loop.weights_source,
     )

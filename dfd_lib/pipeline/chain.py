@@ -126,6 +126,19 @@ def declared_parameters(step: Step) -> dict:
     return papermill.inspect_notebook(str(step.path))
 
 
+def step_values(profile: str, overrides: dict | None = None, only: str | None = None, start: str | None = None,
+                notebooks_dir: Path = NOTEBOOKS_DIR, pipelines_dir: Path = PIPELINES_DIR) -> dict[str, dict]:
+    """Every parameter value each selected step of ``profile`` will run with: its notebook's default,
+    unless the profile or an override sets it (what ``dfd check`` and ``dfd fetch-weights`` look at)."""
+    import ast
+
+    steps = select_steps(discover_steps(notebooks_dir), only, start)
+    declared = {s.name: declared_parameters(s) for s in discover_steps(notebooks_dir)}
+    merged = merge_parameters(steps, load_profile(profile, pipelines_dir), overrides or {}, declared)
+    return {step.name: {**{name: ast.literal_eval(info["default"]) for name, info in declared[step.name].items()},
+                        **merged[step.name]} for step in steps}
+
+
 def merge_parameters(steps: list[Step], profile: dict, overrides: dict, declared: dict[str, dict]) -> dict[str, dict]:
     """The parameters each selected step receives.
 
@@ -197,14 +210,27 @@ def _describe_failure(exc: Exception) -> str:
     return f"{ename}{where}: {evalue}" + ("\n  cell source:\n    " + source.replace("\n", "\n    ") if source else "")
 
 
+def _preflight(profile: str, overrides: dict, only: str | None, start: str | None, notebooks_dir: Path,
+               pipelines_dir: Path) -> None:
+    from dfd_lib.pipeline.preflight import check_profile
+
+    report = check_profile(profile, overrides, only, start, notebooks_dir=notebooks_dir, pipelines_dir=pipelines_dir)
+    for note in report.notes:
+        log.info("check: %s", note)
+    if report.problems:
+        raise PipelineError("the preflight found problems (dfd check lists them; --no-check skips it):\n  "
+                            + "\n  ".join(report.problems))
+
+
 def run_pipeline(profile: str, only: str | None = None, start: str | None = None, run: str | None = None,
                  overrides: dict | None = None, prepare_only: bool = False,
                  notebooks_dir: Path = NOTEBOOKS_DIR, pipelines_dir: Path = PIPELINES_DIR,
                  reports_dir: Path = REPORTS_DIR, kernel_name: str = "python3", log_output: bool = False,
-                 progress: bool = True, write_report: bool = True) -> PipelineResult:
+                 progress: bool = True, write_report: bool = True, check: bool = True) -> PipelineResult:
     """Run the selected steps of ``profile``; stops at the first failed step (earlier
     artefacts stay), so ``start=<failed step>`` resumes. Ends by writing the run's
-    ``index.html`` (also after a failure, showing what ran)."""
+    ``index.html`` (also after a failure, showing what ran). With ``check`` (not for a dry run) the
+    preflight of ``dfd check`` runs first and any problem stops the run before its first step."""
     import papermill
 
     profile_data = load_profile(profile, pipelines_dir)
@@ -215,6 +241,8 @@ def run_pipeline(profile: str, only: str | None = None, start: str | None = None
         if "run_dir" not in declared[step.name]:
             raise PipelineError(f"{step.path.name} must declare run_dir in its parameters cell")
     params = merge_parameters(steps, profile_data, overrides, declared)
+    if check and not prepare_only:
+        _preflight(profile, overrides, only, start, notebooks_dir, pipelines_dir)
 
     run_name = run or profile_data.get("run") or Path(profile_data["path"]).stem
     run_dir = (Path(reports_dir) / run_name).resolve()
@@ -223,7 +251,10 @@ def run_pipeline(profile: str, only: str | None = None, start: str | None = None
     record = json.loads(record_path.read_text()) if record_path.is_file() else {}
     record.update({"profile": profile_data["path"], "run": run_name, "overrides": overrides})
     record.setdefault("steps", {})
-    (run_dir / runs.ENVIRONMENT).write_text(json.dumps(environment_snapshot(), indent=2))
+    environment_path = run_dir / runs.ENVIRONMENT
+    earlier = json.loads(environment_path.read_text()) if environment_path.is_file() else {}
+    # the weights the steps recorded (RunDir.record_weights) outlive a resumed run's new snapshot
+    environment_path.write_text(json.dumps({**environment_snapshot(), "weights": earlier.get("weights", {})}, indent=2))
 
     result = PipelineResult(run_dir)
     for step in steps:

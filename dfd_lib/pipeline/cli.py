@@ -19,13 +19,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prepare-only", action="store_true", help="inject parameters, do not execute (a dry run)")
     parser.add_argument("--log-output", action="store_true", help="stream the notebooks' output to the terminal")
     parser.add_argument("--no-report", action="store_true", help="do not write reports/<run>/index.html")
+    parser.add_argument("--no-check", action="store_true", help="skip the preflight (dfd check) before the first step")
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         result = run_pipeline(args.profile, only=args.only, start=args.start, run=args.run,
                               overrides=parse_overrides(args.param), prepare_only=args.prepare_only,
-                              log_output=args.log_output, write_report=not args.no_report)
+                              log_output=args.log_output, write_report=not args.no_report, check=not args.no_check)
     except PipelineError as exc:
         log.error("dfd pipeline: %s", exc)
         return 2

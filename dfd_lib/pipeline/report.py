@@ -129,6 +129,15 @@ def _step_section(key: str, run_dir: Path, metrics: dict, timings: dict) -> str:
     return "\n".join(parts)
 
 
+def _weights_table(weights: dict) -> str:
+    """Where every model of the run started from: step, model, source (file, package, hub repo@revision)."""
+    rows = "".join(f"<tr><td>{html.escape(step)}</td><td>{html.escape(name)}</td><td>{html.escape(str(source))}</td></tr>"
+                   for step, models in sorted(weights.items()) for name, source in models.items())
+    if not rows:
+        return ""
+    return f"<h3>Starting weights</h3><table><tr><th>step</th><th>model</th><th>weights from</th></tr>{rows}</table>"
+
+
 def write_report(run_dir: str | os.PathLike, render_notebooks: bool = True) -> Path:
     """Write ``run_dir/index.html`` from the run folder's contents and return its path."""
     run_dir = Path(run_dir)
@@ -157,6 +166,7 @@ def write_report(run_dir: str | os.PathLike, render_notebooks: bool = True) -> P
         rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(v.get('status', ''))}</td>"
                        f"<td>{v.get('seconds', 0):.1f}</td></tr>" for k, v in sorted(timings.items()))
         head.append(f"<table><tr><th>step</th><th>status</th><th>seconds</th></tr>{rows}</table>")
+    head.append(_weights_table(environment.get("weights", {})))
     sections = [s for s in (_step_section(key, run_dir, metrics, timings) for key in sorted(
         {*STEP_TITLES, *(k[:2] for k in timings), *(k[:2] for k in metrics)})) if s]
     appendix = [

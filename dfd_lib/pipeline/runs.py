@@ -93,6 +93,15 @@ class RunDir:
         atomic_write(path, lambda tmp: tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True)))
         return metrics
 
+    def record_weights(self, step: str, sources: dict[str, str]) -> dict:
+        """Merge where each model's starting weights came from (``name -> file:/package:/hub:/random``,
+        see :mod:`dfd_lib.modeling.backbones`) into ``environment.json`` under ``weights`` / ``step``."""
+        path = self.root / ENVIRONMENT
+        environment = json.loads(path.read_text()) if path.is_file() else {}
+        environment.setdefault("weights", {}).setdefault(step, {}).update({str(k): str(v) for k, v in sources.items()})
+        atomic_write(path, lambda tmp: tmp.write_text(json.dumps(environment, indent=2)))
+        return environment["weights"]
+
     def metrics(self) -> dict:
         path = self.root / METRICS
         return json.loads(path.read_text()) if path.is_file() else {}

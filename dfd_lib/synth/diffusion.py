@@ -1,14 +1,17 @@
 """Stable Diffusion img2img and inpainting of real images, through diffusers.
 
-A pipeline comes from a local checkpoint (a diffusers folder or a single ``.safetensors``
-file) or, by default and in tests, from :func:`build_tiny_pipeline`: the same Stable
-Diffusion architecture at toy size with random weights, built in-process and offline. Its
-images are not photographs, but they pass through the very code a real checkpoint uses.
+A pipeline comes from a checkpoint — a local diffusers folder, a single ``.safetensors`` file, or a
+Hugging Face hub id such as ``stable-diffusion-v1-5/stable-diffusion-v1-5`` read the standard way
+(diffusers' ``from_pretrained`` and the Hugging Face cache; ``HF_HUB_OFFLINE=1`` reads the cache
+only) — or, by default and in tests, from :func:`build_tiny_pipeline`: the same Stable Diffusion
+architecture at toy size with random weights, built in-process and offline. Its images are not
+photographs, but they pass through the very code a real checkpoint uses.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 import warnings
 from pathlib import Path
@@ -22,6 +25,11 @@ Task = Literal["img2img", "inpaint"]
 TASKS: tuple[str, ...] = ("img2img", "inpaint")
 
 TINY_IMAGE_SIZE = 128  # the tiny pipeline's native resolution (UNet sample 16 x VAE factor 8)
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+class DiffusionUnavailableError(FileNotFoundError):
+    """A Stable Diffusion checkpoint that is neither a local folder or file nor a hub id that can be had."""
 
 PROMPT_TEMPLATES: tuple[str, ...] = (
     "a photo of {subject}, {style}",
@@ -146,7 +154,8 @@ def load_pipeline(task: Task = "img2img", path: str | os.PathLike | None = None,
     ``path`` None gives :func:`build_tiny_pipeline` (``seed`` seeds its weights); a folder is
     a diffusers pipeline (``save_pretrained`` layout); a ``.safetensors``/``.ckpt`` file is a
     single-file checkpoint (offline this needs ``single_file_config``: a local diffusers
-    folder holding the matching configs). Nothing is downloaded. A missing path raises
+    folder holding the matching configs); a hub id (:func:`is_hub_id`) loads with diffusers'
+    ``from_pretrained``, through the Hugging Face cache. A missing path raises
     :class:`FileNotFoundError` before anything is built or written. On CUDA the default
     dtype is fp16 with attention slicing; on CPU fp32.
     """
@@ -157,6 +166,8 @@ def load_pipeline(task: Task = "img2img", path: str | os.PathLike | None = None,
     if path is None:
         pipe = build_tiny_pipeline(task, seed=seed)  # built in fp32
         pipe = pipe.to(dtype=dtype) if dtype != torch.float32 else pipe
+    elif is_hub_id(path):
+        pipe = _load_hub_pipeline(task, str(path), dtype)
     else:  # loaded in its dtype already: a later cast would skip modules kept in fp32
         pipe = _load_local_pipeline(task, Path(path).expanduser(), dtype, single_file_config)
     pipe = pipe.to(device)
@@ -164,6 +175,58 @@ def load_pipeline(task: Task = "img2img", path: str | os.PathLike | None = None,
         pipe.enable_attention_slicing()
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def is_hub_id(checkpoint: str | os.PathLike | None) -> bool:
+    """Whether ``checkpoint`` names a Hugging Face hub repo (``org/name``) rather than a local path:
+    it has that shape and no such file or folder exists (relative paths count from the project root)."""
+    from dfd_lib.paths import resolve
+
+    text = str(checkpoint or "")
+    return bool(_HUB_ID.fullmatch(text)) and not resolve(text).exists() and not Path(text).expanduser().exists()
+
+
+def locate_checkpoint(checkpoint: str, fetch: bool = False) -> str:
+    """Where ``checkpoint`` comes from here: ``file:<path>`` for a local folder or file, or
+    ``hub:<repo>@<revision>`` for a hub id found in the Hugging Face cache (with ``fetch``: downloaded
+    into it first, the files a pipeline needs, as diffusers' ``DiffusionPipeline.download`` picks them)."""
+    from dfd_lib.paths import resolve
+
+    if not is_hub_id(checkpoint):
+        path = resolve(checkpoint)
+        if path.is_dir() and (path / "model_index.json").is_file() or path.is_file():
+            return f"file:{path}"
+        raise DiffusionUnavailableError(f"Stable Diffusion checkpoint not found: {path} (a diffusers folder, "
+                                        "a .safetensors file, or a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5)")
+    try:
+        if fetch:
+            from diffusers import DiffusionPipeline
+
+            folder = Path(DiffusionPipeline.download(checkpoint))
+        else:
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(checkpoint, local_files_only=True))
+    except Exception as exc:  # noqa: BLE001 - not cached, no network, no such repo: all mean "cannot be had"
+        raise DiffusionUnavailableError(
+            f"Stable Diffusion checkpoint {checkpoint} is not in the Hugging Face cache and could not be fetched "
+            f"({type(exc).__name__}); run `dfd fetch-weights` on a machine online, or give a local folder") from exc
+    if not (folder / "model_index.json").is_file():
+        raise DiffusionUnavailableError(f"{checkpoint}: the cached snapshot {folder} holds no model_index.json")
+    return f"hub:{checkpoint}@{folder.name}"
+
+
+def _load_hub_pipeline(task: str, repo: str, dtype: torch.dtype) -> object:
+    from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
+
+    auto_class = AutoPipelineForInpainting if task == "inpaint" else AutoPipelineForImage2Image
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            return auto_class.from_pretrained(repo, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
+    except OSError as exc:  # diffusers' answer to "not in the cache" (offline) or "no such repo"
+        raise DiffusionUnavailableError(f"Stable Diffusion checkpoint {repo} could not be loaded: {str(exc).splitlines()[0]}; "
+                                        "run `dfd fetch-weights` on a machine online, or give a local folder") from exc
 
 
 def _load_local_pipeline(task: str, path: Path, dtype: torch.dtype, single_file_config) -> object:

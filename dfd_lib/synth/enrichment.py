@@ -144,7 +144,7 @@ def _run_regenerations(jobs: list[Job], task: str, config: EnrichmentConfig, dev
     checkpoint = config.checkpoint_for(task)
     pipe = diffusion.load_pipeline(task, checkpoint, seed=config.seed, device=device,
                                    single_file_config=config.sd_single_file_config or None)
-    name = Path(checkpoint).name if checkpoint else f"tiny-random-{task}"
+    name = (checkpoint if diffusion.is_hub_id(checkpoint) else Path(checkpoint).name) if checkpoint else f"tiny-random-{task}"
     settings = config.diffusion
     rows = []
     for index, image in factory.generate_batches(pipe, [request for _job, request in ready], settings, config.sd_batch_size):
