@@ -252,3 +252,65 @@ def test_train_mixture_writes_the_mixture_where_asked(images, tmp_path):
     assert result.directory == tmp_path / "weights" / "moe"
     assert load_mixture(result.directory)[1].backbones == [BACKBONE, BACKBONE]
     assert not (tmp_path / "experts" / "mixture").exists() and result.seconds > 0
+
+
+def test_gradient_accumulation_and_checkpointing_keep_the_result(images, tmp_path):
+    """A smaller card: the same effective batch in micro-batches, or activations recomputed in the
+    backward pass, trains the same weights. (A per-sample normalisation, GroupNorm, and CE alone make
+    the split exact: BatchNorm statistics and the contrastive loss depend on the micro-batch.)"""
+    settings = dict(backbone="test_efficientnet_gn", epochs=1, loss=LossConfig(nce_weight=0, kl_weight=0))
+    train, val = images.iloc[:16], images.iloc[16:]
+    whole = train_expert(train, val, _config(**settings), tmp_path / "whole")
+    split = train_expert(train, val, _config(**settings, grad_accum_steps=4), tmp_path / "accum")
+    recomputed = train_expert(train, val, _config(**settings, grad_checkpointing=True), tmp_path / "ckpt")
+    reference = read_training_state(tmp_path / "whole")
+    for name in ("accum", "ckpt"):
+        other = read_training_state(tmp_path / name)
+        assert other["progress"].global_step == reference["progress"].global_step == 2  # optimiser steps, not batches
+        for key, value in reference["model"].items():
+            torch.testing.assert_close(other["model"][key], value, rtol=1e-4, atol=1e-5, msg=f"{name}: {key}")
+    for result in (split, recomputed):
+        assert result.history.loc[0, "train_images"] == whole.history.loc[0, "train_images"] == 16
+        assert result.history.loc[0, "train_ce"] == pytest.approx(whole.history.loc[0, "train_ce"], rel=1e-4)
+    with pytest.raises(ValueError, match="grad_accum_steps"):
+        TrainConfig(batch_size=8, grad_accum_steps=3)
+
+
+def test_two_processes_train_like_one_with_the_same_global_batch(images, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` on this CPU-only machine: two CPU processes over
+    gloo (accelerate's `--cpu` alone runs one process unless MPI is set up). Each takes half of every global
+    batch and the gradients are averaged across them, so two processes of batch 4 train what one
+    process of batch 8 trains, up to float rounding of the all-reduced sum (tolerance 1e-4 relative).
+    GroupNorm and CE alone keep that exact; BatchNorm statistics and the contrastive loss would see
+    per-process batches, and the KL noise per-process random streams."""
+    import os
+    import subprocess
+    import sys
+
+    from dfd_lib.data.manifest import Manifest
+
+    train_csv = Manifest(images.iloc[:16].reset_index(drop=True)).save(tmp_path / "train.csv")
+    val_csv = Manifest(images.iloc[16:].reset_index(drop=True)).save(tmp_path / "val.csv")
+    settings = dict(backbone="test_efficientnet_gn", epochs=2, loss=LossConfig(nce_weight=0, kl_weight=0), threads=1)
+    (tmp_path / "one.json").write_text(json.dumps(_config(**settings, batch_size=8).to_dict()))
+    (tmp_path / "two.json").write_text(json.dumps(_config(**settings, batch_size=4).to_dict()))
+    tables = ["--train-table", str(train_csv), "--val-table", str(val_csv)]
+    assert dfd_main(["train", "--config", str(tmp_path / "one.json"), *tables, "--out-dir", str(tmp_path / "one")]) == 0
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "dfd_lib.modeling.cli",
+              "--config", str(tmp_path / "two.json"), *tables, "--out-dir", str(tmp_path / "two")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(launch, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-6000:]
+    state = tmp_path / "two" / STATE_DIR
+    assert (state / "random_states_0.pkl").is_file() and (state / "random_states_1.pkl").is_file()  # one per process
+    one, two = read_training_state(tmp_path / "one"), read_training_state(tmp_path / "two")
+    assert two["progress"].global_step == one["progress"].global_step == 4
+    for key, value in one["model"].items():
+        torch.testing.assert_close(two["model"][key], value, rtol=1e-4, atol=1e-5, msg=key)
+    assert [row["train_images"] for row in two["progress"].history] == [16, 16]  # both processes' images counted
+    # started again, both processes load the saved state (each its own RNG) and find nothing left to train
+    again = subprocess.run(launch, capture_output=True, text=True, timeout=300, env=env)
+    assert again.returncode == 0, again.stderr[-6000:]
+    assert "resuming two after epoch 2 of 2" in again.stderr
+    assert read_training_state(tmp_path / "two")["progress"].history == two["progress"].history

@@ -1,7 +1,9 @@
 """``dfd train``: train one expert, or one expert per re-split and their mixture, from a config file.
 
-The same under ``accelerate launch -m dfd_lib.modeling.cli ...`` on several GPUs (or CPU
-processes); notebook 04 writes these commands for its own trainings (``experts/launch/``).
+The same under ``accelerate launch -m dfd_lib.modeling.cli ...`` on several GPUs; notebook 04 writes
+these commands for its own trainings (``experts/launch/``). On a machine without GPUs,
+``accelerate launch --multi_gpu --num_processes N`` starts N CPU processes that train together
+over gloo (``--cpu`` alone runs one process unless MPI is set up).
 """
 from __future__ import annotations
 
@@ -43,22 +45,24 @@ def run(args: argparse.Namespace) -> int:
     if args.table is None and (args.train_table is None or args.val_table is None):
         log.error("dfd train: give --table, or --train-table and --val-table")
         return 2
+    from accelerate import PartialState
+
     try:
         config = TrainConfig.from_dict(_read_config_file(args.config) if args.config else {})
         if args.table is not None:
             result = train_mixture(load_resplits(args.table), config, args.out_dir, args.resplits, resume=not args.no_resume)
-            print(result.summary.to_string(index=False))
-            print(f"mixture written to {result.directory}")
+            lines = [result.summary.to_string(index=False), f"mixture written to {result.directory}"]
         else:
             expert = train_expert(Manifest.load(args.train_table).table, Manifest.load(args.val_table).table, config,
                                   args.out_dir, resume=not args.no_resume)
-            print(f"best epoch {expert.best_epoch + 1}: val AUC {expert.best_val_auc:.4f}; weights {expert.best_weights}")
+            lines = [f"best epoch {expert.best_epoch + 1}: val AUC {expert.best_val_auc:.4f}; weights {expert.best_weights}"]
     except (ValueError, FileNotFoundError) as exc:
         log.error("dfd train: %s", exc)
         return 1
-    from accelerate import PartialState
-
-    PartialState().destroy_process_group()  # under accelerate launch: every process leaves the group before exiting
+    state = PartialState()
+    if state.is_main_process:
+        print("\n".join(lines))
+    state.destroy_process_group()  # under accelerate launch: every process leaves the group before exiting
     return 0
 
 

@@ -38,6 +38,8 @@ class TrainConfig(StepConfig):
     ema_warmup: bool = True  # short runs: let the EMA follow early weights (timm ModelEmaV3 warm-up)
     drop_rate: float = 0.0
     grad_clip: float = 0.0  # clip the gradient norm to this; 0 = no clipping
+    grad_accum_steps: int = 1  # one optimiser step per this many micro-batches of batch_size / grad_accum_steps (a smaller card)
+    grad_checkpointing: bool = False  # recompute activations in the backward pass (timm): much less memory, slower
     loss: LossConfig = field(default_factory=LossConfig)
     augment: TrainAugmentConfig = field(default_factory=TrainAugmentConfig)
     seed: int = 0
@@ -81,6 +83,8 @@ class TrainConfig(StepConfig):
             ("ema_decay", 0 < self.ema_decay < 1, "in (0, 1)"),
             ("drop_rate", 0 <= self.drop_rate < 1, "in [0, 1)"),
             ("grad_clip", self.grad_clip >= 0, ">= 0 (0 = off)"),
+            ("grad_accum_steps", count(self.grad_accum_steps, 1) and self.batch_size % self.grad_accum_steps == 0
+             and self.batch_size // self.grad_accum_steps >= 2, "an int >= 1 that divides batch_size into micro-batches of >= 2"),
             ("num_workers", count(self.num_workers, 0), "an int >= 0"),
             ("mixed_precision", self.mixed_precision in MIXED_PRECISION, f"one of {MIXED_PRECISION}"),
             ("freeze_stages", count(self.freeze_stages, 0), "an int >= 0"),

@@ -22,6 +22,7 @@ import math
 import os
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -147,18 +148,22 @@ def _build_loop(train_table: pd.DataFrame, val_table: pd.DataFrame, config: Trai
     weights = config.weights_path or None
     model = Expert(config.backbone, pretrained=config.pretrained, weights_path=weights, drop_rate=config.drop_rate)
     frozen = freeze_backbone_stages(model, config.freeze_stages)
+    if config.grad_checkpointing:
+        model.baseline_extractor.set_grad_checkpointing(True)  # timm: recompute activations in the backward pass
     data_config = resolve_model_data_config(model.baseline_extractor)
     mean, std = tuple(data_config["mean"]), tuple(data_config["std"])
     model = model.to(memory_format=torch.channels_last if config.channels_last else torch.contiguous_format)
     batch_size = min(config.batch_size, len(train_table))
+    micro_batch = max(1, batch_size // config.grad_accum_steps)  # the effective batch stays batch_size
     train_set = ManifestDataset(train_table, config.image_size, train=True, mean=mean, std=std, augment=config.augment, seed=config.seed)
     val_set = ManifestDataset(val_table, config.image_size, train=False, mean=mean, std=std)
-    train_loader = make_loader(train_set, batch_size, shuffle=True, seed=config.seed, num_workers=config.num_workers, drop_last=True)
+    train_loader = make_loader(train_set, micro_batch, shuffle=True, seed=config.seed, num_workers=config.num_workers, drop_last=True)
     val_loader = make_loader(val_set, batch_size * 2, shuffle=False, num_workers=config.num_workers)
     # timm's AdamW groups: no weight decay on biases and norm weights; frozen parameters left out
     optimizer = create_optimizer_v2(model, "adamw", lr=config.lr, weight_decay=config.weight_decay)
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
-    steps = len(train_loader) if not config.max_steps_per_epoch else min(len(train_loader), config.max_steps_per_epoch)
+    steps = len(train_loader) // config.grad_accum_steps  # optimiser steps
+    steps = min(steps, config.max_steps_per_epoch) if config.max_steps_per_epoch else steps
     # stepped once per optimiser step, so it is registered for checkpointing rather than prepared
     # (accelerate's wrapper would step it once per process)
     inner = getattr(optimizer, "optimizer", optimizer)
@@ -243,27 +248,35 @@ def _train_epoch(loop: _Loop, epoch: int, global_step: int) -> tuple[int, dict[s
     bar = tqdm(total=loop.steps_per_epoch, desc=f"{loop.name} epoch {epoch + 1}/{config.epochs}", disable=not loop.show, leave=False)
     batches = iter(loop.train_loader)
     for step in range(loop.steps_per_epoch):
-        waited = time.perf_counter()
-        batch = next(batches)
-        data_seconds += time.perf_counter() - waited
-        _note_skipped(loop, batch["skipped"])
-        images, labels = batch["image"], batch["label"]
-        # A batch left with < 2 readable images teaches nothing (and breaks BatchNorm). Under
-        # several processes a skipped step would desynchronise them; unreadable files are rare.
-        if images.shape[0] < 2:
-            continue
-        losses = loop.loss_fn(loop.model, images.contiguous(memory_format=loop.memory_format), labels)
         loop.optimizer.zero_grad(set_to_none=True)
-        accelerator.backward(losses["overall"])
+        learned = 0
+        for micro in range(config.grad_accum_steps):
+            waited = time.perf_counter()
+            batch = next(batches)
+            data_seconds += time.perf_counter() - waited
+            _note_skipped(loop, batch["skipped"])
+            images, labels = batch["image"], batch["label"]
+            # A batch left with < 2 readable images teaches nothing (and breaks BatchNorm). Under
+            # several processes a skipped step would desynchronise them; unreadable files are rare.
+            if images.shape[0] < 2:
+                continue
+            last = micro == config.grad_accum_steps - 1
+            with nullcontext() if last else accelerator.no_sync(loop.model):  # gradients meet once per step
+                losses = loop.loss_fn(loop.model, images.contiguous(memory_format=loop.memory_format), labels)
+                overall = losses["overall"] / config.grad_accum_steps if config.grad_accum_steps > 1 else losses["overall"]
+                accelerator.backward(overall)
+            learned += images.shape[0]
+            for loss in sums:
+                sums[loss] += float(losses[loss].detach()) * images.shape[0]
+        if not learned:
+            continue
         if config.grad_clip:
             accelerator.clip_grad_norm_(loop.model.parameters(), config.grad_clip)
         loop.optimizer.step()
         loop.scheduler.step()
         global_step += 1
         loop.ema.update(accelerator.unwrap_model(loop.model), step=global_step)
-        seen += images.shape[0]
-        for loss in sums:
-            sums[loss] += float(losses[loss].detach()) * images.shape[0]
+        seen += learned
         bar.update(1)
         bar.set_postfix({loss: f"{value / seen:.3f}" for loss, value in sums.items()})
         if loop.on_step is not None:
