@@ -156,17 +156,21 @@ def _check_device_and_memory(values: dict[str, dict], report: Report) -> None:
         report.notes.append(f"04 mixed_precision {params['mixed_precision']} applies on a GPU only: float32 here")
     for name in dict.fromkeys(params["backbones"]):
         need = training_memory(name, params, half=gpu and params.get("mixed_precision") in ("bf16", "fp16"))
-        line = (f"04 training memory of a {name} expert at {params['image_size']} px, batch {params['batch_size']}: "
-                f"about {need / 2**30:.1f} GiB of {available / 2**30:.1f} GiB ({where})")
+        about = "at most" if params.get("grad_checkpointing") else "about"
+        line = (f"04 training memory of a {name} expert at {params['image_size']} px, batch {params['batch_size']}"
+                f"{' in ' + str(params['grad_accum_steps']) + ' micro-batches' if int(params.get('grad_accum_steps') or 1) > 1 else ''}: "
+                f"{about} {need / 2**30:.1f} GiB of {available / 2**30:.1f} GiB ({where})")
         _record(report, need < 0.9 * available, line if need < 0.9 * available else
-                line + ": lower batch_size or image_size, or freeze stages")
+                line + ": set grad_accum_steps or grad_checkpointing, or lower batch_size or image_size")
 
 
 def training_memory(backbone: str, params: dict, half: bool = False) -> float:
     """Bytes one expert's training holds: weights, gradients, two AdamW moments and the EMA (5 copies of
     the trainable weights in float32), plus the activations kept for the backward pass, measured on
-    this backbone at a small size and scaled to ``image_size`` and the batch (with the KL term's noisy
-    copies); ``half``: autocast keeps activations in 16 bits."""
+    this backbone at a small size and scaled to ``image_size`` and the micro-batch (with the KL term's
+    noisy copies); ``half``: autocast keeps activations in 16 bits. Within about 15 % below the peak
+    measured on a CPU at 512 px (bench/RESULTS.md). Gradient checkpointing is not modelled: with it the
+    figure is an upper bound (it measured 2.5-4x lower)."""
     import torch
 
     from dfd_lib.modeling.experts import Expert
@@ -174,10 +178,12 @@ def training_memory(backbone: str, params: dict, half: bool = False) -> float:
     expert = Expert(backbone, pretrained=False)
     weights = sum(p.numel() for p in expert.parameters()) * 4
     storages: dict[int, int] = {}  # one tensor is often saved by several operations: count its memory once
+    # saved weights (and views of them, as a linear layer saves) do not grow with the image
+    weight_storages = {p.untyped_storage().data_ptr() for p in expert.parameters()}
 
     def pack(tensor):
-        if not isinstance(tensor, torch.nn.Parameter):
-            storage = tensor.untyped_storage()
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weight_storages:
             storages[storage.data_ptr()] = storage.nbytes()
         return tensor
 
@@ -185,7 +191,8 @@ def training_memory(backbone: str, params: dict, half: bool = False) -> float:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         expert(probe)["logits"].sum()
     per_image = sum(storages.values()) / 2 * (int(params["image_size"]) / PROBE_SIZE) ** 2
-    images = int(params["batch_size"]) * (1 + (float(params.get("kl_fraction", 1.0)) if params.get("kl_weight", 1.0) else 0))
+    micro_batch = int(params["batch_size"]) // max(1, int(params.get("grad_accum_steps") or 1))
+    images = micro_batch * (1 + (float(params.get("kl_fraction", 1.0)) if params.get("kl_weight", 1.0) else 0))
     return 5 * weights + per_image * images * (0.5 if half else 1.0)
 
 
