@@ -52,3 +52,8 @@ def cache_folder(hub_cache: Path, repo: str, folder: Path) -> str:
     (entry / "refs").mkdir(parents=True, exist_ok=True)
     (entry / "refs" / "main").write_text(revision)
     return revision
+
+
+def cached_revision(hub_cache: Path, repo: str) -> str:
+    """The revision ``refs/main`` of ``repo`` points at in the cache."""
+    return (hub_cache / f"models--{repo.replace('/', '--')}" / "refs" / "main").read_text()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hub_cache import cache_timm_weights, use_hub_cache
+from hub_cache import cache_timm_weights, cached_revision, use_hub_cache
 from PIL import Image
 from safetensors.torch import save_file
 from skimage import data
@@ -116,8 +116,7 @@ def test_the_original_architectures_load_the_hugging_face_cache_offline(tmp_path
     for name in sorted(set(ORIGINAL_BACKBONES)):
         repo, written = cache_timm_weights(hub, name, seed=1)
         expert = Expert(name, pretrained=True)  # the kit's builder, with the experts' 2-class head
-        revision = (hub / f"models--{repo.replace('/', '--')}" / "refs" / "main").read_text()
-        assert expert.weights_source == f"hub:{repo}@{revision}"
+        assert expert.weights_source == f"hub:{repo}@{cached_revision(hub, repo)}"
         own = expert.baseline_extractor.state_dict()
         body = [k for k in written if k in own and own[k].shape == written[k].shape]
         assert len(body) == len(written) - 2  # all but the 1000-class head's weight and bias

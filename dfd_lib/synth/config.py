@@ -8,7 +8,7 @@ from pathlib import Path
 from dfd_lib.config import StepConfig
 from dfd_lib.data.manifest import TRAIN, VAL
 from dfd_lib.paths import resolve
-from dfd_lib.synth.diffusion import is_hub_id
+from dfd_lib.synth.diffusion import TINY_PREFIX, is_hub_id
 from dfd_lib.synth.factory import ALL_FAMILIES, SD_FAMILIES, DiffusionSettings, check_families
 
 
@@ -20,6 +20,7 @@ class EnrichmentConfig(StepConfig):
     images_per_family: int = 16  # new images written per family
     seed: int = 0  # fixes every source choice, edit and generation
     sd_checkpoint: str = ""  # diffusers folder, .safetensors file or hub id; empty = the tiny random-weight pipeline
+    # (tiny:<folder> = that pipeline written as a diffusers folder on first use and loaded from it)
     sd_inpaint_checkpoint: str = ""  # a dedicated inpainting checkpoint for sd_inpaint; empty = sd_checkpoint
     sd_single_file_config: str = ""  # for a single-file checkpoint offline: a diffusers folder with its configs
     strength: float = 0.6  # img2img / inpainting strength (share of the steps that run)
@@ -51,12 +52,13 @@ class EnrichmentConfig(StepConfig):
         # relative paths are under the project root; a hub id (org/name, no such local path) stays as it is
         for name in ("sd_checkpoint", "sd_inpaint_checkpoint", "sd_single_file_config"):
             value = getattr(self, name)
-            setattr(self, name, value if is_hub_id(value) else str(resolve(value)) if value else "")
+            kept = is_hub_id(value) or value.startswith(TINY_PREFIX)
+            setattr(self, name, value if kept else str(resolve(value)) if value else "")
         # a missing local checkpoint must stop the run before anything is written
         if any(f in SD_FAMILIES for f in self.families):
             for what, value in (("checkpoint", self.sd_checkpoint), ("single-file config", self.sd_single_file_config),
                                 ("inpainting checkpoint", self.sd_inpaint_checkpoint if "sd_inpaint" in self.families else "")):
-                if value and not is_hub_id(value) and not Path(value).exists():
+                if value and not is_hub_id(value) and not value.startswith(TINY_PREFIX) and not Path(value).exists():
                     raise FileNotFoundError(f"Stable Diffusion {what} not found: {value}")
 
     def checkpoint_for(self, task: str) -> str | None:

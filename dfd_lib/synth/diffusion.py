@@ -26,6 +26,7 @@ TASKS: tuple[str, ...] = ("img2img", "inpaint")
 
 TINY_IMAGE_SIZE = 128  # the tiny pipeline's native resolution (UNet sample 16 x VAE factor 8)
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+TINY_PREFIX = "tiny:"  # "tiny:<folder>": the tiny pipeline, written there with save_pretrained on first use
 
 
 class DiffusionUnavailableError(FileNotFoundError):
@@ -166,6 +167,8 @@ def load_pipeline(task: Task = "img2img", path: str | os.PathLike | None = None,
     if path is None:
         pipe = build_tiny_pipeline(task, seed=seed)  # built in fp32
         pipe = pipe.to(dtype=dtype) if dtype != torch.float32 else pipe
+    elif tiny_folder(path) is not None:
+        pipe = _load_local_pipeline(task, tiny_folder(path), dtype, single_file_config)
     elif is_hub_id(path):
         pipe = _load_hub_pipeline(task, str(path), dtype)
     else:  # loaded in its dtype already: a later cast would skip modules kept in fp32
@@ -175,6 +178,22 @@ def load_pipeline(task: Task = "img2img", path: str | os.PathLike | None = None,
         pipe.enable_attention_slicing()
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def tiny_folder(checkpoint: str | os.PathLike | None) -> Path | None:
+    """The folder of a ``tiny:<folder>`` checkpoint (the tiny random-weight pipeline as a real diffusers
+    folder, for runs that exercise folder loading on a CPU), written on first use; None for any other value."""
+    from dfd_lib.paths import resolve
+
+    text = str(checkpoint or "")
+    if not text.startswith(TINY_PREFIX):
+        return None
+    folder = resolve(text[len(TINY_PREFIX):] or "tiny-stable-diffusion")
+    if not (folder / "model_index.json").is_file():
+        staging = folder.with_name(f".{folder.name}.writing")
+        save_pipeline(build_tiny_pipeline("img2img"), staging)  # serves inpainting too, as any SD 1.x folder
+        os.replace(staging, folder)
+    return folder
 
 
 def is_hub_id(checkpoint: str | os.PathLike | None) -> bool:
@@ -192,6 +211,8 @@ def locate_checkpoint(checkpoint: str, fetch: bool = False) -> str:
     into it first, the files a pipeline needs, as diffusers' ``DiffusionPipeline.download`` picks them)."""
     from dfd_lib.paths import resolve
 
+    if tiny_folder(checkpoint) is not None:
+        return f"file:{tiny_folder(checkpoint)} (the tiny random-weight pipeline, written with save_pretrained)"
     if not is_hub_id(checkpoint):
         path = resolve(checkpoint)
         if path.is_dir() and (path / "model_index.json").is_file() or path.is_file():
