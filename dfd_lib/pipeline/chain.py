@@ -126,17 +126,21 @@ def declared_parameters(step: Step) -> dict:
     return papermill.inspect_notebook(str(step.path))
 
 
+def notebook_defaults(step: Step) -> dict:
+    """The values of ``step``'s parameters cell, as its notebook declares them."""
+    import ast
+
+    return {name: ast.literal_eval(info["default"]) for name, info in declared_parameters(step).items()}
+
+
 def step_values(profile: str, overrides: dict | None = None, only: str | None = None, start: str | None = None,
                 notebooks_dir: Path = NOTEBOOKS_DIR, pipelines_dir: Path = PIPELINES_DIR) -> dict[str, dict]:
     """Every parameter value each selected step of ``profile`` will run with: its notebook's default,
     unless the profile or an override sets it (what ``dfd check`` and ``dfd fetch-weights`` look at)."""
-    import ast
-
     steps = select_steps(discover_steps(notebooks_dir), only, start)
     declared = {s.name: declared_parameters(s) for s in discover_steps(notebooks_dir)}
     merged = merge_parameters(steps, load_profile(profile, pipelines_dir), overrides or {}, declared)
-    return {step.name: {**{name: ast.literal_eval(info["default"]) for name, info in declared[step.name].items()},
-                        **merged[step.name]} for step in steps}
+    return {step.name: {**notebook_defaults(step), **merged[step.name]} for step in steps}
 
 
 def merge_parameters(steps: list[Step], profile: dict, overrides: dict, declared: dict[str, dict]) -> dict[str, dict]:

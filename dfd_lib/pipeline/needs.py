@@ -93,12 +93,11 @@ def resolve_backbone(backbone: Backbone, fetch: bool = False) -> Resolved:
     """Where ``backbone``'s weights come from here, without building it. The Hugging Face cache is
     read, and written only with ``fetch`` (offline, ``HF_HUB_OFFLINE=1``, it is only read)."""
     from dfd_lib.modeling.backbones import (
-        PACKAGE_NAMES,
-        PACKAGED_WEIGHTS,
         WeightsUnavailableError,
         cached_hub_weights,
         canonical_backbone_name,
         hub_weights_file,
+        packaged_source,
     )
 
     try:
@@ -110,9 +109,9 @@ def resolve_backbone(backbone: Backbone, fetch: bool = False) -> Resolved:
         return Resolved(path.is_file(), f"file:{path}" if path.is_file() else f"weights file not found: {path}")
     if not backbone.pretrained:
         return Resolved(True, "random (pretrained: false)")
-    architecture = name.split(".")[0]
-    if architecture in PACKAGED_WEIGHTS:
-        return Resolved(True, f"package:{PACKAGE_NAMES[architecture]}")
+    packaged = packaged_source(name)
+    if packaged:
+        return Resolved(True, packaged)
     try:
         _path, source = hub_weights_file(name) if fetch else cached_hub_weights(name)
     except WeightsUnavailableError as exc:

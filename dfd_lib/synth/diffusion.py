@@ -167,7 +167,7 @@ def load_pipeline(task: Task = "img2img", path: str | os.PathLike | None = None,
     if path is None:
         pipe = build_tiny_pipeline(task, seed=seed)  # built in fp32
         pipe = pipe.to(dtype=dtype) if dtype != torch.float32 else pipe
-    elif tiny_folder(path) is not None:
+    elif str(path).startswith(TINY_PREFIX):
         pipe = _load_local_pipeline(task, tiny_folder(path), dtype, single_file_config)
     elif is_hub_id(path):
         pipe = _load_hub_pipeline(task, str(path), dtype)
@@ -211,8 +211,9 @@ def locate_checkpoint(checkpoint: str, fetch: bool = False) -> str:
     into it first, the files a pipeline needs, as diffusers' ``DiffusionPipeline.download`` picks them)."""
     from dfd_lib.paths import resolve
 
-    if tiny_folder(checkpoint) is not None:
-        return f"file:{tiny_folder(checkpoint)} (the tiny random-weight pipeline, written with save_pretrained)"
+    folder = tiny_folder(checkpoint)
+    if folder is not None:
+        return f"file:{folder} (the tiny random-weight pipeline, written with save_pretrained)"
     if not is_hub_id(checkpoint):
         path = resolve(checkpoint)
         if path.is_dir() and (path / "model_index.json").is_file() or path.is_file():
