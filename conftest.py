@@ -10,7 +10,8 @@ import shutil
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
-NBVAL_RUN = "nbval-smoke"
+# another name lets parallel sessions keep apart: DFD_NBVAL_RUN=nbval-x pytest --nbval-lax reports/nbval-x/notebooks
+NBVAL_RUN = os.environ.get("DFD_NBVAL_RUN", "nbval-smoke")
 
 
 def pytest_sessionstart(session):
