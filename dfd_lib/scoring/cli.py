@@ -1,4 +1,6 @@
-"""``dfd predict PATH...``: score image files, folders (recursively) and globs into a CSV.
+"""``dfd predict PATH...``: score image and video files, folders (recursively) and globs into
+a CSV, streamed (:mod:`dfd_lib.scoring.stream`): decoding in ``--workers`` processes, rows
+appended as batches finish, ``--resume`` after a crash; ``--faces`` scores face-centred crops.
 
 Unreadable files are listed with their reason on stderr and in the CSV's ``error`` column;
 the exit code is non-zero only when nothing could be scored.
@@ -7,51 +9,83 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
 
 from dfd_lib.modeling.checkpoints import PREPROCESS_MODES, CheckpointError
-from dfd_lib.scoring.inputs import expand_inputs
-from dfd_lib.scoring.predictor import DEFAULT_WEIGHTS_DIR, Predictor
+from dfd_lib.scoring.default_weights import WeightsNotFound, find_weights
+from dfd_lib.scoring.faces import FACE_RULES, FaceOptions
+from dfd_lib.scoring.predictor import Predictor
+from dfd_lib.scoring.stream import StreamOptions, score_stream
+from dfd_lib.scoring.videos import DEFAULT_FRAMES
 
 log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders (searched recursively) or globs")
-    parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS_DIR,
-                        help=f"checkpoint folder: ours or the released weight.pth + ema.state (default: {DEFAULT_WEIGHTS_DIR})")
+    parser.add_argument("paths", nargs="+", metavar="PATH",
+                        help="image or video (mp4 avi mov webm mkv) files, folders (searched recursively) or globs")
+    parser.add_argument("--weights", type=Path, default=None,
+                        help="checkpoint folder: ours or the released weight.pth + ema.state "
+                             "(default: weights/moe, else the most recent run's under reports/)")
     parser.add_argument("--out", type=Path, default=Path("preds.csv"), help="CSV to write (default: preds.csv)")
     parser.add_argument("--batch-size", type=int, default=4, help="images per forward pass (default: 4)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     parser.add_argument("--preprocess", choices=PREPROCESS_MODES, default="default",
                         help="'compat' decodes with OpenCV exactly like the original release (default: default)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA when present)")
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1) - 1,
+                        help="processes decoding files (and finding faces) while the model runs; 0: none "
+                             "(default: cores - 1, at most 3)")
+    parser.add_argument("--resume", action="store_true", help="keep --out's rows and score only the files it lacks")
+    parser.add_argument("--faces", action="store_true",
+                        help="score face-centred crops: each face found, cropped square at --face-margin x its box; "
+                             "no face found: the whole image (faces_found 0)")
+    parser.add_argument("--face-margin", type=float, default=FaceOptions.margin,
+                        help=f"crop side / face box side (default: {FaceOptions.margin}, the competition's framing)")
+    parser.add_argument("--face-rule", choices=FACE_RULES, default=FaceOptions.rule,
+                        help="an image's score from its faces: max (most-fake face), mean, largest (default: max)")
+    parser.add_argument("--min-face", type=int, default=FaceOptions.min_face,
+                        help=f"smallest face side looked for, in pixels (default: {FaceOptions.min_face})")
+    parser.add_argument("--frames", type=int, default=DEFAULT_FRAMES,
+                        help=f"frames sampled evenly from each video (default: {DEFAULT_FRAMES})")
+    parser.add_argument("--per-frame", action="store_true", help="also write one row per sampled video frame")
+
+
+def stream_options(args: argparse.Namespace) -> StreamOptions:
+    faces = FaceOptions(margin=args.face_margin, rule=args.face_rule, min_face=args.min_face) if args.faces else None
+    return StreamOptions(faces=faces, frames=args.frames, per_frame=args.per_frame, workers=args.workers)
 
 
 def run(args: argparse.Namespace) -> int:
-    paths, problems = expand_inputs(args.paths)
-    for problem in problems:
-        log.warning("dfd predict: %s", problem)
-    if not paths:
-        log.error("dfd predict: nothing to score")
-        return 1
-    if not Path(args.weights).is_dir():
-        log.error("dfd predict: weights folder %s not found; convert the released weights with "
-                  "`dfd convert-weights SRC %s` or pass --weights DIR", args.weights, DEFAULT_WEIGHTS_DIR)
-        return 2
     try:
-        predictor = Predictor.load(args.weights, device=args.device, batch_size=args.batch_size,
+        options = stream_options(args)
+        weights, why = find_weights(args.weights)
+    except (ValueError, WeightsNotFound) as exc:
+        log.error("dfd predict: %s", exc)
+        return 2
+    print(f"dfd predict: weights {why}" if args.weights is None else f"dfd predict: weights {weights}")
+    try:
+        predictor = Predictor.load(weights, device=args.device, batch_size=args.batch_size,
                                    threads=args.threads, preprocess=args.preprocess)
     except (CheckpointError, ValueError) as exc:
         log.error("dfd predict: %s", exc)
         return 2
-    table = predictor.predict_paths(paths, progress=True)
-    failed = table[table["error"] != ""]
-    for row in failed.itertuples():
-        log.warning("dfd predict: skipped %s: %s", row.path, row.error)
+    problems: list[str] = []
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out, index=False)
-    scored = len(table) - len(failed)
-    print(f"scored {scored} of {len(table)} images -> {out}" + (f" ({len(failed)} unreadable)" if len(failed) else ""))
-    return 0 if scored else 1
+    try:
+        summary = score_stream(predictor, args.paths, out, options, resume=args.resume, progress=True, problems=problems)
+    except ValueError as exc:  # --resume onto a CSV of other columns
+        log.error("dfd predict: %s", exc)
+        return 2
+    for problem in problems:
+        log.warning("dfd predict: %s", problem)
+    for path, error in summary.failed:
+        log.warning("dfd predict: skipped %s: %s", path, error)
+    if not summary.files and not summary.skipped:
+        log.error("dfd predict: nothing to score")
+        return 1
+    resumed = f", {summary.skipped} already in the CSV" if summary.skipped else ""
+    failed = f" ({len(summary.failed)} unreadable)" if summary.failed else ""
+    print(f"scored {summary.scored} of {summary.files} files -> {out}{failed}{resumed}")
+    return 0 if summary.scored or summary.skipped else 1

@@ -90,6 +90,22 @@ class Prediction:
         return not self.error
 
 
+def decode_rgb(source: ImageSource, preprocess: str = "default") -> np.ndarray:
+    """HxWx3 uint8 RGB the way ``preprocess`` decodes (a function, so DataLoader workers can
+    call it without the model); raises ImageLoadError with the reason."""
+    image = load_rgb(source)  # vets every input, in both modes
+    if preprocess == "compat" and isinstance(source, (str, os.PathLike, bytes, bytearray, memoryview)):
+        if isinstance(source, (str, os.PathLike)):
+            encoded = np.fromfile(str(source), dtype=np.uint8)
+        else:
+            encoded = np.frombuffer(bytes(source), dtype=np.uint8)
+        bgr = cv2.imdecode(encoded, cv2.IMREAD_COLOR)
+        if bgr is None:
+            raise ImageLoadError("OpenCV cannot decode this image (compat mode)", str(source)[:200])
+        return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    return np.asarray(image)
+
+
 def describe_source(source: ImageSource, index: int) -> str:
     if isinstance(source, (str, os.PathLike)):
         return str(source)
@@ -168,17 +184,7 @@ class Predictor:
 
     def _decode(self, source: ImageSource) -> np.ndarray:
         """HxWx3 uint8 RGB; raises ImageLoadError with the reason."""
-        image = load_rgb(source)  # vets every input, in both modes
-        if self.preprocess == "compat" and isinstance(source, (str, os.PathLike, bytes, bytearray, memoryview)):
-            if isinstance(source, (str, os.PathLike)):
-                encoded = np.fromfile(str(source), dtype=np.uint8)
-            else:
-                encoded = np.frombuffer(bytes(source), dtype=np.uint8)
-            bgr = cv2.imdecode(encoded, cv2.IMREAD_COLOR)
-            if bgr is None:
-                raise ImageLoadError("OpenCV cannot decode this image (compat mode)", str(source)[:200])
-            return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-        return np.asarray(image)
+        return decode_rgb(source, self.preprocess)
 
     def to_tensor(self, rgb: np.ndarray) -> torch.Tensor:
         """The model input of an HxWx3 uint8 RGB image: ``(3, S, S)``."""

@@ -1,0 +1,307 @@
+"""``dfd predict``'s engine: score any number of files (images and videos) at the model's
+speed, with memory bounded whatever the folder size, into a CSV written as batches finish.
+
+- Inputs are walked lazily (:func:`iter_input_files`): a folder of 100k files is never held
+  as images, only one file per DataLoader worker plus one model batch at a time.
+- Decoding, video frame sampling, face detection and preprocessing run in DataLoader worker
+  processes (``workers``); the main process only runs the model. On a GPU the batches come
+  in pinned memory and are copied with ``non_blocking=True``.
+- Rows are appended to the CSV (one ``write`` + flush per batch of files), so a crash loses
+  at most the batch in flight; ``resume`` skips the files the CSV already lists (a partly
+  written last line is dropped first).
+
+One file gives one row: an image's (faces: the rule's face, see :mod:`dfd_lib.scoring.faces`),
+a video's (the mean over its sampled frames, the max beside it), or its error; with
+``per_frame`` a video also gives one row per frame (``kind`` = ``frame``).
+"""
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from tqdm.auto import tqdm
+
+from dfd_lib.data.images import ImageLoadError, is_image_path
+from dfd_lib.data.preprocess import InputTransform
+from dfd_lib.scoring.faces import FaceDetector, FaceOptions, face_crops, faces_text, summarise_faces
+from dfd_lib.scoring.predictor import Predictor, decode_rgb
+from dfd_lib.scoring.videos import DEFAULT_FRAMES, is_video_path, sample_frames
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    """What ``dfd predict`` does with each file."""
+
+    faces: FaceOptions | None = None  # None: score whole images
+    frames: int = DEFAULT_FRAMES  # frames sampled evenly from each video
+    per_frame: bool = False  # also one row per video frame
+    workers: int = 0  # DataLoader worker processes decoding (0: in the main process)
+
+    def __post_init__(self):
+        if self.frames < 1:
+            raise ValueError(f"frames must be >= 1, got {self.frames}")
+        if self.workers < 0:
+            raise ValueError(f"workers must be >= 0, got {self.workers}")
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def is_scorable_path(path: str | os.PathLike) -> bool:
+    return is_image_path(path) or is_video_path(path)
+
+
+def _walk(folder: Path) -> Iterator[Path]:
+    """Image and video files under ``folder``, depth first, sorted within each folder."""
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        for name in sorted(files):
+            if is_scorable_path(name):
+                yield Path(root) / name
+
+
+def iter_input_files(inputs: list[str], problems: list[str] | None = None) -> Iterator[Path]:
+    """Files as given, image/video files under folders (recursively), glob matches — lazily.
+    An input that names nothing is appended to ``problems``."""
+    seen: set[Path] | None = set() if len(inputs) > 1 else None  # duplicates only across inputs
+    for text in inputs:
+        path = Path(text).expanduser().absolute()  # rows name files the same way from any folder
+        if path.is_dir():
+            found = _walk(path)
+        elif path.exists():
+            found = iter([path])  # an explicitly named file is scored whatever its extension
+        elif glob.has_magic(text):
+            found = (Path(p) for p in sorted(glob.glob(str(path), recursive=True)) if Path(p).is_file())
+        else:
+            found = iter(())
+            if problems is not None:
+                problems.append(f"{text}: no such file or folder")
+        count = 0
+        for file in found:
+            count += 1
+            if seen is not None:
+                key = file.resolve()
+                if key in seen:
+                    continue
+                seen.add(key)
+            yield file
+        if not count and problems is not None and (path.is_dir() or glob.has_magic(text)):
+            problems.append(f"{text}: {'folder holds no image or video files' if path.is_dir() else 'pattern matches no files'}")
+
+
+# --------------------------------------------------------------------------- decoding (in workers)
+
+
+@dataclass
+class FileCrops:
+    """One file, decoded and cropped: ``tensor`` holds every crop of every view; ``views``
+    is ``(frame index or -1, number of crops, face boxes)`` per frame (one view for a photo)."""
+
+    path: str
+    kind: str  # image | video
+    tensor: torch.Tensor
+    views: list[tuple[int, int, list]] = field(default_factory=list)
+    error: str = ""
+
+
+class ScoringFiles(IterableDataset):
+    """Decodes, detects faces and preprocesses each file; worker ``k`` of ``W`` takes every
+    ``W``-th file, so the DataLoader yields them in input order."""
+
+    def __init__(self, inputs: list[str], transform: InputTransform, preprocess: str,
+                 options: StreamOptions, skip: frozenset[str] = frozenset()):
+        self.inputs = inputs
+        self.transform = transform
+        self.preprocess = preprocess
+        self.options = options
+        self.skip = skip
+        self.detector = FaceDetector(options.faces) if options.faces is not None else None
+
+    def files(self) -> Iterator[Path]:
+        return (p for p in iter_input_files(self.inputs) if str(p) not in self.skip)
+
+    def __iter__(self) -> Iterator[FileCrops]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for index, path in enumerate(self.files()):
+            if index % workers == worker:
+                yield self.load(path)
+
+    def _crops(self, rgb: np.ndarray) -> tuple[list[np.ndarray], list]:
+        return face_crops(rgb, self.detector) if self.detector is not None else ([rgb], [])
+
+    def load(self, path: Path) -> FileCrops:
+        video = is_video_path(path)
+        kind = "video" if video else "image"
+        try:
+            frames = sample_frames(path, self.options.frames) if video else [(-1, decode_rgb(path, self.preprocess))]
+        except ImageLoadError as exc:
+            return FileCrops(str(path), kind, torch.empty(0), error=exc.reason)
+        tensors, views = [], []
+        for frame, rgb in frames:
+            crops, boxes = self._crops(rgb)
+            tensors.extend(self.transform(crop) for crop in crops)
+            views.append((frame, len(crops), boxes))
+        return FileCrops(str(path), kind, torch.stack(tensors), views)
+
+
+def _worker_init(_worker_id: int) -> None:
+    cv2.setNumThreads(1)  # one decoding process per core; OpenCV's own threads would oversubscribe
+
+
+# --------------------------------------------------------------------------- rows
+
+
+def stream_columns(num_experts: int) -> list[str]:
+    return ["path", "kind", "frame", "prob_fake", "prob_fake_max", "frames_scored",
+            *[f"prob_expert_{i}" for i in range(num_experts)], "faces_found", "face_box", "faces", "error"]
+
+
+def file_rows(item: FileCrops, probs: np.ndarray, experts: np.ndarray, options: StreamOptions) -> list[dict]:
+    """The CSV rows of one scored file (``probs``/``experts``: its crops' scores in order)."""
+    if item.error:
+        return [{"path": item.path, "kind": item.kind, "error": item.error}]
+    rule = options.faces.rule if options.faces is not None else "max"
+    views, start = [], 0
+    for frame, count, boxes in item.views:
+        scores = summarise_faces(list(probs[start : start + count]), list(experts[start : start + count]), boxes, rule)
+        start += count
+        row = {"path": item.path, "kind": "frame" if item.kind == "video" else "image", "prob_fake": scores.prob,
+               **{f"prob_expert_{i}": p for i, p in enumerate(scores.expert_probs)}}
+        if item.kind == "video":
+            row["frame"] = frame
+        if options.faces is not None:
+            row.update(faces_found=scores.faces_found, face_box=scores.face_box, faces=faces_text(scores.probs, scores.boxes))
+        views.append(row)
+    if item.kind == "image":
+        return views
+    frame_probs = [v["prob_fake"] for v in views]
+    summary = {"path": item.path, "kind": "video", "prob_fake": float(np.mean(frame_probs)),
+               "prob_fake_max": float(np.max(frame_probs)), "frames_scored": len(views)}
+    for i in range(experts.shape[1]):
+        summary[f"prob_expert_{i}"] = float(np.mean([v[f"prob_expert_{i}"] for v in views]))
+    if options.faces is not None:  # frames in which a face was found
+        summary["faces_found"] = sum(v["faces_found"] > 0 for v in views)
+    return [summary, *(views if options.per_frame else [])]
+
+
+class CsvAppender:
+    """Appends rows to a CSV, one write and flush per batch; ``resume`` keeps what is there."""
+
+    def __init__(self, path: Path, columns: list[str], resume: bool):
+        self.path, self.columns = Path(path), columns
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fresh = not (resume and self.path.is_file() and self.path.stat().st_size > 0)
+        if not fresh:
+            header = self.path.open(newline="").readline().strip()
+            if header.split(",") != columns:
+                raise ValueError(f"{self.path}: its columns ({header}) are not this run's ({','.join(columns)}); "
+                                 f"resume with the same weights and options, or write to another --out")
+        self.handle = self.path.open("w" if fresh else "a", newline="")
+        if fresh:
+            self.write([])
+
+    def write(self, rows: list[dict]) -> None:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, self.columns, restval="", lineterminator="\n")
+        if self.handle.tell() == 0:
+            writer.writeheader()
+        writer.writerows(rows)
+        self.handle.write(buffer.getvalue())
+        self.handle.flush()
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+def done_paths(csv_path: Path) -> frozenset[str]:
+    """The paths a CSV already lists; a last line cut short by a crash is removed first."""
+    if not csv_path.is_file() or csv_path.stat().st_size == 0:
+        return frozenset()
+    with csv_path.open("rb+") as handle:
+        data = handle.read()
+        if not data.endswith(b"\n"):
+            handle.truncate(data.rfind(b"\n") + 1)
+    with csv_path.open(newline="") as handle:
+        return frozenset(row["path"] for row in csv.DictReader(handle) if row.get("path"))
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class StreamSummary:
+    files: int = 0
+    scored: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    skipped: int = 0  # already in the CSV (resume)
+
+
+def count_files(inputs: list[str], skip: frozenset[str], problems: list[str]) -> int:
+    """How many files a run will score (one lazy walk, names only: for the progress bar)."""
+    return sum(str(p) not in skip for p in iter_input_files(inputs, problems))
+
+
+def score_stream(predictor: Predictor, inputs: list[str], out: Path, options: StreamOptions = StreamOptions(),
+                 resume: bool = False, progress: bool = True, problems: list[str] | None = None) -> StreamSummary:
+    """Score every file ``inputs`` name into the CSV ``out``, appending batch by batch."""
+    out = Path(out)
+    skip = done_paths(out) if resume else frozenset()
+    problems = [] if problems is None else problems
+    total = count_files(inputs, skip, problems)
+    summary = StreamSummary(skipped=len(skip))
+    dataset = ScoringFiles(inputs, predictor.transform, predictor.preprocess, options, skip)
+    cuda = predictor.device.type == "cuda"
+    loader = DataLoader(dataset, batch_size=None, collate_fn=lambda item: item, num_workers=options.workers,
+                        pin_memory=cuda, worker_init_fn=_worker_init if options.workers else None,
+                        prefetch_factor=4 if options.workers else None, persistent_workers=False)
+    writer = CsvAppender(out, stream_columns(predictor.num_experts), resume)
+    bar = tqdm(total=total, desc="scoring", unit="file", disable=not progress, smoothing=0.1)
+    pending: list[FileCrops] = []
+    try:
+        for item in loader:
+            pending.append(item)
+            if sum(len(p.tensor) for p in pending if not p.error) >= predictor.batch_size:
+                _flush(predictor, pending, options, writer, summary, bar)
+        _flush(predictor, pending, options, writer, summary, bar)
+    finally:
+        writer.close()
+        bar.close()
+    return summary
+
+
+def _flush(predictor: Predictor, pending: list[FileCrops], options: StreamOptions, writer: CsvAppender,
+           summary: StreamSummary, bar) -> None:
+    """Score the pending files' crops (in model batches), append their rows, empty ``pending``."""
+    if not pending:
+        return
+    ready = [p for p in pending if not p.error]
+    probs, experts = np.empty(0), np.empty((0, predictor.num_experts))
+    if ready:
+        crops = torch.cat([p.tensor for p in ready])
+        outs = [predictor.predict_tensor(crops[i : i + predictor.batch_size])
+                for i in range(0, len(crops), predictor.batch_size)]
+        probs = torch.cat([o["prob"] for o in outs]).numpy()
+        experts = torch.cat([o["expert_probs"] for o in outs]).numpy()
+    rows, start = [], 0
+    for item in pending:
+        count = 0 if item.error else len(item.tensor)
+        rows.extend(file_rows(item, probs[start : start + count], experts[start : start + count], options))
+        start += count
+        summary.files += 1
+        if item.error:
+            summary.failed.append((item.path, item.error))
+        else:
+            summary.scored += 1
+    writer.write(rows)
+    bar.update(len(pending))
+    pending.clear()
