@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "augment": ("dfd_lib.synth.cli", "generate notebook 03's edited / Stable Diffusion images into a run folder"),
     "train": ("dfd_lib.modeling.cli", "train an expert, or one per re-split and their mixture, from a config file"),
     "predict": ("dfd_lib.scoring.cli", "score images, folders or globs into a CSV"),
+    "calibrate": ("dfd_lib.scoring.calibrate_cli", "choose the verdict threshold on labelled images (a target FPR or the EER)"),
     "convert-weights": ("dfd_lib.modeling.released", "convert the released weight.pth + ema.state into our format"),
     "serve": ("dfd_lib.serving.cli", "serve the HTTP API and the web page"),
 }

@@ -44,7 +44,8 @@ def test_predict_scores_a_folder_and_reports_corrupt_files(weights, folder, tmp_
     assert code == 0
     table = pd.read_csv(out, keep_default_na=False)
     assert list(table.columns) == ["path", "kind", "frame", "prob_fake", "prob_fake_max", "frames_scored", "prob_expert_0",
-                                   "prob_expert_1", "faces_found", "face_box", "faces", "error"]
+                                   "prob_expert_1", "faces_found", "face_box", "faces", "error",
+                                   "verdict", "threshold", "threshold_source"]
     by_name = {Path(p).name: row for p, row in zip(table["path"], table.to_dict("records"))}
     assert set(by_name) == {"astronaut.jpg", "chelsea.png", "truncated.jpg", "notes.png"}
     for good in ("astronaut.jpg", "chelsea.png"):

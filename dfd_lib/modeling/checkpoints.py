@@ -50,6 +50,8 @@ class MixtureConfig(StepConfig):
     preprocess: str = "compat"  # how files are decoded (see dfd_lib.scoring.predictor)
     ema_folded: bool = True
     provenance: dict[str, str] = field(default_factory=dict)
+    # the verdict threshold chosen by `dfd calibrate` with its ROC point (dfd_lib.scoring.calibration); empty: not calibrated
+    calibration: dict = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self):
@@ -72,6 +74,10 @@ class MixtureConfig(StepConfig):
         if self.format_version > FORMAT_VERSION:
             raise ValueError(f"checkpoint format {self.format_version} is newer than this dfd-kit reads ({FORMAT_VERSION})")
         self.provenance = {str(k): str(v) for k, v in dict(self.provenance).items()}
+        self.calibration = dict(self.calibration or {})
+        threshold = self.calibration.get("threshold") if self.calibration else 0.0
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"MixtureConfig.calibration needs a threshold in [0, 1], got {threshold!r}")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)

@@ -8,11 +8,13 @@ the exit code is non-zero only when nothing could be scored.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 from pathlib import Path
 
 from dfd_lib.modeling.checkpoints import PREPROCESS_MODES, CheckpointError
+from dfd_lib.scoring.calibration import resolve_threshold
 from dfd_lib.scoring.default_weights import WeightsNotFound, find_weights
 from dfd_lib.scoring.faces import FACE_RULES, FaceOptions
 from dfd_lib.scoring.predictor import Predictor
@@ -50,6 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--frames", type=int, default=DEFAULT_FRAMES,
                         help=f"frames sampled evenly from each video (default: {DEFAULT_FRAMES})")
     parser.add_argument("--per-frame", action="store_true", help="also write one row per sampled video frame")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="verdict threshold, fake if prob_fake >= it (default: the mixture's from `dfd calibrate`, "
+                             "else 0.5, 'not calibrated')")
 
 
 def stream_options(args: argparse.Namespace) -> StreamOptions:
@@ -68,13 +73,15 @@ def run(args: argparse.Namespace) -> int:
     try:
         predictor = Predictor.load(weights, device=args.device, batch_size=args.batch_size,
                                    threads=args.threads, preprocess=args.preprocess)
+        verdicts = resolve_threshold(predictor.config, args.threshold)
     except (CheckpointError, ValueError) as exc:
         log.error("dfd predict: %s", exc)
         return 2
     problems: list[str] = []
     out = Path(args.out)
     try:
-        summary = score_stream(predictor, args.paths, out, options, resume=args.resume, progress=True, problems=problems)
+        summary = score_stream(predictor, args.paths, out, dataclasses.replace(options, verdicts=verdicts),
+                               resume=args.resume, progress=True, problems=problems)
     except ValueError as exc:  # --resume onto a CSV of other columns
         log.error("dfd predict: %s", exc)
         return 2
@@ -88,4 +95,5 @@ def run(args: argparse.Namespace) -> int:
     resumed = f", {summary.skipped} already in the CSV" if summary.skipped else ""
     failed = f" ({len(summary.failed)} unreadable)" if summary.failed else ""
     print(f"scored {summary.scored} of {summary.files} files -> {out}{failed}{resumed}")
+    print(f"verdicts at threshold {verdicts.value:.4f} ({verdicts.note}): {summary.fake} fake")
     return 0 if summary.scored or summary.skipped else 1

@@ -20,21 +20,29 @@ import pandas as pd
 from dfd_lib.data.manifest import FAKE, REAL, Manifest
 from dfd_lib.figures import save_figure
 from dfd_lib.modeling.metrics import binary_metrics
+from dfd_lib.scoring.calibration import VerdictThreshold
 from dfd_lib.scoring.inputs import expand_inputs, label_from_path
 from dfd_lib.scoring.predictor import Predictor
 
 
-def add_verdicts(table: pd.DataFrame, threshold: float) -> pd.DataFrame:
-    """``verdict`` at ``threshold``: fake if ``prob_fake >= threshold``; ``error`` if unscored."""
-    if not 0.0 <= threshold <= 1.0:
-        raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+def add_verdicts(table: pd.DataFrame, threshold: float | VerdictThreshold) -> pd.DataFrame:
+    """``verdict`` at ``threshold``: fake if ``prob_fake >= threshold``; ``error`` if unscored.
+    A :class:`~dfd_lib.scoring.calibration.VerdictThreshold` (the mixture's calibrated one, a
+    given one or 0.5) also writes which threshold and where it came from (``threshold``,
+    ``threshold_source``)."""
+    value = threshold.value if isinstance(threshold, VerdictThreshold) else threshold
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"threshold must be in [0, 1], got {value}")
     table = table.copy()
     scored = table["error"].fillna("") == ""
-    table["verdict"] = np.where(~scored, "error", np.where(table["prob_fake"].fillna(-1) >= threshold, "fake", "real"))
+    table["verdict"] = np.where(~scored, "error", np.where(table["prob_fake"].fillna(-1) >= value, "fake", "real"))
+    if isinstance(threshold, VerdictThreshold):
+        table["threshold"], table["threshold_source"] = value, threshold.source
     return table
 
 
-def score_paths(predictor: Predictor, paths, labels=None, threshold: float = 0.5, progress: bool = True) -> pd.DataFrame:
+def score_paths(predictor: Predictor, paths, labels=None, threshold: float | VerdictThreshold = 0.5,
+                progress: bool = True) -> pd.DataFrame:
     paths = [str(p) for p in paths]
     table = predictor.predict_paths(paths, progress=progress)
     table.insert(1, "name", [Path(p).name for p in paths])
@@ -87,14 +95,19 @@ def top_scored(table: pd.DataFrame, count: int, highest: bool = True) -> list[st
     return list(scored["path"].head(count))
 
 
-def summarize(table: pd.DataFrame, threshold: float) -> dict:
-    """Counts, and the detection metrics where the table knows both classes."""
+def summarize(table: pd.DataFrame, threshold: float | VerdictThreshold) -> dict:
+    """Counts, and the detection metrics where the table knows both classes (with a
+    :class:`~dfd_lib.scoring.calibration.VerdictThreshold`: also where the threshold came from,
+    and the false-positive rate beside the calibration's target)."""
+    verdicts = threshold if isinstance(threshold, VerdictThreshold) else None
+    threshold = verdicts.value if verdicts else threshold
     scored = table[table["error"].fillna("") == ""]
     summary = {
         "images": int(len(table)),
         "scored": int(len(scored)),
         "unreadable": int(len(table) - len(scored)),
         "threshold": float(threshold),
+        **({"threshold_source": verdicts.source} if verdicts else {}),
         "flagged_fake": int((scored["prob_fake"] >= threshold).sum()),
         "mean_prob_fake": float(scored["prob_fake"].mean()) if len(scored) else math.nan,
     }
@@ -103,6 +116,11 @@ def summarize(table: pd.DataFrame, threshold: float) -> dict:
         metrics = binary_metrics(labelled["label"].astype(int), labelled["prob_fake"])
         summary.update({k: metrics[k] for k in ("n_real", "n_fake", "auc", "ap", "eer")})
         summary["accuracy_at_threshold"] = float(((labelled["prob_fake"] >= threshold) == (labelled["label"] == FAKE)).mean())
+        flagged, reals = labelled["prob_fake"] >= threshold, labelled["label"] == REAL
+        summary["fpr_at_threshold"] = float(flagged[reals].mean()) if reals.any() else math.nan
+        summary["tpr_at_threshold"] = float(flagged[~reals].mean()) if (~reals).any() else math.nan
+        if verdicts and verdicts.calibration and verdicts.calibration.target_fpr is not None:
+            summary["target_fpr"] = verdicts.calibration.target_fpr
         if metrics["reason"]:
             summary["note"] = metrics["reason"]
     return summary

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from dfd_lib.data.images import ImageLoadError, is_image_path
 from dfd_lib.data.preprocess import InputTransform
+from dfd_lib.scoring.calibration import VerdictThreshold
 from dfd_lib.scoring.faces import FaceDetector, FaceOptions, face_crops, faces_text, summarise_faces
 from dfd_lib.scoring.predictor import Predictor, decode_rgb
 from dfd_lib.scoring.videos import DEFAULT_FRAMES, is_video_path, sample_frames
@@ -45,6 +46,7 @@ class StreamOptions:
     frames: int = DEFAULT_FRAMES  # frames sampled evenly from each video
     per_frame: bool = False  # also one row per video frame
     workers: int = 0  # DataLoader worker processes decoding (0: in the main process)
+    verdicts: VerdictThreshold | None = None  # adds the columns verdict, threshold, threshold_source
 
     def __post_init__(self):
         if self.frames < 1:
@@ -244,6 +246,7 @@ class StreamSummary:
     scored: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)
     skipped: int = 0  # already in the CSV (resume)
+    fake: int = 0  # files whose verdict is fake (with StreamOptions.verdicts)
 
 
 def count_files(inputs: list[str], skip: frozenset[str], problems: list[str]) -> int:
@@ -264,7 +267,8 @@ def score_stream(predictor: Predictor, inputs: list[str], out: Path, options: St
     loader = DataLoader(dataset, batch_size=None, collate_fn=lambda item: item, num_workers=options.workers,
                         pin_memory=cuda, worker_init_fn=_worker_init if options.workers else None,
                         prefetch_factor=4 if options.workers else None, persistent_workers=False)
-    writer = CsvAppender(out, stream_columns(predictor.num_experts), resume)
+    verdict_columns = list(VerdictThreshold.COLUMNS) if options.verdicts is not None else []
+    writer = CsvAppender(out, stream_columns(predictor.num_experts) + verdict_columns, resume)
     bar = tqdm(total=total, desc="scoring", unit="file", disable=not progress, smoothing=0.1)
     pending: list[FileCrops] = []
     try:
@@ -295,7 +299,12 @@ def _flush(predictor: Predictor, pending: list[FileCrops], options: StreamOption
     rows, start = [], 0
     for item in pending:
         count = 0 if item.error else len(item.tensor)
-        rows.extend(file_rows(item, probs[start : start + count], experts[start : start + count], options))
+        new_rows = file_rows(item, probs[start : start + count], experts[start : start + count], options)
+        if options.verdicts is not None:  # the file's own row comes first, then its frames'
+            for row in new_rows:
+                row.update(options.verdicts.fields(row.get("prob_fake")))
+            summary.fake += new_rows[0]["verdict"] == "fake"
+        rows.extend(new_rows)
         start += count
         summary.files += 1
         if item.error:
