@@ -101,6 +101,7 @@ def test_the_page_scores_an_uploaded_image_like_the_api(served, browser, tmp_pat
     try:
         page.goto(served + "/")
         page.wait_for_function("document.querySelector('#model-info').textContent.includes('2 experts')", timeout=30_000)
+        assert "not calibrated" in page.inner_text("#threshold-source")  # the server's threshold, and where it came from
         page.set_input_files("#file-input", str(image))
         card = page.wait_for_selector(".result.done", timeout=60_000)
         assert card.get_attribute("data-name") == "astronaut.jpg"

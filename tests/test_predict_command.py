@@ -78,3 +78,17 @@ def test_predict_explains_missing_weights(folder, tmp_path, capsys):
     code = dfd_main(["predict", str(folder), "--weights", str(tmp_path / "no_weights"), "--out", str(tmp_path / "p.csv")])
     assert code == 2
     assert "convert-weights" in capsys.readouterr().err
+
+
+def test_predict_says_its_verdicts_are_not_calibrated(weights, folder, tmp_path, capsys):
+    """A mixture never calibrated: verdicts at 0.5, and every row and the summary say so."""
+    out = tmp_path / "preds.csv"
+    assert dfd_main(["predict", str(folder), "--weights", str(weights), "--out", str(out), "--workers", "0"]) == 0
+    table = pd.read_csv(out, keep_default_na=False)
+    scored = table[table["error"] == ""]
+    assert (scored["verdict"] == ["fake" if float(p) >= 0.5 else "real" for p in scored["prob_fake"]]).all()
+    assert (table.loc[table["error"] != "", "verdict"] == "error").all()
+    assert set(table["threshold_source"]) == {"not calibrated"} and set(table["threshold"]) == {0.5}
+    assert "not calibrated" in capsys.readouterr().out
+    assert dfd_main(["predict", str(folder), "--weights", str(weights), "--out", str(out), "--threshold", "2"]) == 2
+    assert "threshold must be in [0, 1]" in capsys.readouterr().err

@@ -390,3 +390,20 @@ def test_dfd_serve_refuses_a_missing_weights_folder(tmp_path, capsys):
     assert dfd_main(["serve", "--weights", str(tmp_path / "none")]) == 2
     assert "not found" in capsys.readouterr().err
     assert dfd_main(["serve", "--weights", str(tmp_path), "--workers", "0"]) == 2
+
+
+def test_verdicts_carry_their_threshold_and_say_when_it_is_not_calibrated(predictor, photos):
+    client = TestClient(create_app(predictor, max_body_bytes=BODY_LIMIT), raise_server_exceptions=False)
+    info = client.get("/health").json()["threshold"]
+    assert (info["value"], info["source"], info["calibrated"]) == (0.5, "not calibrated", False)
+    assert "not calibrated" in info["note"]
+    images = [b64(raw) for raw in photos.values()] + [b64(b"not an image at all, just text")]
+    body = client.post("/predict/batch", json={"images": images}).json()
+    assert (body["threshold"], body["threshold_source"]) == (0.5, "not calibrated")
+    assert [r.get("verdict") for r in body["results"]] == [("fake" if r["result"] >= 0.5 else "real") for r in body["results"][:3]] + [None]
+    explained = client.post("/explain", json={"image": images[0]}).json()
+    assert explained["verdict"] == body["results"][0]["verdict"] and explained["threshold"] == 0.5
+    # a given threshold wins over the mixture's (here: none) and says so
+    given = TestClient(create_app(predictor, threshold=0.0))
+    assert given.get("/health").json()["threshold"]["source"] == "given"
+    assert given.post("/predict?details=true", json={"image": images[0]}).json()["verdict"] == "fake"

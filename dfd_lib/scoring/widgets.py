@@ -17,6 +17,7 @@ from PIL import Image
 
 from dfd_lib.data.images import ImageLoadError, load_rgb
 from dfd_lib.scoring import explain
+from dfd_lib.scoring.calibration import VerdictThreshold, resolve_threshold
 from dfd_lib.scoring.predictor import Prediction, Predictor
 
 FAKE_COLOUR, REAL_COLOUR, ERROR_COLOUR = "#c62828", "#2e7d32", "#6d4c41"
@@ -54,6 +55,8 @@ class UploadApp:
     widget: widgets.VBox
     explain: bool = True
     cards: list[_Card] = field(default_factory=list)
+    verdicts: VerdictThreshold | None = None  # the threshold the slider starts at, and where it came from
+    threshold_note: widgets.HTML = field(default_factory=widgets.HTML)  # says where the slider's value comes from
 
     @property
     def results(self) -> list[UploadResult]:
@@ -73,7 +76,7 @@ def verdict_html(prediction: Prediction, threshold: float) -> str:
     colour, word = (FAKE_COLOUR, "FAKE") if fake else (REAL_COLOUR, "REAL")
     return (f'<span style="color:{colour};font-size:1.3em;font-weight:700">{word}</span> '
             f'<span style="font-size:1.3em">{prediction.prob:.4f}</span>'
-            f'<br><small>fake probability (threshold {threshold:.2f})</small>')
+            f'<br><small>fake probability (threshold {threshold:.4f})</small>')
 
 
 def _bar_style(prob: float, threshold: float) -> str:
@@ -121,9 +124,20 @@ def result_card(result: UploadResult, threshold: float, backbones: Sequence[str]
     return _Card(result, verdict, bars, box)
 
 
+def threshold_note_html(verdicts: VerdictThreshold | None, value: float) -> str:
+    """Where the slider's threshold comes from: the mixture's calibration, a given value, 0.5 (not
+    calibrated), or the slider moved away from it."""
+    if verdicts is None:
+        return ""
+    if abs(value - verdicts.value) > 1e-4:
+        return f"<small>moved here; the mixture's threshold is {verdicts.value:.4f} ({verdicts.source})</small>"
+    return f"<small>{verdicts.note}</small>"
+
+
 def recolour(app: UploadApp) -> None:
     """Redraw every verdict and bar at the slider's threshold (no rescoring)."""
     threshold = app.threshold.value
+    app.threshold_note.value = threshold_note_html(app.verdicts, threshold)
     for card in app.cards:
         card.verdict.value = verdict_html(card.result.prediction, threshold)
         for bar in card.bars:
@@ -158,19 +172,22 @@ def handle_upload(app: UploadApp, value) -> list[UploadResult]:
     return [card.result for card in new_cards]
 
 
-def build_upload_app(predictor: Predictor, threshold: float = 0.5, with_heatmap: bool = True) -> UploadApp:
-    """The upload widget wired to ``predictor``; display ``app.widget``."""
-    if not 0.0 <= threshold <= 1.0:
-        raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+def build_upload_app(predictor: Predictor, threshold: float | VerdictThreshold | None = None,
+                     with_heatmap: bool = True) -> UploadApp:
+    """The upload widget wired to ``predictor``; display ``app.widget``. The slider starts at
+    ``threshold``: by default the mixture's calibrated one (0.5 when it was not calibrated)."""
+    verdicts = threshold if isinstance(threshold, VerdictThreshold) else resolve_threshold(predictor.config, threshold)
     upload = widgets.FileUpload(accept="image/*", multiple=True, description="Upload images")
-    slider = widgets.FloatSlider(value=threshold, min=0.0, max=1.0, step=0.01, description="threshold",
-                                 continuous_update=True, readout_format=".2f")
+    slider = widgets.FloatSlider(value=verdicts.value, min=0.0, max=1.0, step=0.0001, description="threshold",
+                                 continuous_update=True, readout_format=".4f")
     status = widgets.HTML("drop or choose images to score")
     results_box = widgets.VBox()
     experts = ", ".join(dict.fromkeys(predictor.config.backbones))
     header = widgets.HTML(f"<b>{predictor.num_experts} experts</b> ({experts}) at {predictor.config.image_size} px")
+    note = widgets.HTML(threshold_note_html(verdicts, slider.value))
     app = UploadApp(predictor, upload, slider, status, results_box,
-                    widgets.VBox([header, widgets.HBox([upload, slider]), status, results_box]), with_heatmap)
+                    widgets.VBox([header, widgets.HBox([upload, slider]), note, status, results_box]), with_heatmap,
+                    verdicts=verdicts, threshold_note=note)
     upload.observe(lambda change: handle_upload(app, change["new"]), names="value")
     slider.observe(lambda _change: recolour(app), names="value")
     return app

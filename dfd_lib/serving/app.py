@@ -35,6 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dfd_lib.data.images import ImageLoadError
 from dfd_lib.scoring import explain
+from dfd_lib.scoring.calibration import VerdictThreshold, resolve_threshold
 from dfd_lib.scoring.predictor import Predictor
 from dfd_lib.serving.request_parsing import ApiError, ImageLimits, read_image_bytes, read_image_list, vet_image
 from dfd_lib.serving.schema import (
@@ -69,6 +70,7 @@ class Served:
     token: str | None
     max_body_bytes: int
     max_batch_images: int
+    verdicts: VerdictThreshold  # the threshold of every verdict, and where it came from
 
 
 # --------------------------------------------------------------------------- limits
@@ -123,10 +125,12 @@ def create_app(
     max_batch_images: int = DEFAULT_MAX_BATCH_IMAGES,
     strict_modes: bool = False,
     model_batch: int | None = None,
+    threshold: float | None = None,
 ) -> FastAPI:
     """The API and the page around a loaded :class:`Predictor` (or the weights folder to
     load one from). ``token``: when set, every POST needs ``Authorization: Bearer <token>``.
-    ``model_batch``: most images per forward pass (default: the predictor's batch size)."""
+    ``model_batch``: most images per forward pass (default: the predictor's batch size).
+    ``threshold``: the verdicts' threshold (default: the mixture's calibrated one, else 0.5)."""
     predictor = (predictor_or_weights_dir if isinstance(predictor_or_weights_dir, Predictor)
                  else Predictor.load(predictor_or_weights_dir))
     if max_body_bytes < 1024:
@@ -136,7 +140,7 @@ def create_app(
     if token is not None and not token.strip():
         raise ValueError("the bearer token must not be empty (leave it unset to serve without one)")
     served = Served(predictor, ModelWorker(predictor, model_batch), ImageLimits(max_pixels, min_side, strict_modes),
-                    token, max_body_bytes, max_batch_images)
+                    token, max_body_bytes, max_batch_images, resolve_threshold(predictor.config, threshold))
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -249,6 +253,7 @@ async def health(request: Request) -> dict:
                    "min_side": limits.min_side, "max_batch_images": served.max_batch_images,
                    "strict_modes": limits.strict_modes},
         "token_required": served.token is not None,
+        "threshold": served.verdicts.info(),
         "served": {"images": worker.stats.images, "batches": worker.stats.batches,
                    "mean_batch": round(worker.stats.mean_batch, 3), "explanations": worker.stats.calls},
     }
@@ -261,7 +266,8 @@ async def predict(request: Request, details: bool = Query(False, description="ad
     served = _served(request)
     _rgb, tensor = await run_in_threadpool(_prepare, served, await read_image_bytes(request, served.max_body_bytes))
     [(prob, experts)] = await served.worker.score([tensor])
-    return CompactJSONResponse({"result": prob, "experts": experts} if details else {"result": prob})
+    details_fields = {"experts": experts, **served.verdicts.fields(prob)} if details else {}
+    return CompactJSONResponse({"result": prob, **details_fields})
 
 
 @router.post("/predict/batch", summary="Fake probabilities of several images",
@@ -280,9 +286,10 @@ async def predict_batch(request: Request):
             ready.append((i, outcome[1]))
     scores = await served.worker.score([tensor for _, tensor in ready]) if ready else []
     for (i, _), (prob, experts) in zip(ready, scores):
-        results[i].update(result=prob, experts=experts)
+        results[i].update(result=prob, experts=experts, verdict=served.verdicts.verdict(prob))
     errors = sum("error" in r for r in results)
-    return CompactJSONResponse({"results": results, "count": len(results), "errors": errors})
+    return CompactJSONResponse({"results": results, "count": len(results), "errors": errors,
+                                "threshold": served.verdicts.value, "threshold_source": served.verdicts.source})
 
 
 @router.post("/explain", summary="Scores and a Grad-CAM heatmap of one image",
@@ -298,4 +305,5 @@ async def explain_image(request: Request, expert: int | None = Query(None, ge=0,
     result = await served.worker.call(lambda: explain.explain_tensor(predictor, tensor, experts))
     png = await run_in_threadpool(_png_data_url, explain.overlay_heatmap(rgb, result.cam))
     return CompactJSONResponse({"result": result.prob, "experts": result.expert_probs,
-                                "backbones": predictor.config.backbones, "heatmap": png})
+                                "backbones": predictor.config.backbones, "heatmap": png,
+                                **served.verdicts.fields(result.prob)})

@@ -36,6 +36,7 @@ class ServeSettings:
     threads: int | None = None
     device: str | None = None
     preprocess: str = "default"
+    threshold: float | None = None  # the verdicts' threshold; None: the mixture's calibrated one, else 0.5
 
     def __post_init__(self):
         if self.max_body_bytes < 1024:
@@ -45,6 +46,8 @@ class ServeSettings:
         if self.preprocess not in PREPROCESS_MODES:
             raise ValueError(f"preprocess must be one of {PREPROCESS_MODES}, got {self.preprocess!r}")
         ImageLimits(self.max_pixels, self.min_side, self.strict_modes)  # validates those two
+        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"--threshold must be in [0, 1], got {self.threshold}")
 
 
 def app_from_settings(settings: ServeSettings, token: str | None = None) -> FastAPI:
@@ -52,7 +55,7 @@ def app_from_settings(settings: ServeSettings, token: str | None = None) -> Fast
                                threads=settings.threads, preprocess=settings.preprocess)
     return create_app(predictor, settings.max_body_bytes, settings.max_pixels, token,
                       min_side=settings.min_side, max_batch_images=settings.max_batch_images,
-                      strict_modes=settings.strict_modes)
+                      strict_modes=settings.strict_modes, threshold=settings.threshold)
 
 
 def app_from_environment() -> FastAPI:
@@ -94,6 +97,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA when present)")
     parser.add_argument("--preprocess", choices=PREPROCESS_MODES, default="default",
                         help="'compat' decodes with OpenCV exactly like the original release (default: default)")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="verdict threshold, fake if the probability is at least it (default: the mixture's from "
+                             "`dfd calibrate`, else 0.5, 'not calibrated')")
     parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
 
 
@@ -106,7 +112,7 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
     return ServeSettings(weights=str(args.weights), max_body_bytes=int(args.max_body_mb * 1024 * 1024),
                          max_pixels=args.max_pixels, min_side=args.min_side, max_batch_images=args.max_batch_images,
                          strict_modes=args.strict_modes, batch_size=args.batch_size, threads=threads,
-                         device=args.device, preprocess=args.preprocess)
+                         device=args.device, preprocess=args.preprocess, threshold=args.threshold)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -134,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
             return 2
         log.info("dfd serve: %d experts loaded from %s; page and API on http://%s:%d/ (schema: /docs)",
                  app.state.served.predictor.num_experts, settings.weights, args.host, args.port)
+        log.info("dfd serve: verdicts at threshold %.4f (%s)", app.state.served.verdicts.value, app.state.served.verdicts.note)
         uvicorn.run(app, **common)
     else:  # each process loads the model itself; the settings travel in the environment
         os.environ[SETTINGS_ENV] = json.dumps(asdict(settings))

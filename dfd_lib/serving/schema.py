@@ -21,15 +21,24 @@ def error_response(status: int, message: str, headers: dict[str, str] | None = N
     return CompactJSONResponse({"error": message}, status_code=status, headers=headers)
 
 
+VERDICT = Field(None, description="fake if the probability is at least the threshold, else real")
+THRESHOLD = Field(None, description="the verdicts' threshold")
+THRESHOLD_SOURCE = Field(None, description="calibrated (dfd calibrate), given (--threshold) or not calibrated (0.5)")
+
+
 class PredictResponse(BaseModel):
     result: float = Field(description="the mixture's fake probability in [0, 1]")
     experts: list[float] | None = Field(None, description="each expert's fake probability (with ?details=true)")
+    verdict: str | None = VERDICT
+    threshold: float | None = THRESHOLD
+    threshold_source: str | None = THRESHOLD_SOURCE
 
 
 class BatchItem(BaseModel):
     index: int
     result: float | None = None
     experts: list[float] | None = None
+    verdict: str | None = VERDICT
     error: str | None = Field(None, description="why this image could not be scored")
     status: int | None = Field(None, description="the HTTP status this error would have on its own")
 
@@ -38,6 +47,8 @@ class BatchResponse(BaseModel):
     results: list[BatchItem]
     count: int
     errors: int
+    threshold: float | None = THRESHOLD
+    threshold_source: str | None = THRESHOLD_SOURCE
 
 
 class ExplainResponse(BaseModel):
@@ -45,6 +56,9 @@ class ExplainResponse(BaseModel):
     experts: list[float]
     backbones: list[str]
     heatmap: str = Field(description="PNG data URL: the Grad-CAM heatmap over the image")
+    verdict: str | None = VERDICT
+    threshold: float | None = THRESHOLD
+    threshold_source: str | None = THRESHOLD_SOURCE
 
 
 class ErrorResponse(BaseModel):

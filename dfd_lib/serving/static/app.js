@@ -2,10 +2,11 @@
 // the per-expert bars and the Grad-CAM heatmap; the threshold only recolours verdicts.
 "use strict";
 
-const state = { backbones: [], tokenRequired: false };
+const state = { backbones: [], tokenRequired: false, threshold: null, moved: false };
 const $ = (selector, root = document) => root.querySelector(selector);
 
-function threshold() {
+function threshold() {  // the server's exact value until the slider is moved (the slider rounds to its step)
+  if (state.threshold && !state.moved) return state.threshold.value;
   return parseFloat($("#threshold").value);
 }
 
@@ -16,6 +17,7 @@ function recolour(card) {
   card.classList.toggle("fake", fake);
   card.classList.toggle("real", !fake);
   $(".verdict", card).textContent = fake ? "fake" : "real";
+  $(".verdict", card).title = `fake if the probability is at least ${threshold().toFixed(4)}`;
   card.querySelectorAll(".bar > span").forEach((bar) => {
     bar.classList.toggle("fake", parseFloat(bar.dataset.prob) >= threshold());
   });
@@ -86,6 +88,17 @@ async function scoreAll(files) {
   for (const file of files) await score(file);  // one at a time: the model serves one batch at a time anyway
 }
 
+// The server's threshold (calibrated by `dfd calibrate`, given with --threshold, or 0.5 "not calibrated")
+// sets the slider; moving it recolours the verdicts here only.
+function showThreshold(info) {
+  if (!info) return;
+  state.threshold = info;
+  $("#threshold").value = String(info.value);
+  $("#threshold-value").textContent = info.value.toFixed(4);
+  $("#threshold-source").textContent = info.note;
+  document.querySelectorAll(".result.done").forEach(recolour);
+}
+
 async function loadHealth() {
   try {
     const health = await (await fetch("/health")).json();
@@ -95,6 +108,7 @@ async function loadHealth() {
     $("#model-info").textContent =
       `${health.model.experts} experts (${[...new Set(health.model.backbones)].join(", ")}) · ` +
       `${health.model.image_size} px · ${health.model.device}`;
+    showThreshold(health.threshold);
   } catch (err) {
     $("#model-info").textContent = `server unreachable: ${err}`;
   }
@@ -117,7 +131,13 @@ document.addEventListener("DOMContentLoaded", () => {
     scoreAll([...event.dataTransfer.files]);
   });
   $("#threshold").addEventListener("input", () => {
-    $("#threshold-value").textContent = threshold().toFixed(2);
+    state.moved = true;
+    $("#threshold-value").textContent = threshold().toFixed(4);
+    if (state.threshold) {
+      $("#threshold-source").textContent = Math.abs(threshold() - state.threshold.value) > 1e-4
+        ? `moved on this page; the server's is ${state.threshold.value.toFixed(4)} (${state.threshold.source})`
+        : state.threshold.note;
+    }
     document.querySelectorAll(".result.done").forEach(recolour);
   });
   loadHealth();
