@@ -12,7 +12,8 @@ from PIL import Image
 from dfd_lib.cli import main as dfd_main
 from dfd_lib.data.manifest import Manifest
 from dfd_lib.embed import resplits
-from dfd_lib.modeling import ablation, comparison, training_data
+from dfd_lib.modeling import ablation, comparison, ladder, ladder_results, training_data
+from dfd_lib.modeling.bootstrap import BootstrapConfig
 from dfd_lib.modeling.losses import LossConfig
 from dfd_lib.modeling.metrics import binary_metrics, plot_roc_curves
 from dfd_lib.modeling.mixture_training import train_mixture
@@ -119,32 +120,48 @@ def test_expert_configs_cycle_backbones_and_weights():
         training_data.expert_configs(_base(), [], [], 2)
 
 
+INTERVALS = BootstrapConfig(bootstrap_resamples=200)
+
+
 def test_headline_table_roc_and_group_tables(run, trained, tmp_path):
     data, _, official, experts = trained
-    headline = comparison.headline_comparison(data.test, official, experts, batch_size=8, progress=False)
+    headline = comparison.headline_comparison(data.test, official, experts, batch_size=8, progress=False, bootstrap=INTERVALS)
     table = headline.table
     assert list(table["role"]) == ["official split", "cluster expert", "cluster expert", "mixture"]
-    for column in ("val_auc", "test_auc", "test_ap", "test_eer", "test_acc_at_0.5", "test_acc_at_eer"):
+    for column in ("val_auc", "test_auc", "test_ap", "test_eer", "test_tpr_at_fpr_1%", "test_tpr_at_fpr_0.1%",
+                   "test_threshold_at_fpr_1%", "test_acc_at_0.5", "test_acc_at_eer", "test_auc_lo", "test_tpr_at_fpr_1%_hi"):
         assert column in table.columns
     assert (table["n_test"] == 12).all() and headline.unreadable == 0
-    # every AUC is the one binary_metrics gives on the same scores
+    # every figure is the one binary_metrics gives on the same scores, inside its interval
     for name in table.index:
-        assert table.loc[name, "test_auc"] == pytest.approx(binary_metrics(headline.labels, headline.scores[name])["auc"])
+        expected = binary_metrics(headline.labels, headline.scores[name])
+        for metric in ("auc", "ap", "eer", "tpr_at_fpr_1%", "tpr_at_fpr_0.1%", "threshold_at_fpr_0.1%"):
+            assert table.loc[name, f"test_{metric}"] == pytest.approx(expected[metric]), metric
+        assert table.loc[name, "test_auc_lo"] <= table.loc[name, "test_auc"] <= table.loc[name, "test_auc_hi"]
     # the mixture row is the saved mixture, as dfd predict scores it
     mixture_name = table.index[-1]
     saved = Predictor.load(run.path(runs.MOE_WEIGHTS), device="cpu", malloc_tuning=False).predict_paths(data.test["path"], progress=False)
     np.testing.assert_allclose(headline.scores[mixture_name], saved["prob_fake"], atol=1e-6)
     np.testing.assert_allclose(headline.scores[mixture_name], headline.scores[list(table.index[1:3])].mean(axis=1), atol=1e-12)
-    # the ROC figure holds one curve per model
+    # the ROC figure holds one curve per model, the interval of the emphasised ones shaded
     path = tmp_path / "roc.png"
-    figure = plot_roc_curves(headline.curves(), path)
+    figure = plot_roc_curves(headline.curves(), path, emphasis=headline.main_models, bootstrap=INTERVALS)
     assert path.is_file() and len(figure.axes[0].lines) == 4 + 1  # + chance line
-    families = comparison.per_group_auc(headline, by="family")
-    assert list(families.index) == ["sd_inpaint", "self_blend", "(all)"]  # reals alone have no AUC: no row
-    assert families.loc["(all)", mixture_name] == pytest.approx(table.loc[mixture_name, "test_auc"])
+    assert len(figure.axes[0].collections) == 2  # two shaded bands: the official-split model and the mixture
+    legend = [text.get_text() for text in figure.axes[0].get_legend().get_texts()]
+    assert legend[0].startswith("official split (AUC") and "[" in legend[0] and "bootstrap interval" in legend[-1]
+    families = comparison.per_group_table(headline, by="family", bootstrap=INTERVALS)
+    assert list(families.index.get_level_values(0).unique()) == ["sd_inpaint", "self_blend", "(all)"]  # reals alone: no row
+    assert list(families.loc["sd_inpaint"].index) == list(table.index)  # one row per model
+    assert families.loc[("(all)", mixture_name), "test_auc"] == pytest.approx(table.loc[mixture_name, "test_auc"])
+    assert families.loc[("sd_inpaint", mixture_name), "images"] == 3
+    for column in ("test_tpr_at_fpr_1%", "test_tpr_at_fpr_0.1%", "test_auc_lo", "test_auc_hi"):
+        assert families[column].notna().all(), column
     clusters = comparison.per_cluster_table(data, experts, headline)
     assert list(clusters.index) == [0, 1]
     assert clusters.loc[0, "held-out AUC"] == pytest.approx(experts.experts[0].best_val_auc)
+    assert clusters.loc[0, "test TPR@1% FPR"] == table.iloc[1]["test_tpr_at_fpr_1%"]
+    assert clusters.loc[0, "test AUC low"] == table.iloc[1]["test_auc_lo"]
     assert clusters.loc[0, "val images"] == int((data.trainval["resplit_0"] == "val").sum())
 
 
@@ -201,3 +218,71 @@ def test_launch_files_hand_trainings_over_to_the_notebook(run, tmp_path):
     before = official_last.stat().st_mtime_ns
     official = comparison.train_official_split(data.trainval, configs[0], experts_dir / training_data.OFFICIAL_DIR)
     assert official_last.stat().st_mtime_ns == before and official.best_weights.is_file()
+
+
+def _state_times(folder):
+    return {path: path.stat().st_mtime_ns for path in folder.glob(f"*/{LAST_STATE}")}
+
+
+def test_the_ladder_trains_only_what_the_run_lacks(run, trained, tmp_path):
+    data, configs, official, experts = trained
+    experts_dir = run.path(runs.EXPERTS_DIR)
+    ablated = ablation.loss_ablation(data.trainval, experts, experts_dir, resplit=1)
+    before = _state_times(experts_dir)
+    trainings = ladder.train_ladder(data, configs, official, experts, ablated, tmp_path / "ladder", resplit=1, seeds=1)
+    rungs = trainings.rungs[0]
+    assert rungs[3][0] is ablated.results["CE only"] and rungs[4][0] is experts.experts[1]
+    assert len(rungs[5]) == 2 and all(a is b for a, b in zip(rungs[5], experts.experts))
+    # only the two official-split CE-only models are new, and no training of the run ran again
+    assert [r.out_dir.name for r in trainings.trained] == ["official_ce_no_enrichment", "official_ce"]
+    assert _state_times(experts_dir) == before
+    assert list(trainings.summary()["from"]) == ["trained for the ladder", "trained for the ladder", "loss ablation: CE only",
+                                                 "expert 1 (cluster 1 held out)", "the run's 2 experts"]
+    # one budget: the experts' schedule and settings, only the losses differ
+    assert all(r.config.same_run_as(ladder.ce_only(configs[1]).to_dict()) for r in (rungs[1][0], rungs[2][0], rungs[3][0]))
+
+    headline = comparison.headline_comparison(data.test, official, experts, batch_size=8, progress=False, bootstrap=INTERVALS)
+    result = ladder_results.ladder_table(trainings, headline, bootstrap=INTERVALS, batch_size=8, progress=False)
+    table = result.table
+    assert list(table.index) == [1, 2, 3, 4, 5] and (table["n_seeds"] == 1).all()
+    assert table.loc[4, "test_auc"] == pytest.approx(headline.table["test_auc"].iloc[2])  # expert 1, scored once
+    assert table.loc[5, "test_auc"] == pytest.approx(headline.table["test_auc"].iloc[-1])  # the mixture
+    ablation_scores = ablation.ablation_table(ablated, data.test, batch_size=8, progress=False)
+    assert table.loc[3, "test_auc"] == pytest.approx(ablation_scores.loc["CE only", "test_auc"])
+    for column in ("test_auc_lo", "test_auc_hi", "test_tpr_at_fpr_1%", "test_tpr_at_fpr_0.1%_hi", "test_eer_seed_mean"):
+        assert table[column].notna().all(), column
+    assert table["test_auc_seed_sd"].isna().all()  # one seed: no spread
+    assert table.loc[1, "verdict"] == "" and set(table.loc[2:, "verdict"]) <= {"no clear difference"} | {
+        f"{word} than rung {n}" for word in ("better", "worse") for n in range(1, 5)}
+    assert table.loc[2, "delta_auc"] == pytest.approx(table.loc[2, "test_auc"] - table.loc[1, "test_auc"])
+    figure = ladder_results.plot_ladder(result, tmp_path / "ladder.png")
+    assert (tmp_path / "ladder.png").is_file() and len(figure.axes) == 2
+    values = comparison.summary_metrics(headline, official, experts, ladder=result)
+    recorded = run.record_metrics("04_train_moe", values)["04_train_moe"]["ladder"]
+    assert list(recorded) == [f"{n} {name}" for n, name in zip(table.index, table["model"])]
+    assert recorded["5 + mixture"]["auc"] == pytest.approx(table.loc[5, "test_auc"], abs=1e-4)
+    assert recorded["5 + mixture"]["auc_lo"] <= recorded["5 + mixture"]["auc"] <= recorded["5 + mixture"]["auc_hi"]
+
+
+def test_ladder_seeds_train_every_rung_again_once_and_resume(run, trained, tmp_path):
+    data, configs, official, experts = trained
+    trainings = ladder.train_ladder(data, configs, official, experts, None, tmp_path / "ladder", resplit=0, seeds=2)
+    assert trainings.seeds == [1, 2]
+    # seed 1 (the run's): rungs 1-3 are new (no ablation to reuse); seed 2: rungs 1-3 and both experts,
+    # rung 4 being one of them
+    assert len(trainings.trained) == 3 + 5 and len({r.out_dir for r in trainings.trained}) == 8
+    assert trainings.rungs[1][4][0] is trainings.rungs[1][5][0]
+    assert all(r.config.seed == 2 for r in trainings.rungs[1][5])
+    before = _state_times(tmp_path / "ladder" / "seed_2")
+    again = ladder.train_ladder(data, configs, official, experts, None, tmp_path / "ladder", resplit=0, seeds=2)
+    assert _state_times(tmp_path / "ladder" / "seed_2") == before and len(again.trained) == 8  # found finished, not retrained
+    headline = comparison.headline_comparison(data.test, official, experts, batch_size=8, progress=False)
+    result = ladder_results.ladder_table(trainings, headline, bootstrap=INTERVALS, batch_size=8, progress=False)
+    assert (result.table["n_seeds"] == 2).all() and result.table["test_auc_seed_sd"].notna().all()
+    assert len(result.per_seed) == 10
+    mean = result.per_seed.groupby("rung")["test_auc"].mean()
+    assert result.table["test_auc_seed_mean"].to_numpy() == pytest.approx(mean.to_numpy())
+    off = ladder.train_ladder(data, configs, official, experts, None, tmp_path / "none", seeds=0)
+    assert not off.enabled and ladder_results.ladder_table(off, headline).table.empty
+    with pytest.raises(ValueError, match="no expert"):
+        ladder.train_ladder(data, configs, official, experts, None, tmp_path / "x", resplit=5)

@@ -5,8 +5,16 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
+from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
-from dfd_lib.modeling.metrics import binary_metrics, equal_error_rate, per_group_metrics, plot_roc_curves, roc_curve_points
+from dfd_lib.modeling.metrics import (
+    binary_metrics,
+    equal_error_rate,
+    per_group_metrics,
+    plot_roc_curves,
+    roc_curve_points,
+    tpr_at_fpr,
+)
 from dfd_lib.modeling.robustness import plot_robustness, robustness_table
 
 Y = [0, 0, 1, 1]
@@ -25,6 +33,66 @@ def test_binary_metrics_known_example():
     assert m["acc_at_0.5"] == pytest.approx(0.75)  # only 0.8 is called fake
     assert m["acc_at_eer"] == pytest.approx(0.5)
     assert (m["n"], m["n_real"], m["n_fake"], m["reason"]) == (4, 2, 2, "")
+
+
+def _brute_force(y, s, max_fprs=(0.01, 0.001)):
+    """The definitions, one threshold at a time, no library: AUC over all real/fake pairs (ties
+    half), AP as the mean over fakes of the precision at their own score, the EER where FPR and FNR
+    cross (linear between thresholds), the best TPR whose FPR stays within each max_fpr."""
+    y, s = np.asarray(y), np.asarray(s)
+    fakes, reals = s[y == 1], s[y == 0]
+    auc = np.mean([(f > r) + 0.5 * (f == r) for f in fakes for r in reals])
+    ap = np.mean([np.mean(y[s >= f]) for f in fakes])
+    points = [(0.0, 0.0, np.inf)] + [(np.mean(reals >= t), np.mean(fakes >= t), t) for t in sorted(set(s), reverse=True)]
+    eer = None
+    for (f0, t0, _), (f1, t1, _) in zip(points, points[1:]):
+        g0, g1 = f0 - (1 - t0), f1 - (1 - t1)
+        if g0 < 0 <= g1:
+            eer = f1 if g1 == 0 else f1 - g1 / (g1 - g0) * (f1 - f0)
+            break
+    tprs = {m: max((tpr, -thr) for fpr, tpr, thr in points if fpr <= m + 1e-12) for m in max_fprs}
+    return auc, ap, eer, {m: (tpr, -neg) for m, (tpr, neg) in tprs.items()}
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_metrics_match_scikit_learn_and_brute_force_on_random_scores(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(20, 300))
+    y = rng.integers(0, 2, n)
+    y[:2] = [0, 1]
+    s = np.round(rng.random(n) + 0.4 * y, 2 if seed % 2 else 6)  # odd seeds: many ties
+    m = binary_metrics(y, s)
+    assert m["auc"] == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+    assert m["ap"] == pytest.approx(average_precision_score(y, s), abs=1e-12)
+    auc, ap, eer, tprs = _brute_force(y, s)
+    assert m["auc"] == pytest.approx(auc, abs=1e-12)
+    assert m["ap"] == pytest.approx(ap, abs=1e-12)
+    assert m["eer"] == pytest.approx(eer, abs=1e-12)
+    fpr, tpr, thresholds = roc_curve(y, s, drop_intermediate=False)
+    for max_fpr, key in ((0.01, "1%"), (0.001, "0.1%")):
+        brute_tpr, brute_threshold = tprs[max_fpr]
+        assert m[f"tpr_at_fpr_{key}"] == pytest.approx(brute_tpr, abs=1e-12)
+        assert m[f"tpr_at_fpr_{key}"] == pytest.approx(tpr[fpr <= max_fpr].max(), abs=1e-12)  # scikit-learn's curve
+        threshold = m[f"threshold_at_fpr_{key}"]
+        if np.isfinite(brute_threshold):
+            assert threshold == brute_threshold
+        # the threshold does what it says: FPR within max_fpr, that TPR
+        assert np.mean(s[y == 0] >= threshold) <= max_fpr and np.mean(s[y == 1] >= threshold) == pytest.approx(brute_tpr)
+
+
+def test_tpr_at_low_fpr_known_examples():
+    # 200 reals at 0.00 .. 0.199, 100 fakes at 0.15 .. 0.249: 1 % FPR allows 2 reals (0.198, 0.199)
+    reals, fakes = np.arange(200) / 1000, 0.15 + np.arange(100) / 1000
+    y, s = np.r_[np.zeros(200), np.ones(100)], np.r_[reals, fakes]
+    assert tpr_at_fpr(y, s, 0.01) == (pytest.approx(0.52), pytest.approx(0.198))  # fakes >= 0.198: 52 of 100
+    assert tpr_at_fpr(y, s, 0.001) == (pytest.approx(0.50), pytest.approx(0.2))  # no false positive: above 0.199
+    # the top score is a real: nothing can be flagged without a false positive
+    tpr, threshold = tpr_at_fpr([0, 1, 1], [0.9, 0.5, 0.2], 0.001)
+    assert tpr == 0.0 and threshold > 0.9 and threshold == pytest.approx(0.9)
+    with pytest.raises(ValueError, match="both"):
+        tpr_at_fpr([1, 1], [0.3, 0.4], 0.01)
+    with pytest.raises(ValueError, match="max_fpr"):
+        tpr_at_fpr([0, 1], [0.3, 0.4], 1.5)
 
 
 def test_perfect_and_inverted_scores():

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from dfd_lib.modeling.comparison import METRICS, metrics_row, score_experts
+from dfd_lib.modeling.bootstrap import BootstrapConfig
+from dfd_lib.modeling.comparison import metric_columns, metrics_row, score_experts
 from dfd_lib.modeling.losses import LOSS_NAMES, LossConfig
 from dfd_lib.modeling.mixture_training import MixtureTrainResult, train_on_resplit
 from dfd_lib.modeling.train_config import TrainConfig
@@ -87,11 +88,11 @@ def loss_ablation(
 
 
 def ablation_table(ablation: AblationResult, test: pd.DataFrame, batch_size: int = 64, device: str | None = None,
-                   progress: bool = True) -> pd.DataFrame:
+                   progress: bool = True, bootstrap: BootstrapConfig | None = None) -> pd.DataFrame:
     """Each loss combination of the ablation: its weights, optimiser steps, validation AUC on
-    the held-out cluster and its metrics on the test split (empty when the ablation did not run)."""
-    columns = ["ce_weight", "nce_weight", "kl_weight", "epochs", "steps", "val_auc", *[f"test_{k}" for k in METRICS],
-               "train_seconds", "reused"]
+    the held-out cluster and its metrics on the test split with their ``bootstrap`` intervals
+    (empty when the ablation did not run)."""
+    columns = ["ce_weight", "nce_weight", "kl_weight", "epochs", "steps", "val_auc", *metric_columns(), "train_seconds", "reused"]
     if not ablation.results:
         return pd.DataFrame(columns=columns).rename_axis("losses")
     scores = score_experts(ablation.weights(), test, batch_size=batch_size, device=device, progress=progress)
@@ -103,7 +104,7 @@ def ablation_table(ablation: AblationResult, test: pd.DataFrame, batch_size: int
         steps_per_epoch = int(np.ceil(history["train_images"] / result.config.batch_size).max()) if len(history) else 0
         rows[name] = {"ce_weight": loss.ce_weight, "nce_weight": loss.nce_weight, "kl_weight": loss.kl_weight,
                       "epochs": result.config.epochs, "steps": steps_per_epoch * result.config.epochs,
-                      "val_auc": result.best_val_auc, **metrics_row(labels, scores.loc[readable, name].to_numpy()),
+                      "val_auc": result.best_val_auc, **metrics_row(labels, scores.loc[readable, name].to_numpy(), bootstrap),
                       "train_seconds": float(history["train_seconds"].sum()) if len(history) else math.nan,
                       "reused": name == ablation.reused}
     return pd.DataFrame.from_dict(rows, orient="index")[columns].rename_axis("losses")

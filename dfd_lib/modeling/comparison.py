@@ -9,6 +9,10 @@ from the experts only in how its images are split into training and validation, 
 variable the authors' figure is about. The mixture's score is the mean of its experts'
 softmax fake-probabilities, exactly what :class:`dfd_lib.modeling.experts.MixtureOfExperts` computes,
 so it is taken from the experts' scores without a second pass over the images.
+
+Every test-split figure comes with its stratified bootstrap interval (:mod:`dfd_lib.modeling.bootstrap`):
+``test_auc_lo`` / ``test_auc_hi`` beside ``test_auc``, and so on for AP, EER and the TPR at an FPR of
+1 % and 0.1 % (whose thresholds are columns too).
 """
 from __future__ import annotations
 
@@ -16,15 +20,17 @@ import math
 import os
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from dfd_lib.data.manifest import TRAIN, VAL
 from dfd_lib.embed.resplits import resplit_column
+from dfd_lib.modeling.bootstrap import INTERVAL_METRICS, BootstrapConfig, intervals
 from dfd_lib.modeling.checkpoints import load_expert, mixture_from_experts
-from dfd_lib.modeling.metrics import binary_metrics, per_group_metrics
+from dfd_lib.modeling.metrics import LOW_FPRS, binary_metrics, per_group_metrics, threshold_key, tpr_key
 from dfd_lib.modeling.mixture_training import MixtureTrainResult
 from dfd_lib.modeling.robustness import RobustnessResult
 from dfd_lib.modeling.train_config import TrainConfig
@@ -34,7 +40,9 @@ from dfd_lib.modeling.training_data import TrainingData
 # The authors' AUCs on their cross-domain test (docs/method.md): their data, not ours.
 AUTHORS_AUC = {"official split": 0.877, "cluster expert (best two)": (0.968, 0.964), "mixture of experts": 0.980}
 OFFICIAL, EXPERT, MIXTURE = "official split", "cluster expert", "mixture"
-METRICS = ("auc", "ap", "eer", "acc_at_0.5", "acc_at_eer")
+METRICS = ("auc", "ap", "eer", *(tpr_key(max_fpr) for max_fpr in LOW_FPRS), "acc_at_0.5", "acc_at_eer")
+THRESHOLDS = tuple(threshold_key(max_fpr) for max_fpr in LOW_FPRS)
+NO_INTERVALS = BootstrapConfig(bootstrap_resamples=0)
 
 
 def train_official_split(trainval: pd.DataFrame, config: TrainConfig, out_dir: str | os.PathLike, resume: bool = True) -> TrainResult:
@@ -76,9 +84,19 @@ def score_experts(
     return scores
 
 
-def metrics_row(labels: np.ndarray, scores: np.ndarray) -> dict:
-    metrics = binary_metrics(labels, scores)
-    return {f"test_{k}": metrics[k] for k in METRICS}
+def metric_columns(prefix: str = "test_") -> list[str]:
+    """The columns :func:`metrics_row` writes, in order: each metric, then its interval if it has one, then the thresholds."""
+    columns = []
+    for k in METRICS:
+        columns += [k, f"{k}_lo", f"{k}_hi"] if k in INTERVAL_METRICS else [k]
+    return [f"{prefix}{k}" for k in [*columns, *THRESHOLDS]]
+
+
+def metrics_row(labels: np.ndarray, scores: np.ndarray, bootstrap: BootstrapConfig | None = None, prefix: str = "test_") -> dict:
+    """:func:`~dfd_lib.modeling.metrics.binary_metrics` and, with ``bootstrap``, its intervals (NaN
+    without), as the columns of :func:`metric_columns`."""
+    values = {**binary_metrics(labels, scores), **intervals(labels, scores, bootstrap or NO_INTERVALS)}
+    return {column: values[column[len(prefix):]] for column in metric_columns(prefix)}
 
 
 @dataclass
@@ -90,6 +108,7 @@ class Headline:
     rows: pd.DataFrame  # those test rows, aligned with ``scores``
     unreadable: int  # test images that could not be scored (left out of every metric)
     seconds: float
+    weights: dict[str, Path] = field(default_factory=dict)  # model -> its weights file (the mixture has none)
 
     def curves(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """``name -> (labels, scores)`` for :func:`dfd_lib.modeling.metrics.plot_roc_curves`."""
@@ -116,8 +135,10 @@ def headline_comparison(
     batch_size: int = 64,
     device: str | None = None,
     progress: bool = True,
+    bootstrap: BootstrapConfig | None = None,
 ) -> Headline:
-    """Score (a) the official-split model, (b) every expert and (c) their mixture on ``test``."""
+    """Score (a) the official-split model, (b) every expert and (c) their mixture on ``test``,
+    each figure with its ``bootstrap`` interval."""
     started = time.perf_counter()
     names = expert_names(experts)
     weights = {OFFICIAL: official.best_weights, **{n: r.best_weights for n, r in zip(names, experts.experts)}}
@@ -134,28 +155,41 @@ def headline_comparison(
     for name, role, val_set, result in trainings:
         rows.append({"model": name, "role": role, "backbone": result.config.backbone, "validated on": val_set,
                      "val_auc": result.best_val_auc, "best_epoch": result.best_epoch + 1,
-                     **metrics_row(labels, scores[name].to_numpy())})
+                     **metrics_row(labels, scores[name].to_numpy(), bootstrap)})
     rows.append({"model": mixture_name, "role": MIXTURE, "backbone": "+".join(sorted(set(experts.summary["backbone"]))),
                  "validated on": "—", "val_auc": math.nan, "best_epoch": math.nan,
-                 **metrics_row(labels, scores[mixture_name].to_numpy())})
+                 **metrics_row(labels, scores[mixture_name].to_numpy(), bootstrap)})
     table = pd.DataFrame(rows).set_index("model")
     table["n_test"] = int(readable.sum())
     return Headline(table=table, scores=scores, rows=rows_scored, unreadable=int((~readable).sum()),
-                    seconds=time.perf_counter() - started)
+                    seconds=time.perf_counter() - started, weights={name: Path(path) for name, path in weights.items()})
 
 
-def per_group_auc(headline: Headline, by: str = "family") -> pd.DataFrame:
-    """Test AUC of every model per value of ``by`` in the test rows (a fake family is scored against all
-    the reals: :func:`dfd_lib.modeling.metrics.per_group_metrics`), with the group's image count."""
+def per_group_table(headline: Headline, by: str = "family", bootstrap: BootstrapConfig | None = None) -> pd.DataFrame:
+    """Every model's test metrics per value of ``by`` in the test rows, one row per (group, model)
+    (a fake family is scored against all the reals: :func:`dfd_lib.modeling.metrics.per_group_metrics`),
+    with the group's image count and its intervals; a group of reals alone has no AUC and no row."""
     rows = headline.rows
     if by not in rows.columns:
         raise ValueError(f"the test table has no column {by!r}")
-    table = pd.DataFrame({name: per_group_metrics(rows, headline.scores[name].to_numpy(), by=by).set_index(by)["auc"]
-                          for name in headline.scores.columns})
-    table.insert(0, "images", rows.groupby(by).size().reindex(table.index).fillna(len(rows)).astype(int))
+    images = rows.groupby(by).size()
     classes = rows.groupby(by)["label"].agg(lambda s: "+".join(sorted({"real" if v == 0 else "fake" for v in s})))
-    table.insert(1, "classes", classes.reindex(table.index).fillna("real+fake"))
-    return table[table["classes"] != "real"]  # a group of reals alone has no AUC (each fake group is scored against them)
+    parts = []
+    for name in headline.scores.columns:
+        table = per_group_metrics(rows, headline.scores[name].to_numpy(), by=by, bootstrap=bootstrap or NO_INTERVALS)
+        table = table[table[by].map(classes).fillna("real+fake") != "real"]
+        parts.append(pd.DataFrame({by: table[by], "model": name,
+                                   "images": table[by].map(images).fillna(len(rows)).astype(int).to_numpy(),
+                                   "classes": table[by].map(classes).fillna("real+fake").to_numpy(),
+                                   **{c: table[c[len("test_"):]].to_numpy() for c in metric_columns()}}))
+    result = pd.concat(parts, ignore_index=True)
+    position = {group: i for i, group in enumerate(parts[0][by])}  # groups in per_group_metrics' order, "(all)" last
+    result = result.iloc[np.argsort(result[by].map(position).to_numpy(), kind="stable")]
+    return result.set_index([by, "model"])
+
+
+PER_CLUSTER_TEST_COLUMNS = {"test AUC": "auc", "test AUC low": "auc_lo", "test AUC high": "auc_hi",
+                            **{f"test TPR@{m * 100:g}% FPR": tpr_key(m) for m in LOW_FPRS}}
 
 
 def per_cluster_table(data: TrainingData, experts: MixtureTrainResult, headline: Headline) -> pd.DataFrame:
@@ -171,7 +205,8 @@ def per_cluster_table(data: TrainingData, experts: MixtureTrainResult, headline:
         rows.append({"resplit": int(i), "held-out cluster": int(i), "train images": len(train), "val images": len(val),
                      "val real": int((val["label"] == 0).sum()), "val fake": int((val["label"] == 1).sum()),
                      "val fake families": ", ".join(f"{f} {n}" for f, n in families.items()),
-                     "held-out AUC": result.best_val_auc, "test AUC": headline.table.loc[name, "test_auc"]})
+                     "held-out AUC": result.best_val_auc,
+                     **{column: headline.table.loc[name, f"test_{key}"] for column, key in PER_CLUSTER_TEST_COLUMNS.items()}})
     return pd.DataFrame(rows).set_index("resplit")
 
 
@@ -187,11 +222,16 @@ def summary_metrics(
     experts: MixtureTrainResult,
     ablation: pd.DataFrame | None = None,
     robustness: RobustnessResult | None = None,
+    ladder=None,
 ) -> dict:
-    """The key numbers of notebook 04 for ``run.record_metrics``."""
+    """The key numbers of notebook 04 for ``run.record_metrics``; ``ladder`` is a
+    :class:`dfd_lib.modeling.ladder_results.Ladder`."""
     table = headline.table
     values = {
         "test_auc": table["test_auc"].round(4).to_dict(),
+        "test_auc_interval": {name: [round(r.test_auc_lo, 4), round(r.test_auc_hi, 4)] for name, r in
+                              zip(table.index, table[["test_auc_lo", "test_auc_hi"]].itertuples())},
+        **{f"test_{tpr_key(m)}": table[f"test_{tpr_key(m)}"].round(4).to_dict() for m in LOW_FPRS},
         "official_split_test_auc": float(table.loc[table["role"] == OFFICIAL, "test_auc"].iloc[0]),
         "expert_test_auc": table.loc[table["role"] == EXPERT, "test_auc"].round(4).tolist(),
         "mixture_test_auc": float(table.loc[table["role"] == MIXTURE, "test_auc"].iloc[0]),
@@ -212,4 +252,19 @@ def summary_metrics(
         values["robustness_auc"] = {"none" if r.perturbation == "none" else f"{r.perturbation} {r.level:g}": r.auc
                                     for r in rob.itertuples()}
         values["seconds"]["robustness"] = robustness.seconds
+    if ladder is not None and len(ladder.table):
+        values["ladder"] = ladder_summary(ladder.table)
+        values["seconds"]["ladder"] = {"training": ladder.training_seconds, "scoring": ladder.seconds}
     return values
+
+
+def ladder_summary(table: pd.DataFrame) -> dict:
+    """``"<rung> <model>" -> {metric: value, its interval, seed mean and sd, verdict, from}`` for ``metrics.json``."""
+    keys = [c for c in table.columns if c.startswith("test_") or c.startswith("delta_")]
+    return {f"{rung} {row['model']}": {**{k.removeprefix("test_"): _rounded(row[k]) for k in keys},
+                                       "verdict": row["verdict"], "from": row["from"], "n_seeds": int(row["n_seeds"])}
+            for rung, row in table.iterrows()}
+
+
+def _rounded(value) -> float:
+    return round(float(value), 4) if np.isfinite(value) else math.nan

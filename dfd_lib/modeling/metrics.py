@@ -1,5 +1,6 @@
-"""Scoring a detector: AUC, average precision, EER, accuracy; ROC curves; per-family and
-per-cluster tables (robustness is :mod:`dfd_lib.modeling.robustness`).
+"""Scoring a detector: AUC, average precision, EER, TPR at a low false-positive rate (1 % and
+0.1 %) with the threshold it implies, accuracy; ROC curves; per-family and per-cluster tables
+(intervals are :mod:`dfd_lib.modeling.bootstrap`, robustness :mod:`dfd_lib.modeling.robustness`).
 
 Scores are fake-probabilities (label 1 = fake). Metrics that need both classes are NaN, with
 the reason in ``reason``, when a set holds only one class.
@@ -17,8 +18,27 @@ from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 from dfd_lib.data.manifest import REAL
 from dfd_lib.figures import save_figure
 
+# The competition's organisers: top teams had high AUC but weak true-positive rates at low
+# false-positive rates. A TPR at these FPRs is reported beside every AUC.
+LOW_FPRS = (0.01, 0.001)
+FPR_TOLERANCE = 1e-12  # an FPR of exactly max_fpr, up to float rounding, is within it
 
-def _as_arrays(y_true, y_score) -> tuple[np.ndarray, np.ndarray]:
+
+def fpr_label(max_fpr: float) -> str:
+    """``0.01 -> "1%"``, ``0.001 -> "0.1%"``: the suffix of the metric names."""
+    return f"{max_fpr * 100:g}%"
+
+
+def tpr_key(max_fpr: float) -> str:
+    return f"tpr_at_fpr_{fpr_label(max_fpr)}"
+
+
+def threshold_key(max_fpr: float) -> str:
+    return f"threshold_at_fpr_{fpr_label(max_fpr)}"
+
+
+
+def checked_arrays(y_true, y_score) -> tuple[np.ndarray, np.ndarray]:
     y = np.asarray(y_true).astype(int).ravel()
     s = np.asarray(y_score, dtype=np.float64).ravel()
     if y.shape != s.shape:
@@ -34,7 +54,7 @@ def equal_error_rate(y_true, y_score) -> tuple[float, float]:
     """``(eer, threshold)``: the rate where false positives equal false negatives (linearly
     interpolated between ROC points) and the score threshold (predict fake if ``score >= t``)
     at the ROC point where the false-positive rate first reaches the false-negative rate."""
-    y, s = _as_arrays(y_true, y_score)
+    y, s = checked_arrays(y_true, y_score)
     fpr, tpr, thresholds = roc_curve(y, s)
     fnr = 1.0 - tpr
     gap = fpr - fnr  # rises from -1 to +1 along the curve
@@ -48,10 +68,28 @@ def equal_error_rate(y_true, y_score) -> tuple[float, float]:
     return eer, float(threshold)
 
 
+def tpr_at_fpr(y_true, y_score, max_fpr: float) -> tuple[float, float]:
+    """``(tpr, threshold)``: the highest true-positive rate of a threshold whose false-positive
+    rate is at most ``max_fpr`` (predict fake if ``score >= threshold``), and that threshold (the
+    lowest one that keeps the FPR within ``max_fpr``). With fewer than ``1 / max_fpr`` reals no
+    false positive is allowed: the TPR is then the share of fakes scored above every real. When
+    not even that catches a fake, the TPR is 0 and the threshold lies just above the top score."""
+    y, s = checked_arrays(y_true, y_score)
+    if not 0 <= max_fpr < 1:
+        raise ValueError(f"max_fpr must be in [0, 1), got {max_fpr}")
+    if np.unique(y).size < 2:
+        raise ValueError("a TPR at a given FPR needs both reals and fakes")
+    fpr, tpr, thresholds = roc_curve(y, s, drop_intermediate=False)
+    i = int(np.flatnonzero(fpr <= max_fpr + FPR_TOLERANCE)[-1])  # the TPR only grows along the curve
+    threshold = thresholds[i] if np.isfinite(thresholds[i]) else np.nextafter(s.max(), np.inf)
+    return float(tpr[i]), float(threshold)
+
+
 def binary_metrics(y_true, y_score) -> dict:
-    """AUC, average precision, EER and its threshold, accuracy at 0.5 and at the EER
-    threshold (predict fake if ``score >= threshold``); ``reason`` explains NaNs (one class only) and is ``""`` otherwise."""
-    y, s = _as_arrays(y_true, y_score)
+    """AUC, average precision, EER and its threshold, TPR at an FPR of 1 % and 0.1 % and their
+    thresholds (:func:`tpr_at_fpr`), accuracy at 0.5 and at the EER threshold (predict fake if
+    ``score >= threshold``); ``reason`` explains NaNs (one class only) and is ``""`` otherwise."""
+    y, s = checked_arrays(y_true, y_score)
     n_fake = int(y.sum())
     result = {
         "n": int(y.size),
@@ -63,6 +101,7 @@ def binary_metrics(y_true, y_score) -> dict:
         "eer_threshold": math.nan,
         "acc_at_0.5": float(((s >= 0.5) == y).mean()) if y.size else math.nan,
         "acc_at_eer": math.nan,
+        **{key(max_fpr): math.nan for max_fpr in LOW_FPRS for key in (tpr_key, threshold_key)},
         "reason": "",
     }
     if y.size == 0:
@@ -79,23 +118,34 @@ def binary_metrics(y_true, y_score) -> dict:
         eer_threshold=eer_threshold,
         acc_at_eer=float(((s >= eer_threshold) == y).mean()),
     )
+    for max_fpr in LOW_FPRS:
+        result[tpr_key(max_fpr)], result[threshold_key(max_fpr)] = tpr_at_fpr(y, s, max_fpr)
     return result
 
 
 def roc_curve_points(y_true, y_score) -> pd.DataFrame:
     """The ROC curve as a table ``fpr, tpr, threshold`` (first row: threshold inf, (0, 0))."""
-    y, s = _as_arrays(y_true, y_score)
+    y, s = checked_arrays(y_true, y_score)
     fpr, tpr, thresholds = roc_curve(y, s)
     return pd.DataFrame({"fpr": fpr, "tpr": tpr, "threshold": thresholds})
 
 
-def per_group_metrics(table: pd.DataFrame, scores, by: str = "family", reals_with_every_group: bool = True) -> pd.DataFrame:
+def per_group_metrics(table: pd.DataFrame, scores, by: str = "family", reals_with_every_group: bool = True,
+                      bootstrap=None) -> pd.DataFrame:
     """One row of :func:`binary_metrics` per value of ``table[by]`` (``family``, ``cluster``,
-    ``source`` ...), plus an ``(all)`` row.
+    ``source`` ...), plus an ``(all)`` row; with ``bootstrap`` (a
+    :class:`~dfd_lib.modeling.bootstrap.BootstrapConfig`) each row also holds its intervals.
 
     A group of fakes only (a fake family) cannot have an AUC on its own; with
     ``reals_with_every_group`` such a group is scored against all the reals of the table,
     the usual per-family protocol. ``mean_score`` is the group's own mean score."""
+    if bootstrap is not None:
+        from dfd_lib.modeling.bootstrap import metrics_with_intervals  # it builds on this module
+
+        def measure(y, s):
+            return metrics_with_intervals(y, s, bootstrap)
+    else:
+        measure = binary_metrics
     if by not in table.columns:
         raise ValueError(f"table has no column {by!r} (columns: {', '.join(map(str, table.columns))})")
     if "label" not in table.columns:
@@ -113,21 +163,26 @@ def per_group_metrics(table: pd.DataFrame, scores, by: str = "family", reals_wit
         paired = reals_with_every_group and not reals[mask].any() and reals.any()
         if paired:
             mask |= reals
-        row = {by: group, **binary_metrics(labels[mask], scores[mask]), "mean_score": own_mean}
+        row = {by: group, **measure(labels[mask], scores[mask]), "mean_score": own_mean}
         if paired:
             row["reason"] = "fakes of this group scored against all reals"
         rows.append(row)
-    rows.append({by: "(all)", **binary_metrics(labels, scores), "mean_score": float(scores.mean()) if scores.size else math.nan})
+    rows.append({by: "(all)", **measure(labels, scores), "mean_score": float(scores.mean()) if scores.size else math.nan})
     return pd.DataFrame(rows)
 
 
 def plot_roc_curves(curves: Mapping[str, tuple], path: str | os.PathLike | None = None, title: str = "ROC curves",
-                    emphasis: Sequence[str] = ()):
+                    emphasis: Sequence[str] = (), bootstrap=None):
     """One figure with the ROC curve of each ``name -> (y_true, y_score)``, AUC in the legend;
     saved to ``path`` when given. Curves named in ``emphasis`` are drawn bold and the others
-    thin and faded (many curves stay readable). Returns the matplotlib figure."""
+    thin and faded (many curves stay readable). With ``bootstrap`` (a
+    :class:`~dfd_lib.modeling.bootstrap.BootstrapConfig`) the interval of the emphasised curves
+    (of all without emphasis) is shaded and their AUC interval is in the legend. Returns the figure."""
     import matplotlib.pyplot as plt
 
+    from dfd_lib.modeling import bootstrap as intervals  # it builds on this module
+
+    banded = bootstrap is not None and bootstrap.enabled
     fig, ax = plt.subplots(figsize=(5.5, 5))
     for name, (y, s) in curves.items():
         metrics = binary_metrics(y, s)
@@ -135,10 +190,24 @@ def plot_roc_curves(curves: Mapping[str, tuple], path: str | os.PathLike | None 
             continue  # no curve for a single-class set
         points = roc_curve_points(y, s)
         style = {"lw": 1.8} if not emphasis else ({"lw": 2.6, "zorder": 3} if name in emphasis else {"lw": 1.0, "alpha": 0.6})
-        ax.plot(points["fpr"], points["tpr"], **style, label=f"{name} (AUC {metrics['auc']:.3f})")
+        label = f"{name} (AUC {metrics['auc']:.3f}"
+        shade = banded and (not emphasis or name in emphasis)
+        if shade:
+            low, high = (intervals.intervals(y, s, bootstrap)[f"auc_{end}"] for end in ("lo", "hi"))
+            label += f" [{low:.3f}, {high:.3f}]"
+        (line,) = ax.plot(points["fpr"], points["tpr"], **style, label=label + ")")
+        if shade:
+            grid, low_tpr, high_tpr = intervals.roc_band(y, s, bootstrap)
+            ax.fill_between(grid, low_tpr, high_tpr, step="post", color=line.get_color(), alpha=0.18, lw=0)
     ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1, label="chance")
     ax.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.01), title=title)
-    ax.legend(loc="lower right", fontsize="small")
+    handles, labels = ax.get_legend_handles_labels()
+    if banded:
+        from matplotlib.patches import Patch
+
+        handles.append(Patch(color="grey", alpha=0.3, lw=0))
+        labels.append(f"shaded: {bootstrap.confidence:.0%} bootstrap interval")
+    ax.legend(handles, labels, loc="lower right", fontsize="small")
     fig.tight_layout()
     save_figure(fig, path)
     plt.close(fig)

@@ -15,10 +15,12 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from dfd_lib.figures import save_figure
-from dfd_lib.modeling.metrics import binary_metrics
+from dfd_lib.modeling.bootstrap import BootstrapConfig, metrics_with_intervals
+from dfd_lib.modeling.metrics import LOW_FPRS, tpr_key
 
 DEFAULT_PERTURBATIONS: dict[str, list[float]] = {"jpeg": [95, 75, 50, 30], "resize": [0.5, 0.25], "blur": [1, 2]}
-RESULT_COLUMNS = ["perturbation", "level", "auc", "ap", "acc_at_0.5", "n", "reason"]
+RESULT_COLUMNS = ["perturbation", "level", "auc", "auc_lo", "auc_hi", "ap", *(tpr_key(m) for m in LOW_FPRS), "acc_at_0.5",
+                  "n", "reason"]
 
 
 def _degradations() -> dict[str, Callable[[Image.Image, float], Image.Image]]:
@@ -34,10 +36,12 @@ def robustness_table(
     labels: Sequence[int],
     perturbations: Mapping[str, Sequence[float]] | None = None,
     batch_size: int = 32,
+    bootstrap: BootstrapConfig | None = None,
 ) -> pd.DataFrame:
-    """AUC (and AP, accuracy) of ``predict_fn`` on ``images`` unchanged and under each
-    perturbation level: ``jpeg`` quality, ``resize`` scale factor (down and back up, so
-    detail is lost), ``blur`` Gaussian sigma (:mod:`dfd_lib.synth.edits`).
+    """AUC with its ``bootstrap`` interval (NaN without), AP, TPR at an FPR of 1 % and 0.1 % and
+    accuracy of ``predict_fn`` on ``images`` unchanged and under each perturbation level: ``jpeg``
+    quality, ``resize`` scale factor (down and back up, so detail is lost), ``blur`` Gaussian sigma
+    (:mod:`dfd_lib.synth.edits`).
 
     ``predict_fn`` takes a list of PIL images and returns their fake-probabilities;
     ``images`` are PIL images or anything :func:`dfd_lib.data.images.load_rgb` reads."""
@@ -60,14 +64,14 @@ def robustness_table(
             if name != "none":
                 batch = [ops[name](image, level) for image in batch]
             scores.extend(float(v) for v in np.asarray(predict_fn(batch), dtype=np.float64).ravel())
-        metrics = binary_metrics(labels, scores)
-        rows.append({"perturbation": name, "level": level, "auc": metrics["auc"], "ap": metrics["ap"],
-                     "acc_at_0.5": metrics["acc_at_0.5"], "n": metrics["n"], "reason": metrics["reason"]})
-    return pd.DataFrame(rows)
+        metrics = metrics_with_intervals(labels, scores, bootstrap or BootstrapConfig(bootstrap_resamples=0))
+        rows.append({"perturbation": name, "level": level, **{k: metrics[k] for k in RESULT_COLUMNS[2:]}})
+    return pd.DataFrame(rows, columns=RESULT_COLUMNS)
 
 
 def plot_robustness(table: pd.DataFrame, path: str | os.PathLike | None = None, title: str = "Robustness"):
-    """One panel per perturbation: AUC against its level, the unperturbed AUC dashed."""
+    """One panel per perturbation: AUC against its level (its interval shaded when the table has
+    one), the unperturbed AUC dashed."""
     import matplotlib.pyplot as plt
 
     kinds = [kind for kind in table["perturbation"].unique() if kind != "none"]
@@ -75,7 +79,10 @@ def plot_robustness(table: pd.DataFrame, path: str | os.PathLike | None = None, 
     fig, axes = plt.subplots(1, max(1, len(kinds)), figsize=(3.6 * max(1, len(kinds)), 3.4), sharey=True, squeeze=False)
     for ax, kind in zip(axes[0], kinds):
         rows = table[table["perturbation"] == kind]
-        ax.plot(rows["level"], rows["auc"], marker="o")
+        (line,) = ax.plot(rows["level"], rows["auc"], marker="o")
+        if {"auc_lo", "auc_hi"} <= set(rows.columns) and rows["auc_lo"].notna().any():
+            ax.fill_between(rows["level"], rows["auc_lo"], rows["auc_hi"], color=line.get_color(), alpha=0.18, lw=0,
+                            label="bootstrap interval")
         if len(clean):
             ax.axhline(float(clean.iloc[0]), ls="--", c="grey", lw=1, label="unperturbed")
         if kind == "jpeg":
@@ -98,7 +105,7 @@ def plot_robustness(table: pd.DataFrame, path: str | os.PathLike | None = None, 
 
 @dataclass
 class RobustnessResult:
-    table: pd.DataFrame  # perturbation, level, auc, ap, acc_at_0.5, n (empty when not run)
+    table: pd.DataFrame  # RESULT_COLUMNS: perturbation, level, auc and its interval, ap, TPRs, acc_at_0.5, n (empty when not run)
     figure: object | None  # the matplotlib figure (None when not run)
     images: int
     seconds: float
@@ -114,10 +121,12 @@ def mixture_robustness(
     device: str | None = None,
     figure_path: str | os.PathLike | None = None,
     enabled: bool = True,
+    bootstrap: BootstrapConfig | None = None,
 ) -> RobustnessResult:
-    """AUC of the saved mixture (loaded from ``weights_dir`` as ``dfd predict`` loads it) on
-    the test images unchanged and under each perturbation level; ``max_images`` > 0 scores a
-    sample of that many, stratified by label. ``enabled=False`` returns an empty result."""
+    """AUC (with its ``bootstrap`` interval) of the saved mixture (loaded from ``weights_dir`` as
+    ``dfd predict`` loads it) on the test images unchanged and under each perturbation level;
+    ``max_images`` > 0 scores a sample of that many, stratified by label. ``enabled=False``
+    returns an empty result."""
     from dfd_lib.scoring.predictor import Predictor
 
     if not enabled:
@@ -130,7 +139,8 @@ def mixture_robustness(
     def predict(images):
         return [p.prob if p.ok else 0.5 for p in predictor.predict(images)]
 
-    table = robustness_table(predict, list(rows["path"]), rows["label"].astype(int).tolist(), levels, batch_size=batch_size)
+    table = robustness_table(predict, list(rows["path"]), rows["label"].astype(int).tolist(), levels, batch_size=batch_size,
+                             bootstrap=bootstrap)
     figure = plot_robustness(table, figure_path, title=f"Mixture of {predictor.num_experts} experts: test AUC under degradations")
     return RobustnessResult(table=table, figure=figure, images=len(rows), seconds=time.perf_counter() - started)
 

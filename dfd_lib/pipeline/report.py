@@ -28,6 +28,7 @@ STEP_TITLES = {
     "04": "04 · Experts, mixture and the headline table",
     "05": "05 · Inference",
 }
+LEAD_ITEMS = ("04_ladder",)  # figure and table shown first in their step's section, before the key figures and detailed tables
 DEMO_CAVEAT = ("This run used the embedded demo dataset: its fakes are made by dfd-kit's own generators over real "
                "photos. The figures show the method's mechanics, never accuracy on real deepfakes.")
 STYLE = """
@@ -108,25 +109,33 @@ def _step_section(key: str, run_dir: Path, metrics: dict, timings: dict) -> str:
                 links.append(f'<a href="{runs.NOTEBOOKS_DIR}/{nb.with_suffix(".html").name}">as HTML</a>')
             parts.append(" — executed " + ", ".join(links))
         parts.append("</p>")
+    lead = [path for path in figures + tables if path.stem in LEAD_ITEMS]
+    parts += [_figure_html(path) if path.suffix == ".png" else _csv_html(path) for path in lead]
+    figures, tables = [f for f in figures if f not in lead], [t for t in tables if t not in lead]
     for values in step_metrics.values():
         rows = _scalar_rows(values)
         if rows:
             parts.append("<table><tr><th>key figure</th><th>value</th></tr>"
                          + "".join(f"<tr><td>{html.escape(k)}</td><td>{v}</td></tr>" for k, v in rows) + "</table>")
-    for table in tables:
-        try:
-            frame = pd.read_csv(table, index_col=0)
-        except (OSError, ValueError, pd.errors.ParserError) as exc:
-            parts.append(f"<p>could not read {table.name}: {html.escape(str(exc))}</p>")
-            continue
-        title = table.stem[3:].replace("_", " ")
-        parts.append(f'<h3>{html.escape(title)}</h3>{_table_html(frame)}'
-                     f'<p><a href="{runs.TABLES_DIR}/{table.name}">{table.name}</a></p>')
-    for figure in figures:
-        caption = figure.stem[3:].replace("_", " ")
-        parts.append(f'<figure><img src="{runs.FIGURES_DIR}/{figure.name}" alt="{html.escape(caption)}">'
-                     f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    parts += [_csv_html(table) for table in tables]
+    parts += [_figure_html(figure) for figure in figures]
     return "\n".join(parts)
+
+
+def _csv_html(table: Path) -> str:
+    try:
+        frame = pd.read_csv(table, index_col=0)
+    except (OSError, ValueError, pd.errors.ParserError) as exc:
+        return f"<p>could not read {table.name}: {html.escape(str(exc))}</p>"
+    title = table.stem[3:].replace("_", " ")
+    return (f'<h3>{html.escape(title)}</h3>{_table_html(frame)}'
+            f'<p><a href="{runs.TABLES_DIR}/{table.name}">{table.name}</a></p>')
+
+
+def _figure_html(figure: Path) -> str:
+    caption = figure.stem[3:].replace("_", " ")
+    return (f'<figure><img src="{runs.FIGURES_DIR}/{figure.name}" alt="{html.escape(caption)}">'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
 
 
 def _weights_table(weights: dict) -> str:
