@@ -14,6 +14,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "check": ("dfd_lib.pipeline.preflight", "check a profile before running it: data, weights, disk, device, memory"),
     "fetch-weights": ("dfd_lib.pipeline.fetch", "download the backbones and Stable Diffusion checkpoints a profile needs"),
     "pipeline": ("dfd_lib.pipeline.cli", "run the numbered notebooks headless with papermill"),
+    "rerun": ("dfd_lib.pipeline.rerun", "execute a run folder again from what it recorded (profile, overrides, data)"),
+    "compare": ("dfd_lib.pipeline.compare", "say whether two run folders agree, file by file and metric by metric"),
     "augment": ("dfd_lib.synth.cli", "generate notebook 03's edited / Stable Diffusion images into a run folder"),
     "train": ("dfd_lib.modeling.cli", "train an expert, or one per re-split and their mixture, from a config file"),
     "predict": ("dfd_lib.scoring.cli", "score images, folders or globs into a CSV"),

@@ -1,13 +1,17 @@
 """The papermill chain on tiny notebooks: parameter merging, unknown names, failures, resume."""
 from __future__ import annotations
 
+import argparse
 import json
+import shlex
 from pathlib import Path
 
 import nbformat
 import pytest
 
-from dfd_lib.pipeline.chain import PipelineError, discover_steps, merge_parameters, parse_overrides, run_pipeline, select_steps
+from dfd_lib.pipeline.chain import PipelineError, discover_steps, run_pipeline, select_steps
+from dfd_lib.pipeline.cli import add_arguments
+from dfd_lib.pipeline.parameters import ParameterError, merge_parameters, parse_overrides
 
 
 def _notebook(path: Path, params: str, body: str) -> None:
@@ -29,8 +33,10 @@ def chain(tmp_path):
     _notebook(notebooks / "02_use.ipynb",
               'run_dir: str = ""  # run folder\nsize: int = 1  # items\nfail: bool = False  # raise on purpose',
               "import json, pathlib\nmade = json.loads(pathlib.Path(run_dir, 'made.json').read_text())\n"
-              "assert not fail, 'asked to fail'\npathlib.Path(run_dir, 'used.json').write_text(json.dumps(made))")
+              "import os\nassert not os.environ.get('TINY_FAIL_ONCE'), 'a passing failure'\n"
+              "assert not fail, 'asked to fail'\npathlib.Path(run_dir, 'used.json').write_text(json.dumps({**made, 'size2': size}))")
     (pipelines / "tiny.yaml").write_text("description: test\nparams:\n  size: 3\nsteps:\n  01_make:\n    scale: 2.5\n")
+    (pipelines / "other.yaml").write_text("description: another profile\n")
     return dict(notebooks_dir=notebooks, pipelines_dir=pipelines, reports_dir=reports)
 
 
@@ -40,11 +46,11 @@ def test_parameters_merge_by_precedence(chain):
     profile = {"params": {"size": 3}, "steps": {"01_make": {"scale": 2.5}}}
     merged = merge_parameters(steps, profile, parse_overrides(["size=5", "02.fail=true"]), declared)
     assert merged == {"01_make": {"size": 5, "scale": 2.5}, "02_use": {"size": 5, "fail": True}}
-    with pytest.raises(PipelineError, match="declared by none"):
+    with pytest.raises(ParameterError, match="declared by none"):
         merge_parameters(steps, profile, {"epochs": 3}, declared)
-    with pytest.raises(PipelineError, match="declares no parameter"):
+    with pytest.raises(ParameterError, match="declares no parameter"):
         merge_parameters(steps, profile, {"01.fail": True}, declared)
-    with pytest.raises(PipelineError, match="declared by no notebook"):
+    with pytest.raises(ParameterError, match="declared by no notebook"):
         merge_parameters(steps, {"params": {"typo": 1}}, {}, declared)
     assert [s.key for s in select_steps(steps, only="02")] == ["02"]
     assert [s.key for s in select_steps(steps, start="01")] == ["01", "02"]
@@ -63,9 +69,10 @@ def test_chain_runs_records_and_resumes_after_failure(chain):
     assert (run_dir / "notebooks" / "02_use.ipynb").is_file()  # the failed notebook is kept for reading
     before = (run_dir / "made.json").stat().st_mtime_ns
 
-    resumed = run_pipeline("tiny", run="r1", start="02", progress=False, **chain)
+    assert result.resume == "dfd pipeline --run r1 --from 02"
+    resumed = run_pipeline("tiny", run="r1", start="02", overrides={"02.fail": "false"}, progress=False, **chain)
     assert [s.step for s in resumed.steps] == ["02_use"] and resumed.ok
-    assert json.loads((run_dir / "used.json").read_text()) == made
+    assert json.loads((run_dir / "used.json").read_text()) == {**made, "size2": 3}
     assert (run_dir / "made.json").stat().st_mtime_ns == before  # earlier artefacts untouched
     params = json.loads((run_dir / "params.json").read_text())
     assert params["steps"]["01_make"]["size"] == 3 and params["steps"]["02_use"]["run_dir"] == str(run_dir)
@@ -91,3 +98,43 @@ def test_prepare_only_injects_without_executing(chain):
     assert [s.status for s in result.steps] == ["prepared", "prepared"]
     assert not (result.run_dir / "made.json").exists()
     assert "injected-parameters" in (result.run_dir / "notebooks" / "02_use.ipynb").read_text()
+
+
+def _resume_args(command: str) -> argparse.Namespace:
+    """``command`` (a printed ``dfd pipeline ...`` line) parsed as the dfd command parses it."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    words = shlex.split(command)
+    assert words[:2] == ["dfd", "pipeline"]
+    return parser.parse_args(words[2:])
+
+
+def test_printed_resume_command_reuses_the_recorded_profile_and_overrides(chain, monkeypatch):
+    # the first command: a profile, -p for both steps; step 02 dies of a passing cause (a flag in the environment)
+    first = ["size=5", "scale=4"]
+    monkeypatch.setenv("TINY_FAIL_ONCE", "1")
+    failed = run_pipeline("tiny", run="r3", overrides=parse_overrides(first), progress=False, **chain)
+    assert [s.status for s in failed.steps] == ["ok", "failed"] and failed.resume
+    monkeypatch.delenv("TINY_FAIL_ONCE")
+    args = _resume_args(failed.resume)
+    assert args.profile is None and args.param == []  # nothing to retype
+    resumed = run_pipeline(args.profile, only=args.only, start=args.start, run=args.run,
+                           overrides=parse_overrides(args.param), progress=False, **chain)
+    assert resumed.ok and [s.step for s in resumed.steps] == ["02_use"]
+    uninterrupted = run_pipeline("tiny", run="r4", overrides=parse_overrides(first), progress=False, **chain)
+    for name in ("made.json", "used.json"):
+        assert (resumed.run_dir / name).read_text() == (uninterrupted.run_dir / name).read_text()
+    record = json.loads((resumed.run_dir / "params.json").read_text())
+    assert record["profile"] == "tiny" and record["overrides"] == {"size": "5", "scale": "4"}
+    assert record["steps"]["02_use"]["size"] == 5
+
+    # repeating the first command with --from 02 works: its values equal what 01 ran with
+    again = run_pipeline("tiny", run="r3", start="02", overrides=parse_overrides(first), progress=False, **chain)
+    assert again.ok
+    # a change that would reach 02 but not the 01 that already ran is refused, with the way out
+    with pytest.raises(PipelineError, match="differs from the value step 01_make ran with"):
+        run_pipeline(run="r3", start="02", overrides=parse_overrides(["size=6"]), progress=False, **chain)
+    changed = run_pipeline(run="r3", start="02", overrides=parse_overrides(["02.size=6"]), progress=False, **chain)
+    assert changed.ok and json.loads((changed.run_dir / "params.json").read_text())["overrides"]["02.size"] == "6"
+    with pytest.raises(PipelineError, match="profile"):
+        run_pipeline("other", run="r3", start="02", progress=False, **chain)

@@ -14,7 +14,7 @@ from dfd_lib.modeling.checkpoints import load_expert, load_mixture
 from dfd_lib.modeling.losses import LossConfig
 from dfd_lib.modeling.mixture_training import train_mixture
 from dfd_lib.modeling.train_config import TrainConfig
-from dfd_lib.modeling.training import BEST_WEIGHTS, HISTORY_FILE, train_expert
+from dfd_lib.modeling.training import BEST_WEIGHTS, CURVES_FILE, HISTORY_FILE, train_expert
 from dfd_lib.modeling.training_state import STATE_DIR, read_training_state
 
 BACKBONE = "test_efficientnet"
@@ -78,6 +78,45 @@ def test_one_epoch_writes_checkpoints_and_logs_each_loss(images, tmp_path):
     assert result.best_epoch == 0 and result.selection == "val_auc"
 
 
+def test_every_step_logs_its_losses_and_learning_rate_to_csv_and_tensorboard(images, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    result = train_expert(images.iloc[:16], images.iloc[16:], _config(epochs=2), out)
+    curves = pd.read_csv(out / CURVES_FILE)
+    assert list(curves["step"]) == [1, 2, 3, 4] and list(curves["epoch"]) == [1, 1, 2, 2]
+    # the parts add up to the total with the loss weights; the epoch means are the history's
+    weighted = curves["loss_ce"] + 0.5 * curves["loss_nce"] + 1.0 * curves["loss_kl"]
+    np.testing.assert_allclose(curves["loss_overall"], weighted, rtol=1e-5)
+    np.testing.assert_allclose(curves.groupby("epoch")["loss_overall"].mean(), result.history["train_overall"], rtol=1e-5)
+    assert curves["lr"].iloc[-1] < curves["lr"].iloc[0]  # the cosine decay is visible
+    events = [p for p in (out / "tensorboard").rglob("events.out.tfevents.*")]
+    assert events, "accelerate's TensorBoard tracker wrote no event file"
+    scalars = EventAccumulator(str(events[0].parent)).Reload()
+    assert [e.step for e in scalars.Scalars("loss/overall")] == [1, 2, 3, 4]
+    assert [e.step for e in scalars.Scalars("val/auc")] == [2, 4]
+    np.testing.assert_allclose([e.value for e in scalars.Scalars("lr")], curves["lr"], rtol=1e-6)
+
+
+def test_curves_figure_draws_every_training(images, tmp_path):
+    from dfd_lib.modeling.curves import plot_training_curves, read_curves
+
+    for name, seed in (("expert_0", 1), ("expert_1", 2)):
+        train_expert(images.iloc[:16], images.iloc[16:], _config(epochs=2, seed=seed, log_with=""), tmp_path / name)
+    assert sorted(read_curves(tmp_path)["training"].unique()) == ["expert_0", "expert_1"]
+    fig = plot_training_curves(tmp_path, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
+    assert all(len(ax.lines) == 2 for ax in fig.axes)  # four loss parts, lr and validation AUC: one line per training
+    with pytest.raises(FileNotFoundError, match="run notebook 04"):
+        read_curves(tmp_path / "nothing")
+
+
+def test_no_tracker_still_writes_the_curves(images, tmp_path):
+    out = tmp_path / "quiet"
+    train_expert(images.iloc[:16], images.iloc[16:], _config(epochs=1, log_with=""), out)
+    assert len(pd.read_csv(out / CURVES_FILE)) == 2 and not (out / "tensorboard").exists()
+
+
 def test_disabled_losses_are_logged_as_zero(images, tmp_path):
     config = _config(epochs=1, loss=LossConfig(nce_weight=0, kl_weight=0))
     result = train_expert(images.iloc[:16], images.iloc[16:], config, tmp_path / "ce")
@@ -130,6 +169,8 @@ def test_resume_after_kill_matches_uninterrupted_run(images, tmp_path):
     columns = ["train_overall", "train_ce", "train_nce", "train_kl", "val_auc", "val_loss", "lr"]
     pd.testing.assert_frame_equal(whole.history[columns], resumed.history[columns], rtol=1e-5)
     assert whole.best_epoch == resumed.best_epoch
+    curves_whole, curves_resumed = pd.read_csv(tmp_path / "whole" / CURVES_FILE), pd.read_csv(tmp_path / "killed" / CURVES_FILE)
+    pd.testing.assert_frame_equal(curves_whole, curves_resumed, rtol=1e-5)  # no step lost or logged twice
     best_a, best_b = load_file(whole.best_weights), load_file(resumed.best_weights)
     for key in best_a:
         torch.testing.assert_close(best_a[key], best_b[key], rtol=1e-5, atol=1e-6)

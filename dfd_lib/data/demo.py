@@ -31,10 +31,10 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
 from dfd_lib.data.manifest import CLASS_NAMES, FAKE, REAL, TEST, TRAIN, VAL, Manifest
 from dfd_lib.data.photos import available_sources, load_source, random_square_crop
+from dfd_lib.logs import progress_bar
 from dfd_lib.paths import DEMO_DATA_DIR, resolve
 from dfd_lib.synth import diffusion, factory
 
@@ -207,7 +207,7 @@ def build_demo_dataset(config: DemoConfig | None = None, out_dir: str | os.PathL
     staging = out_dir.with_name(f".{out_dir.name}.building")
     shutil.rmtree(staging, ignore_errors=True)
     rows = []
-    for item in tqdm(items, desc="write demo images", disable=not progress):
+    for item in progress_bar(items, desc="write demo images", disable=not progress):
         data = _encode_png(item.image)
         relative = Path("images") / item.split / item.family / f"{item.id}.png"
         target = staging / relative

@@ -39,6 +39,15 @@ def file_sha1(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def content_digest(table: pd.DataFrame) -> str:
+    """A sha256 of what a dataset is — each image's content hash, label, split and family — independent
+    of where its files lie and of row order (what a run records of its input, so a rerun can tell
+    whether it reads the same data)."""
+    columns = [c for c in ("hash", "label", "split", "family") if c in table.columns] or ["path"]
+    rows = sorted("\t".join(map(str, row)) for row in table[columns].astype(str).itertuples(index=False))
+    return hashlib.sha256("\n".join(["\t".join(columns), *rows]).encode()).hexdigest()
+
+
 def empty_table() -> pd.DataFrame:
     return pd.DataFrame({c: pd.Series(dtype="object") for c in COLUMNS})
 

@@ -13,7 +13,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pandas as pd
-from tqdm.auto import tqdm
 
 from dfd_lib.data.images import ImageLoadError, is_image_path, load_rgb
 from dfd_lib.data.manifest import (
@@ -27,6 +26,7 @@ from dfd_lib.data.manifest import (
     file_sha1,
     skipped_path,
 )
+from dfd_lib.logs import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def scan_images(rows: list[dict], workers: int = 4, progress: bool = True) -> Ma
     """
     paths = [row["path"] for row in rows]
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        results = list(tqdm(pool.map(inspect_image, paths), total=len(paths), desc="scan images", disable=not progress))
+        results = list(progress_bar(pool.map(inspect_image, paths), total=len(paths), desc="scan images", disable=not progress))
     good, skipped = [], []
     for row, result in zip(rows, results):
         if "reason" in result:

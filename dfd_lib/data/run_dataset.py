@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from dfd_lib.config import StepConfig
-from dfd_lib.data.manifest import SPLITS, TEST, TRAIN, VAL, Manifest
+from dfd_lib.data.manifest import SPLITS, TEST, TRAIN, VAL, Manifest, content_digest
 from dfd_lib.data.readers import read_dataset
 from dfd_lib.paths import resolve
 from dfd_lib.pipeline import runs
@@ -91,11 +91,13 @@ def official_split(table: pd.DataFrame, val_fraction: float = 0.2, seed: int = 0
 def prepare_run_dataset(run: runs.RunDir, spec: DatasetSpec) -> Manifest:
     """Read the dataset(s), settle the splits, write ``run/manifest.csv`` and return it."""
     main = _read(spec.dataset, spec.labels_csv, TRAIN if spec.val_dataset else None, spec)
+    run.record_input(spec.dataset, content_digest(main.table))
     parts, skipped = [main.table], [main.skipped]
     for extra, labels, split in ((spec.val_dataset, spec.val_labels_csv, VAL),
                                  (spec.test_dataset, spec.test_labels_csv, TEST)):
         if extra:
             manifest = _read(extra, labels, split, spec)
+            run.record_input(extra, content_digest(manifest.table))
             manifest.table["split"] = split
             parts.append(manifest.table)
             skipped.append(manifest.skipped)

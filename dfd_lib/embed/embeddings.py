@@ -23,12 +23,12 @@ import pandas as pd
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from dfd_lib.atomic import atomic_write
 from dfd_lib.config import StepConfig
 from dfd_lib.data.images import load_rgb
 from dfd_lib.data.manifest import Manifest
+from dfd_lib.logs import progress_bar
 from dfd_lib.modeling.backbones import backbone_data_config, backbone_transform, create_backbone
 from dfd_lib.paths import cache_dir as default_cache_dir
 from dfd_lib.paths import resolve
@@ -251,7 +251,7 @@ def _compute(loader: DataLoader, model: nn.Module, device: torch.device, array_p
     written, failed = 0, []
     try:
         with torch.inference_mode():
-            for images, indices, reasons in tqdm(loader, desc="embedding", unit="batch", disable=not progress):
+            for images, indices, reasons in progress_bar(loader, desc="embedding", unit="batch", disable=not progress):
                 ok = torch.tensor([reason == "" for reason in reasons])
                 failed += [(int(i), reason) for i, reason in zip(indices, reasons) if reason]
                 if not ok.any():

@@ -17,7 +17,7 @@ from dfd_lib.modeling.losses import LossConfig
 MIXED_PRECISION = ("no", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 _NESTED = ("loss", "augment")
-_SPEED_ONLY = ("progress", "threads", "num_workers")  # how fast, not what is computed
+_SPEED_ONLY = ("progress", "threads", "num_workers", "log_with")  # how fast or where it is logged, not what is computed
 
 
 @dataclass
@@ -51,6 +51,7 @@ class TrainConfig(StepConfig):
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     threads: int = 0  # torch CPU threads (a busy shared CPU runs faster with fewer); 0 = torch's default
     progress: bool = True
+    log_with: str = "tensorboard"  # accelerate tracker(s) for per-step curves, comma-separated (tensorboard, wandb, mlflow, ...); "" = none
 
     def __post_init__(self):
         for name in ("lr", "weight_decay", "warmup_epochs", "min_lr_ratio", "ema_decay", "drop_rate", "grad_clip"):

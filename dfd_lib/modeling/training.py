@@ -11,8 +11,14 @@ continues after the last finished epoch and ends with the same weights as an uni
 the data order and the augmentation of each epoch derive from ``(seed, epoch)``, and the RNG states
 (noise of the KL term, dropout) are restored.
 
+Curves: every optimiser step's total loss, each loss part and the learning rate (the main process's
+batches), and every epoch's validation metrics, go to accelerate's trackers (``TrainConfig.log_with``,
+TensorBoard by default: ``tensorboard --logdir reports/<run>/experts``) and to ``curves.csv``, which
+the kit's own figures read (:mod:`dfd_lib.modeling.curves`).
+
 Files in ``out_dir``: ``state/`` (training state), ``best_ema.safetensors`` (EMA weights of the
-best epoch, with its metadata), ``history.csv``, ``train_config.json``.
+best epoch, with its metadata), ``history.csv`` (one row per epoch), ``curves.csv`` (one row per
+step), ``tensorboard/`` (the tracker's files), ``train_config.json``.
 """
 from __future__ import annotations
 
@@ -31,10 +37,10 @@ import numpy as np
 import pandas as pd
 import torch
 from torch.optim.lr_scheduler import LambdaLR
-from tqdm.auto import tqdm
 
 from dfd_lib.atomic import atomic_write
 from dfd_lib.data.datasets import ManifestDataset, make_loader
+from dfd_lib.logs import progress_bar
 from dfd_lib.modeling.checkpoints import save_expert_weights
 from dfd_lib.modeling.experts import Expert, create_ema
 from dfd_lib.modeling.freezing import freeze_backbone_stages, train_mode
@@ -45,6 +51,8 @@ from dfd_lib.modeling.training_state import Progress, find_state, load_training_
 
 BEST_WEIGHTS = "best_ema.safetensors"
 HISTORY_FILE = "history.csv"
+CURVES_FILE = "curves.csv"
+TRACKER_PROJECT = "tensorboard"  # the trackers' run name, a folder of out_dir for TensorBoard
 CONFIG_FILE = "train_config.json"
 log = logging.getLogger(__name__)
 
@@ -87,6 +95,7 @@ class _Loop:
     weights_source: str  # where the backbone's starting weights came from
     on_step: Callable[[int, int, int], None] | None = None
     skipped: dict[str, str] = field(default_factory=dict)
+    curves: list[dict] = field(default_factory=list)  # one row per optimiser step (main process)
 
     @property
     def memory_format(self) -> torch.memory_format:
@@ -113,28 +122,50 @@ def train_expert(
     if len(train_table) < 2 or len(val_table) < 1:
         raise ValueError(f"need >= 2 training and >= 1 validation rows, got {len(train_table)} and {len(val_table)}")
     started = time.perf_counter()
-    loop = _build_loop(train_table, val_table, config, out_dir.name, on_step)
+    loop = _build_loop(train_table, val_table, config, out_dir, on_step)
     progress = _resume(loop, out_dir) if resume else Progress()
     progress.config = config.to_dict()
+    loop.curves = _read_curves(out_dir, progress.global_step) if progress.epoch >= 0 else []
     if loop.accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(out_dir / CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(config.to_dict(), indent=2) + "\n"))
-    for epoch in range(progress.epoch + 1, config.epochs):
-        row = _run_epoch(loop, epoch, progress.global_step)
-        progress.global_step = row.pop("global_step")
-        improved = progress.record(row, -row["val_loss"] if loop.selection == "val_loss" else row["val_auc"])
-        if loop.accelerator.is_main_process:
-            if improved:
-                save_expert_weights(out_dir / BEST_WEIGHTS, loop.ema.module, _best_meta(loop, row))
-            atomic_write(out_dir / HISTORY_FILE, lambda tmp: pd.DataFrame(progress.history).to_csv(tmp, index=False))
-        save_training_state(loop.accelerator, out_dir, progress)
-        if loop.show:
-            log.info(_epoch_summary(loop, row, improved))
+    try:
+        for epoch in range(progress.epoch + 1, config.epochs):
+            row = _run_epoch(loop, epoch, progress.global_step)
+            progress.global_step = row.pop("global_step")
+            improved = progress.record(row, -row["val_loss"] if loop.selection == "val_loss" else row["val_auc"])
+            _log_epoch(loop, row, progress.global_step)
+            if loop.accelerator.is_main_process:
+                if improved:
+                    save_expert_weights(out_dir / BEST_WEIGHTS, loop.ema.module, _best_meta(loop, row))
+                atomic_write(out_dir / HISTORY_FILE, lambda tmp: pd.DataFrame(progress.history).to_csv(tmp, index=False))
+                atomic_write(out_dir / CURVES_FILE, lambda tmp: pd.DataFrame(loop.curves).to_csv(tmp, index=False))
+            save_training_state(loop.accelerator, out_dir, progress)
+            if loop.show:
+                log.info(_epoch_summary(loop, row, improved))
+    finally:
+        for tracker in loop.accelerator.trackers:  # not end_training(): that would end the process group too
+            tracker.finish()
     loop.accelerator.wait_for_everyone()
     return _result(loop, out_dir, progress, time.perf_counter() - started)
 
 
-def _build_loop(train_table: pd.DataFrame, val_table: pd.DataFrame, config: TrainConfig, name: str,
+def _read_curves(out_dir: Path, global_step: int) -> list[dict]:
+    """The step rows of the finished epochs of a resumed run (a later, unfinished epoch's are not kept)."""
+    path = out_dir / CURVES_FILE
+    if not path.is_file():
+        return []
+    curves = pd.read_csv(path)
+    return curves[curves["step"] <= global_step].to_dict("records")
+
+
+def _log_epoch(loop: _Loop, row: dict, global_step: int) -> None:
+    names = ("val_auc", "val_ap", "val_eer", "val_loss")
+    values = {f"val/{name[4:]}": row[name] for name in names if not math.isnan(row[name])}
+    loop.accelerator.log({**values, "epoch": row["epoch"] + 1}, step=global_step)
+
+
+def _build_loop(train_table: pd.DataFrame, val_table: pd.DataFrame, config: TrainConfig, out_dir: Path,
                 on_step: Callable | None) -> _Loop:
     """Seed, build the expert, its data, optimiser, schedule, EMA and losses, prepared by accelerate."""
     from accelerate.utils import set_seed
@@ -143,7 +174,7 @@ def _build_loop(train_table: pd.DataFrame, val_table: pd.DataFrame, config: Trai
 
     if config.threads:
         torch.set_num_threads(config.threads)
-    accelerator = _accelerator(config)
+    accelerator = _accelerator(config, out_dir)
     set_seed(config.seed)
     weights = config.weights_path or None
     model = Expert(config.backbone, pretrained=config.pretrained, weights_path=weights, drop_rate=config.drop_rate)
@@ -173,11 +204,37 @@ def _build_loop(train_table: pd.DataFrame, val_table: pd.DataFrame, config: Trai
     selection = "val_loss" if val_table["label"].nunique() < 2 else "val_auc"
     if selection == "val_loss":
         log.warning("the validation set holds one class only: AUC is undefined, the best epoch is chosen by validation loss")
+    if accelerator.log_with:
+        accelerator.init_trackers(TRACKER_PROJECT, config=_tracker_config(config))
     return _Loop(config, accelerator, model, optimizer, scheduler, ema, MultiLoss(config.loss), train_loader, val_loader,
-                 steps, frozen, mean, std, name, selection, accelerator.unwrap_model(model).weights_source, on_step)
+                 steps, frozen, mean, std, out_dir.name, selection, accelerator.unwrap_model(model).weights_source, on_step)
 
 
-def _accelerator(config: TrainConfig):
+def _tracker_config(config: TrainConfig) -> dict:
+    """The config as the flat scalars trackers take (TensorBoard's hyper-parameters)."""
+    flat = {}
+    for key, value in config.to_dict().items():
+        values = value.items() if isinstance(value, dict) else [(key, value)]
+        for name, item in values:
+            if isinstance(item, (int, float, str, bool)):
+                flat[name if name == key else f"{key}.{name}"] = item
+    return flat
+
+
+def _trackers(config: TrainConfig) -> list[str]:
+    """The trackers asked for that are installed (a missing one is said, never fatal: curves.csv stays)."""
+    from accelerate.tracking import _available_trackers
+
+    available = sorted(str(getattr(tracker, "value", tracker)) for tracker in _available_trackers)
+    wanted = [name.strip() for name in config.log_with.split(",") if name.strip() and name.strip() != "none"]
+    missing = [name for name in wanted if name not in available]
+    if missing:
+        log.warning("training curves: tracker(s) %s not installed or unknown (available: %s); curves.csv is still written",
+                    missing, available)
+    return [name for name in wanted if name not in missing]
+
+
+def _accelerator(config: TrainConfig, out_dir: Path):
     from accelerate import Accelerator
 
     use_gpu = config.device != "cpu" and torch.cuda.is_available()
@@ -188,7 +245,9 @@ def _accelerator(config: TrainConfig):
         log.warning("mixed_precision=%r applies on a GPU only; training in float32 on the CPU", precision)
         precision = "no"
     # rng_types=[]: the data order comes from (seed, epoch), nothing to synchronise
-    return Accelerator(cpu=not use_gpu, mixed_precision=precision, rng_types=[])
+    trackers = _trackers(config)
+    return Accelerator(cpu=not use_gpu, mixed_precision=precision, rng_types=[], log_with=trackers or None,
+                       project_dir=str(out_dir) if trackers else None)
 
 
 def _warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float) -> Callable[[int], float]:
@@ -245,11 +304,12 @@ def _train_epoch(loop: _Loop, epoch: int, global_step: int) -> tuple[int, dict[s
     train_mode(loop.model, loop.frozen)
     sums = {loss: 0.0 for loss in ("overall", *LOSS_NAMES)}
     seen, data_seconds = 0, 0.0
-    bar = tqdm(total=loop.steps_per_epoch, desc=f"{loop.name} epoch {epoch + 1}/{config.epochs}", disable=not loop.show, leave=False)
+    bar = progress_bar(total=loop.steps_per_epoch, desc=f"{loop.name} epoch {epoch + 1}/{config.epochs}", unit="step",
+                       disable=not loop.show, leave=False)
     batches = iter(loop.train_loader)
     for step in range(loop.steps_per_epoch):
         loop.optimizer.zero_grad(set_to_none=True)
-        learned = 0
+        learned, step_sums = 0, dict.fromkeys(sums, 0.0)
         for micro in range(config.grad_accum_steps):
             waited = time.perf_counter()
             batch = next(batches)
@@ -267,9 +327,12 @@ def _train_epoch(loop: _Loop, epoch: int, global_step: int) -> tuple[int, dict[s
                 accelerator.backward(overall)
             learned += images.shape[0]
             for loss in sums:
-                sums[loss] += float(losses[loss].detach()) * images.shape[0]
+                step_sums[loss] += float(losses[loss].detach()) * images.shape[0]
         if not learned:
             continue
+        for loss in sums:
+            sums[loss] += step_sums[loss]
+        _log_step(loop, epoch, global_step + 1, {loss: value / learned for loss, value in step_sums.items()})
         if config.grad_clip:
             accelerator.clip_grad_norm_(loop.model.parameters(), config.grad_clip)
         loop.optimizer.step()
@@ -286,6 +349,13 @@ def _train_epoch(loop: _Loop, epoch: int, global_step: int) -> tuple[int, dict[s
     if hasattr(loop.train_loader, "end"):
         loop.train_loader.end()
     return seen, sums, data_seconds, global_step
+
+
+def _log_step(loop: _Loop, epoch: int, step: int, losses: dict[str, float]) -> None:
+    """One optimiser step's losses (this process's batches) and learning rate, to the curves and trackers."""
+    lr = loop.optimizer.param_groups[0]["lr"]
+    loop.curves.append({"step": step, "epoch": epoch + 1, "lr": lr, **{f"loss_{name}": value for name, value in losses.items()}})
+    loop.accelerator.log({**{f"loss/{name}": value for name, value in losses.items()}, "lr": lr}, step=step)
 
 
 def _note_skipped(loop: _Loop, skipped: list[tuple[str, str]]) -> None:

@@ -10,13 +10,11 @@ through files in the run folder.
 """
 from __future__ import annotations
 
-import datetime as dt
-import importlib.metadata
+import contextlib
 import json
 import logging
 import os
-import platform
-import subprocess
+import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -24,12 +22,16 @@ from pathlib import Path
 
 import yaml
 
+from dfd_lib.atomic import atomic_write
+from dfd_lib.logs import PIPELINE_STEP_ENV
 from dfd_lib.paths import NOTEBOOKS_DIR, PIPELINES_DIR, PROJECT_ROOT, REPORTS_DIR, resolve
 from dfd_lib.pipeline import runs
+from dfd_lib.pipeline.environment import snapshot_keeping
+from dfd_lib.pipeline.parameters import ParameterError, merge_parameters, relative_to_project
+
+DEFAULT_PROFILE = "demo"
 
 log = logging.getLogger(__name__)
-SNAPSHOT_PACKAGES = ("torch", "torchvision", "timm", "diffusers", "transformers", "accelerate", "scikit-learn",
-                     "umap-learn", "numpy", "pandas", "papermill", "dfd-kit")
 
 
 class PipelineError(RuntimeError):
@@ -60,6 +62,7 @@ class StepResult:
 class PipelineResult:
     run_dir: Path
     steps: list[StepResult] = field(default_factory=list)
+    resume: str = ""  # after a failure: the command that resumes the run
 
     @property
     def ok(self) -> bool:
@@ -109,17 +112,6 @@ def load_profile(profile: str, pipelines_dir: Path = PIPELINES_DIR) -> dict:
     return data
 
 
-def parse_overrides(items: list[str] | None) -> dict[str, object]:
-    """``["epochs=3", "04.lr=1e-3"]`` -> ``{"epochs": 3, "04.lr": 0.001}`` (values read as YAML)."""
-    overrides = {}
-    for item in items or []:
-        if "=" not in item:
-            raise PipelineError(f"parameter {item!r} must look like name=value or STEP.name=value")
-        name, value = item.split("=", 1)
-        overrides[name.strip()] = yaml.safe_load(value)
-    return overrides
-
-
 def declared_parameters(step: Step) -> dict:
     import papermill
 
@@ -134,76 +126,15 @@ def notebook_defaults(step: Step) -> dict:
 
 
 def step_values(profile: str, overrides: dict | None = None, only: str | None = None, start: str | None = None,
-                notebooks_dir: Path = NOTEBOOKS_DIR, pipelines_dir: Path = PIPELINES_DIR) -> dict[str, dict]:
+                notebooks_dir: Path = NOTEBOOKS_DIR, pipelines_dir: Path = PIPELINES_DIR,
+                recorded: dict | None = None) -> dict[str, dict]:
     """Every parameter value each selected step of ``profile`` will run with: its notebook's default,
-    unless the profile or an override sets it (what ``dfd check`` and ``dfd fetch-weights`` look at)."""
+    unless the profile or an override sets it (what ``dfd check`` and ``dfd fetch-weights`` look at).
+    ``recorded``: what each step of a resumed run folder ran with (see :func:`merge_parameters`)."""
     steps = select_steps(discover_steps(notebooks_dir), only, start)
     declared = {s.name: declared_parameters(s) for s in discover_steps(notebooks_dir)}
-    merged = merge_parameters(steps, load_profile(profile, pipelines_dir), overrides or {}, declared)
+    merged = _merge(steps, load_profile(profile, pipelines_dir), overrides or {}, declared, recorded or {})
     return {step.name: {**notebook_defaults(step), **merged[step.name]} for step in steps}
-
-
-def merge_parameters(steps: list[Step], profile: dict, overrides: dict, declared: dict[str, dict]) -> dict[str, dict]:
-    """The parameters each selected step receives.
-
-    Precedence: notebook default < profile ``params`` < profile ``steps.<step>`` <
-    ``-p name=value`` < ``-p STEP.name=value``. ``declared`` maps every step of the chain
-    (selected or not) to the names its parameters cell declares. Raises on any name that
-    would reach no notebook.
-    """
-    every = {name for names in declared.values() for name in names}
-    for name in profile.get("params", {}):
-        if name not in every:
-            raise PipelineError(f"profile parameter {name!r} is declared by no notebook")
-    for section in profile.get("steps", {}) or {}:
-        if not any(Step(n[:2], n, Path(n)).matches(section) for n in declared):
-            raise PipelineError(f"profile names an unknown step {section!r}; steps are {', '.join(declared)}")
-    selected_names = {name for s in steps for name in declared[s.name]}
-    for key in overrides:
-        if "." not in key and key not in selected_names:
-            raise PipelineError(f"parameter {key!r} is declared by none of the selected steps "
-                                f"({', '.join(s.name for s in steps)})")
-    common = {**profile.get("params", {}), **{k: v for k, v in overrides.items() if "." not in k}}
-    merged: dict[str, dict] = {}
-    for step in steps:
-        names = declared[step.name]
-        specific = {}
-        for section, values in (profile.get("steps", {}) or {}).items():
-            if step.matches(section):
-                specific.update(values or {})
-        for key, value in overrides.items():
-            if "." in key and step.matches(key.split(".", 1)[0]):
-                specific[key.split(".", 1)[1]] = value
-        unknown = sorted(k for k in specific if k not in names)
-        if unknown:
-            raise PipelineError(f"step {step.name} declares no parameter(s) {unknown}; it declares {sorted(names)}")
-        merged[step.name] = {**{k: v for k, v in common.items() if k in names}, **specific}
-    for key in overrides:
-        if "." in key and not any(s.matches(key.split(".", 1)[0]) for s in steps):
-            raise PipelineError(f"parameter {key!r} names a step that is not selected or does not exist")
-    return merged
-
-
-def environment_snapshot() -> dict:
-    versions = {}
-    for package in SNAPSHOT_PACKAGES:
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            versions[package] = None
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True,
-                                timeout=10).stdout.strip() or None
-        dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=PROJECT_ROOT, capture_output=True,
-                                    text=True, timeout=10).stdout.strip())
-    except (OSError, subprocess.SubprocessError):
-        commit, dirty = None, None
-    import torch
-
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
-    return {"python": sys.version.split()[0], "platform": platform.platform(), "packages": versions,
-            "git_commit": commit, "git_dirty": dirty, "device": device, "torch_threads": torch.get_num_threads(),
-            "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
 
 
 def _describe_failure(exc: Exception) -> str:
@@ -214,11 +145,11 @@ def _describe_failure(exc: Exception) -> str:
     return f"{ename}{where}: {evalue}" + ("\n  cell source:\n    " + source.replace("\n", "\n    ") if source else "")
 
 
-def _preflight(profile: str, overrides: dict, only: str | None, start: str | None, notebooks_dir: Path,
-               pipelines_dir: Path) -> None:
+def _preflight(plan: RunPlan, only: str | None, start: str | None, notebooks_dir: Path, pipelines_dir: Path) -> None:
     from dfd_lib.pipeline.preflight import check_profile
 
-    report = check_profile(profile, overrides, only, start, notebooks_dir=notebooks_dir, pipelines_dir=pipelines_dir)
+    report = check_profile(plan.profile, plan.overrides, only, start, notebooks_dir=notebooks_dir,
+                           pipelines_dir=pipelines_dir, recorded=plan.recorded)
     for note in report.notes:
         log.info("check: %s", note)
     if report.problems:
@@ -226,70 +157,155 @@ def _preflight(profile: str, overrides: dict, only: str | None, start: str | Non
                             + "\n  ".join(report.problems))
 
 
-def run_pipeline(profile: str, only: str | None = None, start: str | None = None, run: str | None = None,
+@dataclass
+class RunPlan:
+    """What a ``dfd pipeline`` command resolves to before anything runs."""
+
+    profile: str  # a profile name, or a .yaml path, as load_profile takes it
+    profile_data: dict
+    run_dir: Path
+    overrides: dict  # every -p in force: recorded ones of a resumed run, then this command's
+    recorded: dict[str, dict]  # the values each step of this run folder ran with (resumed runs only)
+    resumed: bool
+
+
+def plan_run(profile: str | None, run: str | None, overrides: dict, resuming: bool,
+             reports_dir: Path = REPORTS_DIR, pipelines_dir: Path = PIPELINES_DIR) -> RunPlan:
+    """Resolve the profile and the run folder. A run folder that already ran remembers itself: without
+    ``profile`` its recorded profile is used, and when ``resuming`` (``--from``/``--only``) its recorded
+    overrides too, with this command's ``overrides`` on top."""
+    record = runs.read_params(Path(reports_dir) / run) if run else {}
+    profile_data = load_profile(profile or record.get("profile") or DEFAULT_PROFILE, pipelines_dir)
+    run_dir = (Path(reports_dir) / (run or profile_data.get("run") or Path(profile_data["path"]).stem)).resolve()
+    record = record or runs.read_params(run_dir)
+    name = profile or record.get("profile") or DEFAULT_PROFILE
+    if not (resuming and record):
+        return RunPlan(name, profile_data, run_dir, dict(overrides), {}, False)
+    if record.get("profile") and load_profile(record["profile"], pipelines_dir)["path"] != profile_data["path"]:
+        raise PipelineError(f"run {run_dir.name} was made with profile {record['profile']!r}; resuming it with "
+                            f"{profile!r} would mix two profiles (leave --profile out, or start a new run with --run NEW)")
+    return RunPlan(name, profile_data, run_dir, {**record.get("overrides", {}), **overrides}, record.get("steps", {}), True)
+
+
+def resume_command(run_dir: Path, step: Step, reports_dir: Path = REPORTS_DIR) -> str:
+    """The command that resumes ``run_dir`` at ``step`` (the run remembers its profile and overrides)."""
+    run = run_dir.name if run_dir.parent == Path(reports_dir).resolve() else str(run_dir)
+    return f"dfd pipeline --run {shlex.quote(run)} --from {step.key}"
+
+
+def run_pipeline(profile: str | None = None, only: str | None = None, start: str | None = None, run: str | None = None,
                  overrides: dict | None = None, prepare_only: bool = False,
                  notebooks_dir: Path = NOTEBOOKS_DIR, pipelines_dir: Path = PIPELINES_DIR,
                  reports_dir: Path = REPORTS_DIR, kernel_name: str = "python3", log_output: bool = False,
                  progress: bool = True, write_report: bool = True, check: bool = True) -> PipelineResult:
-    """Run the selected steps of ``profile``; stops at the first failed step (earlier
-    artefacts stay), so ``start=<failed step>`` resumes. Ends by writing the run's
+    """Run the selected steps of ``profile``; stops at the first failed step (earlier artefacts stay)
+    and says how to resume (:func:`resume_command`). ``--from``/``--only`` on a run folder that already
+    ran reuse its recorded profile and overrides (:func:`plan_run`). Ends by writing the run's
     ``index.html`` (also after a failure, showing what ran). With ``check`` (not for a dry run) the
-    preflight of ``dfd check`` runs first and any problem stops the run before its first step."""
-    import papermill
-
-    profile_data = load_profile(profile, pipelines_dir)
+    preflight of ``dfd check`` runs first and any problem stops the run before its first step.
+    ``progress``: the steps' own progress lines (library messages) on stderr."""
+    plan = plan_run(profile, run, overrides or {}, bool(only or start), reports_dir, pipelines_dir)
     steps = select_steps(discover_steps(notebooks_dir), only, start)
-    overrides = overrides or {}
     declared = {s.name: declared_parameters(s) for s in discover_steps(notebooks_dir)}
     for step in steps:
         if "run_dir" not in declared[step.name]:
             raise PipelineError(f"{step.path.name} must declare run_dir in its parameters cell")
-    params = merge_parameters(steps, profile_data, overrides, declared)
+    params = _merge(steps, plan.profile_data, plan.overrides, declared, plan.recorded)
     if check and not prepare_only:
-        _preflight(profile, overrides, only, start, notebooks_dir, pipelines_dir)
-
-    run_name = run or profile_data.get("run") or Path(profile_data["path"]).stem
-    run_dir = (Path(reports_dir) / run_name).resolve()
-    (run_dir / runs.NOTEBOOKS_DIR).mkdir(parents=True, exist_ok=True)
-    record_path = run_dir / runs.PARAMS
-    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
-    record.update({"profile": profile_data["path"], "run": run_name, "overrides": overrides})
-    record.setdefault("steps", {})
-    environment_path = run_dir / runs.ENVIRONMENT
-    earlier = json.loads(environment_path.read_text()) if environment_path.is_file() else {}
-    # the weights the steps recorded (RunDir.record_weights) outlive a resumed run's new snapshot
-    environment_path.write_text(json.dumps({**environment_snapshot(), "weights": earlier.get("weights", {})}, indent=2))
-
-    result = PipelineResult(run_dir)
+        _preflight(plan, only, start, notebooks_dir, pipelines_dir)
+    record = _start_record(plan)
+    result = PipelineResult(plan.run_dir)
     for step in steps:
-        step_params = {**params[step.name], "run_dir": str(run_dir)}
+        step_params = {**params[step.name], "run_dir": str(plan.run_dir)}
         record["steps"][step.name] = step_params
-        record_path.write_text(json.dumps(record, indent=2, default=str))
-        output = run_dir / runs.NOTEBOOKS_DIR / step.path.name
-        log.info("[%s] %s -> %s", step.name, "preparing" if prepare_only else "running", output)
-        started = time.perf_counter()
-        try:
-            papermill.execute_notebook(
-                str(step.path), str(output), parameters=step_params, kernel_name=kernel_name,
-                prepare_only=prepare_only, cwd=str(run_dir), progress_bar=progress and not prepare_only,
-                log_output=log_output,
-            )
-        except Exception as exc:  # papermill's PapermillExecutionError, a dead kernel, ...
-            seconds = time.perf_counter() - started
-            message = _describe_failure(exc)
-            result.steps.append(StepResult(step.name, seconds, output, "failed", message))
-            log.error("[%s] FAILED after %.1f s: %s\n  executed notebook: %s\n  resume with: dfd pipeline --profile %s "
-                      "--run %s --from %s", step.name, seconds, message, output, profile, run_name, step.key)
+        runs.write_params(plan.run_dir, record)
+        outcome = _execute(step, step_params, plan.run_dir, prepare_only, kernel_name, log_output, progress)
+        result.steps.append(outcome)
+        if outcome.status == "failed":
+            result.resume = resume_command(plan.run_dir, step, reports_dir)
+            log.error("[%s] FAILED after %.1f s: %s\n  executed notebook: %s\n  resume with: %s",
+                      step.name, outcome.seconds, outcome.error, outcome.output, result.resume)
             break
-        seconds = time.perf_counter() - started
-        result.steps.append(StepResult(step.name, seconds, output, "prepared" if prepare_only else "ok"))
-        log.info("[%s] done in %.1f s", step.name, seconds)
-    timings_path = run_dir / runs.TIMINGS
-    timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
-    timings.update({s.step: {"seconds": round(s.seconds, 2), "status": s.status} for s in result.steps})
-    timings_path.write_text(json.dumps(timings, indent=2))
+        log.info("[%s] %s in %.1f s%s", step.name, outcome.status if prepare_only else "done", outcome.seconds,
+                 "" if prepare_only else step_summary(plan.run_dir, step.name))
+    _write_timings(plan.run_dir, result)
     if write_report and not prepare_only:
         from dfd_lib.pipeline.report import write_report as write_index
 
-        log.info("report: %s", write_index(run_dir))
+        log.info("report: %s", write_index(plan.run_dir))
     return result
+
+
+def _merge(steps, profile_data: dict, overrides: dict, declared: dict, recorded: dict) -> dict[str, dict]:
+    try:
+        return merge_parameters(steps, profile_data, overrides, declared, recorded)
+    except ParameterError as exc:
+        raise PipelineError(str(exc)) from None
+
+
+def _start_record(plan: RunPlan) -> dict:
+    """``params.json`` as this command starts (steps that do not run keep what they ran with) and a
+    fresh ``environment.json`` that keeps what earlier steps recorded in it (weights, inputs)."""
+    (plan.run_dir / runs.NOTEBOOKS_DIR).mkdir(parents=True, exist_ok=True)
+    record = runs.read_params(plan.run_dir) if plan.resumed else {}
+    label = plan.profile if not plan.profile.endswith((".yaml", ".yml")) else relative_to_project(plan.profile_data["path"], PROJECT_ROOT)
+    record.update({"profile": label, "run": plan.run_dir.name, "overrides": plan.overrides})
+    record.setdefault("steps", {})
+    environment_path = plan.run_dir / runs.ENVIRONMENT
+    earlier = json.loads(environment_path.read_text()) if environment_path.is_file() else {}
+    environment = snapshot_keeping(earlier if plan.resumed else {})
+    atomic_write(environment_path, lambda tmp: tmp.write_text(json.dumps(environment, indent=2)))
+    return record
+
+
+def _execute(step: Step, step_params: dict, run_dir: Path, prepare_only: bool, kernel_name: str, log_output: bool,
+             progress: bool) -> StepResult:
+    """Run one notebook with papermill: its library messages and progress lines reach this process's
+    stderr (``progress``), over an IPC kernel connection (no TCP port, no TCP warning)."""
+    import papermill
+    from traitlets.config import Config
+
+    output = run_dir / runs.NOTEBOOKS_DIR / step.path.name
+    log.info("[%s] %s -> %s", step.name, "preparing" if prepare_only else "running", output)
+    started = time.perf_counter()
+    extra = {} if prepare_only else {"config": Config({"KernelManager": {"transport": "ipc"}})}
+    try:
+        with _step_environment(step.name):
+            papermill.execute_notebook(
+                str(step.path), str(output), parameters=step_params, kernel_name=kernel_name,
+                prepare_only=prepare_only, cwd=str(run_dir), progress_bar=False, log_output=log_output,
+                stderr_file=sys.stderr if progress and not log_output else None, **extra,
+            )
+    except Exception as exc:  # papermill's PapermillExecutionError, a dead kernel, ...
+        return StepResult(step.name, time.perf_counter() - started, output, "failed", _describe_failure(exc))
+    return StepResult(step.name, time.perf_counter() - started, output, "prepared" if prepare_only else "ok")
+
+
+@contextlib.contextmanager
+def _step_environment(step_name: str):
+    """Tell the kernel (it inherits this environment) that it runs headless as ``step_name``, so the
+    library reports progress as log lines (:func:`dfd_lib.logs.progress_bar`)."""
+    before = os.environ.get(PIPELINE_STEP_ENV)
+    os.environ[PIPELINE_STEP_ENV] = step_name
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(PIPELINE_STEP_ENV, None)
+        else:
+            os.environ[PIPELINE_STEP_ENV] = before
+
+
+def step_summary(run_dir: Path, step_name: str, limit: int = 6) -> str:
+    """``": key value, ..."``: the first few scalar figures ``step_name`` recorded in ``metrics.json``."""
+    figures = runs.RunDir(run_dir).metrics().get(step_name, {})
+    scalars = [(k, v) for k, v in figures.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)]
+    shown = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in scalars[:limit]]
+    return (": " + ", ".join(shown)) if shown else ""
+
+
+def _write_timings(run_dir: Path, result: PipelineResult) -> None:
+    timings_path = run_dir / runs.TIMINGS
+    timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
+    timings.update({s.step: {"seconds": round(s.seconds, 2), "status": s.status} for s in result.steps})
+    atomic_write(timings_path, lambda tmp: tmp.write_text(json.dumps(timings, indent=2)))

@@ -32,11 +32,12 @@ def run(args: argparse.Namespace) -> int:
     from huggingface_hub import constants
 
     from dfd_lib.modeling.backbones import hf_home
-    from dfd_lib.pipeline.chain import PipelineError, parse_overrides
+    from dfd_lib.pipeline.chain import PipelineError
+    from dfd_lib.pipeline.parameters import ParameterError, parse_overrides
 
     try:
         done = fetch_weights(args.profile, parse_overrides(args.param))
-    except PipelineError as exc:
+    except (PipelineError, ParameterError) as exc:
         log.error("dfd fetch-weights: %s", exc)
         return 2
     for what, resolved in done:

@@ -40,7 +40,7 @@ class Report:
 def check_profile(profile: str, overrides: dict | None = None, only: str | None = None, start: str | None = None,
                   **dirs) -> Report:
     """Every check of the selected steps of ``profile`` with ``overrides`` (``dirs``: notebooks_dir,
-    pipelines_dir, as for :func:`dfd_lib.pipeline.chain.step_values`)."""
+    pipelines_dir, recorded, as for :func:`dfd_lib.pipeline.chain.step_values`)."""
     from dfd_lib.pipeline.chain import step_values
 
     values = step_values(profile, overrides, only, start, **dirs)
@@ -232,11 +232,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dfd_lib.pipeline.chain import PipelineError, parse_overrides
+    from dfd_lib.pipeline.chain import PipelineError
+    from dfd_lib.pipeline.parameters import ParameterError, parse_overrides
 
     try:
         report = check_profile(args.profile, parse_overrides(args.param), args.only, args.start)
-    except PipelineError as exc:
+    except (PipelineError, ParameterError) as exc:
         log.error("dfd check: %s", exc)
         return 2
     for note in report.notes:

@@ -48,6 +48,18 @@ TABLES_DIR = "tables"
 NOTEBOOKS_DIR = "notebooks"
 
 
+def read_params(run_dir: str | os.PathLike) -> dict:
+    """The run's record (``params.json``: profile, overrides, each step's values), ``{}`` when it never ran."""
+    path = Path(run_dir) / PARAMS
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def write_params(run_dir: str | os.PathLike, record: dict) -> Path:
+    path = Path(run_dir) / PARAMS
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(record, indent=2, default=str)))
+    return path
+
+
 class MissingArtefactError(FileNotFoundError):
     """A step needs a file an earlier step writes; the message says which step."""
 
@@ -101,6 +113,15 @@ class RunDir:
         environment.setdefault("weights", {}).setdefault(step, {}).update({str(k): str(v) for k, v in sources.items()})
         atomic_write(path, lambda tmp: tmp.write_text(json.dumps(environment, indent=2)))
         return environment["weights"]
+
+    def record_input(self, name: str, digest: str) -> dict:
+        """Merge the content digest of an input dataset (:func:`dfd_lib.data.manifest.content_digest`)
+        into ``environment.json`` under ``inputs``: what ``dfd rerun`` checks a rerun reads again."""
+        path = self.root / ENVIRONMENT
+        environment = json.loads(path.read_text()) if path.is_file() else {}
+        environment.setdefault("inputs", {})[str(name)] = digest
+        atomic_write(path, lambda tmp: tmp.write_text(json.dumps(environment, indent=2)))
+        return environment["inputs"]
 
     def metrics(self) -> dict:
         path = self.root / METRICS

@@ -22,11 +22,11 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
 from dfd_lib.atomic import atomic_write
 from dfd_lib.data.images import ImageLoadError, load_rgb
 from dfd_lib.data.manifest import COLUMNS, FAKE, Manifest, file_sha1
+from dfd_lib.logs import progress_bar
 from dfd_lib.synth import diffusion, factory
 from dfd_lib.synth.config import EnrichmentConfig
 from dfd_lib.synth.plan import MASK_COLUMN, Job, is_missing, plan_jobs, text_or_none
@@ -97,7 +97,7 @@ def _run_jobs(jobs: list[Job], config: EnrichmentConfig, out_dir: Path, state, p
                 rows.append(done)
             else:
                 todo.append(job)
-        bar = tqdm(total=len(todo), desc=f"augment[{state.process_index}]", disable=not progress)
+        bar = progress_bar(total=len(todo), desc=f"augment[{state.process_index}]", disable=not progress)
         for job in (job for job in todo if job.family not in factory.SD_FAMILIES):
             try:
                 rows.append(_run_edit(job, out_dir))
