@@ -235,6 +235,14 @@ def test_dfd_calibrate_on_a_manifest_leaves_its_test_split_for_the_check(calibra
     assert calibration.check["n_real"] + calibration.check["n_fake"] == int((rows["split"] == "test").sum())
     assert calibration.rule == "eer" and "[val]" in calibration.data and (weights / "calibration_roc.png").is_file()
     assert "check" in capsys.readouterr().out
+    # --selection: only the rows a re-split held out (notebook 04's selection data)
+    rows["resplit_0"] = ["val" if i % 2 else "train" for i in range(len(rows))]
+    Manifest(rows).save(tmp_path / "resplits.csv")
+    assert dfd_main(["calibrate", str(tmp_path / "resplits.csv"), "--selection", "--weights", str(weights), "--rule", "eer",
+                     "--threads", "1"]) == 0
+    calibration = cal.read_calibration(read_config(weights))
+    held_out = (rows["resplit_0"] == "val") & (rows["split"] != "test")
+    assert calibration.n_real + calibration.n_fake == int(held_out.sum()) and "held-out" in calibration.data
 
 
 def test_dfd_calibrate_explains_what_it_cannot_use(calibrated, tmp_path, capsys):

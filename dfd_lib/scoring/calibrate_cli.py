@@ -17,7 +17,7 @@ import pandas as pd
 from dfd_lib.data.manifest import TEST, ManifestError
 from dfd_lib.data.readers import read_dataset
 from dfd_lib.modeling.checkpoints import PREPROCESS_MODES, CheckpointError, is_mixture_dir
-from dfd_lib.scoring.calibration import DEFAULT_TARGET_FPR, RULES, calibrate_mixture, summary_table
+from dfd_lib.scoring.calibration import DEFAULT_TARGET_FPR, RULES, calibrate_mixture, selection_rows, summary_table
 from dfd_lib.scoring.predictor import DEFAULT_WEIGHTS_DIR, Predictor
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"the false-positive rate the fpr rule allows (default: {DEFAULT_TARGET_FPR})")
     parser.add_argument("--split", default="",
                         help="comma-separated manifest splits to calibrate on (default: every split but test)")
+    parser.add_argument("--selection", action="store_true",
+                        help="only the rows on a re-split's held-out side (a run's resplits.csv): the data notebook 04 "
+                             "selected its experts on")
     parser.add_argument("--check", default=None, metavar="DATA2",
                         help="a labelled test set: its FPR and TPR at the new threshold are reported beside the target")
     parser.add_argument("--check-split", default=TEST, help=f"the splits of a --check manifest to use (default: {TEST})")
@@ -45,9 +48,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="decoding, as `dfd predict --preprocess` will use it (default: default)")
 
 
-def labelled_rows(spec: str, splits: str, exclude_test: bool) -> tuple[pd.DataFrame, str]:
+def labelled_rows(spec: str, splits: str, exclude_test: bool, selection: bool = False) -> tuple[pd.DataFrame, str]:
     """The rows of DATA to use and a name for them. Folder trees have no splits: all their rows."""
     table = read_dataset(spec).table
+    if selection:
+        table = selection_rows(table)
     wanted = [name.strip() for name in splits.split(",") if name.strip()]
     has_splits = table["split"].notna().any()
     if wanted and has_splits:
@@ -60,7 +65,7 @@ def labelled_rows(spec: str, splits: str, exclude_test: bool) -> tuple[pd.DataFr
     if table.empty:
         raise ManifestError(f"{spec}: no labelled rows to use")
     if has_splits:
-        spec = f"{spec} [{'+'.join(sorted(set(table['split'].astype(str))))}]"
+        spec = f"{spec} [{'held-out clusters of ' if selection else ''}{'+'.join(sorted(set(table['split'].astype(str))))}]"
     return table.reset_index(drop=True), spec
 
 
@@ -73,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
                   "or convert released weights first with `dfd convert-weights SRC DST`", args.weights)
         return 2
     try:
-        rows, name = labelled_rows(args.data, args.split, exclude_test=True)
+        rows, name = labelled_rows(args.data, args.split, exclude_test=True, selection=args.selection)
         check, check_name = labelled_rows(args.check, args.check_split, exclude_test=False) if args.check else (None, "")
         predictor = Predictor.load(args.weights, device=args.device, batch_size=args.batch_size, threads=args.threads,
                                    preprocess=args.preprocess)
