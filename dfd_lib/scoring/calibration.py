@@ -33,12 +33,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import roc_auc_score, roc_curve
+from sklearn.metrics import roc_auc_score
 
 from dfd_lib.atomic import atomic_write
 from dfd_lib.data.manifest import FAKE, REAL
 from dfd_lib.modeling.checkpoints import CONFIG_FILE, CheckpointError, MixtureConfig, is_mixture_dir, read_config
-from dfd_lib.modeling.metrics import equal_error_rate
+from dfd_lib.modeling.metrics import checked_arrays, equal_error_rate, tpr_at_fpr
 
 RULES = ("fpr", "eer")
 DEFAULT_TARGET_FPR = 0.01
@@ -95,18 +95,11 @@ class Calibration:
 
 
 def _labels_scores(labels, scores) -> tuple[np.ndarray, np.ndarray]:
-    y = np.asarray(labels, dtype=np.float64).ravel()
-    s = np.asarray(scores, dtype=np.float64).ravel()
-    if y.shape != s.shape:
-        raise ValueError(f"{y.size} labels but {s.size} scores")
-    if not np.isin(y, (REAL, FAKE)).all():
-        raise ValueError("labels must be 0 (real) or 1 (fake)")
-    if not np.isfinite(s).all():
-        raise ValueError(f"{int((~np.isfinite(s)).sum())} scores are NaN or infinite")
+    y, s = checked_arrays(labels, scores)
     if not (y == REAL).any() or not (y == FAKE).any():
         raise ValueError(f"calibration needs real and fake images; got {int((y == REAL).sum())} real, "
                          f"{int((y == FAKE).sum())} fake")
-    return y.astype(int), s
+    return y, s
 
 
 def rates_at(labels, scores, threshold: float) -> tuple[float, float]:
@@ -122,12 +115,7 @@ def threshold_at_fpr(labels, scores, target_fpr: float = DEFAULT_TARGET_FPR) -> 
     if not 0.0 <= target_fpr < 1.0:
         raise ValueError(f"target_fpr must be in [0, 1), got {target_fpr}")
     y, s = _labels_scores(labels, scores)
-    fpr, _tpr, thresholds = roc_curve(y, s, drop_intermediate=False)
-    i = int(np.flatnonzero(fpr <= target_fpr + 1e-12)[-1])  # fpr rises along the curve; point 0 flags nothing
-    if i == 0:  # even the top score is a real's: flag nothing (unless scores reach 1.0)
-        return float((s.max() + 1.0) / 2)
-    # thresholds are the distinct scores, highest first: thresholds[i + 1] is the next one down
-    return float((thresholds[i] + thresholds[i + 1]) / 2) if i + 1 < len(thresholds) else float(thresholds[i])
+    return min(1.0, tpr_at_fpr(y, s, target_fpr)[1])  # the metric tables' rule (TPR at 1 % FPR), so they agree
 
 
 def threshold_at_eer(labels, scores) -> float:
