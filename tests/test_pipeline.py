@@ -82,6 +82,7 @@ def test_chain_runs_records_and_resumes_after_failure(chain):
     assert "injected-parameters" in executed
     report = (run_dir / "index.html").read_text()
     assert "01_make" in report and "02_use" in report and "notebooks/01_make.html" in report
+    assert "<h3>Environment</h3>" in report and "dfd rerun reports/r1 --run NEW" in report
     assert (run_dir / "notebooks" / "01_make.html").is_file()
 
 

@@ -147,6 +147,23 @@ def _weights_table(weights: dict) -> str:
     return f"<h3>Starting weights</h3><table><tr><th>step</th><th>model</th><th>weights from</th></tr>{rows}</table>"
 
 
+def _environment_table(environment: dict, params: dict) -> str:
+    """What the run ran on, and how to run it again: the versions that decide results, the code's
+    commit, the input data's digests, the profile and the overrides (the full ``pip freeze`` is below)."""
+    rows = [("python", environment.get("python")),
+            ("torch", f"{environment.get('torch') or environment.get('packages', {}).get('torch')} (CUDA "
+                      f"{environment.get('cuda') or 'none'}, cuDNN {environment.get('cudnn') or 'none'})"),
+            ("device", f"{environment.get('device')}, {environment.get('torch_threads')} torch threads"),
+            ("code", f"git {environment.get('git_commit') or '?'}" + (" with uncommitted changes" if environment.get("git_dirty") else "")),
+            ("profile and overrides", f"{params.get('profile', '?')} {json.dumps(params.get('overrides', {}))}"),
+            *((f"input data {name}", f"sha256 {digest}") for name, digest in sorted(environment.get("inputs", {}).items())),
+            ("packages", f"{len(environment.get('pip_freeze', []))} installed (pip freeze below)")]
+    body = "".join(f"<tr><td>{html.escape(k)}</td><td><code>{html.escape(str(v))}</code></td></tr>" for k, v in rows)
+    run = params.get("run", "RUN")
+    return (f"<h3>Environment</h3><table>{body}</table><p>Run it again with <code>dfd rerun reports/{html.escape(run)} "
+            f"--run NEW</code>, then <code>dfd compare reports/{html.escape(run)} reports/NEW</code>.</p>")
+
+
 def write_report(run_dir: str | os.PathLike, render_notebooks: bool = True) -> Path:
     """Write ``run_dir/index.html`` from the run folder's contents and return its path."""
     run_dir = Path(run_dir)
@@ -180,6 +197,7 @@ def write_report(run_dir: str | os.PathLike, render_notebooks: bool = True) -> P
         {*STEP_TITLES, *(k[:2] for k in timings), *(k[:2] for k in metrics)})) if s]
     appendix = [
         "<h2>Parameters and environment</h2>",
+        _environment_table(environment, params),
         f"<details><summary>parameters of each step</summary><pre>{html.escape(json.dumps(params, indent=2, default=str))}</pre></details>",
         f"<details><summary>environment</summary><pre>{html.escape(json.dumps(environment, indent=2))}</pre></details>",
     ]
