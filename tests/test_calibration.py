@@ -248,6 +248,9 @@ def test_dfd_calibrate_on_a_manifest_leaves_its_test_split_for_the_check(calibra
 def test_dfd_calibrate_explains_what_it_cannot_use(calibrated, tmp_path, capsys):
     weights, data, _ = calibrated
     assert dfd_main(["calibrate", str(data), "--weights", str(tmp_path / "nothing")]) == 2
+    assert "not found" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert dfd_main(["calibrate", str(data), "--weights", str(tmp_path / "empty")]) == 2
     assert "not a dfd-kit mixture" in capsys.readouterr().err
     only_real = tmp_path / "only_real"
     (only_real / "real").mkdir(parents=True)

@@ -18,15 +18,17 @@ from dfd_lib.data.manifest import TEST, ManifestError
 from dfd_lib.data.readers import read_dataset
 from dfd_lib.modeling.checkpoints import PREPROCESS_MODES, CheckpointError, is_mixture_dir
 from dfd_lib.scoring.calibration import DEFAULT_TARGET_FPR, RULES, calibrate_mixture, selection_rows, summary_table
-from dfd_lib.scoring.predictor import DEFAULT_WEIGHTS_DIR, Predictor
+from dfd_lib.scoring.default_weights import WeightsNotFound, find_weights
+from dfd_lib.scoring.predictor import Predictor
 
 log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("data", metavar="DATA", help="labelled images: a real/ fake/ folder tree or a manifest .csv")
-    parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS_DIR,
-                        help=f"the mixture to calibrate, in dfd-kit's format (default: {DEFAULT_WEIGHTS_DIR})")
+    parser.add_argument("--weights", type=Path, default=None,
+                        help="the mixture to calibrate, in dfd-kit's format (default: weights/moe, else the most recent "
+                             "run's under reports/, as dfd predict finds it)")
     parser.add_argument("--rule", choices=RULES, default="fpr",
                         help="fpr: the lowest threshold with at most --target-fpr of the reals called fake; "
                              "eer: the equal error rate's threshold (default: fpr)")
@@ -73,6 +75,12 @@ def run(args: argparse.Namespace) -> int:
     if not 0.0 <= args.target_fpr < 1.0:
         log.error("dfd calibrate: --target-fpr must be in [0, 1), got %s", args.target_fpr)
         return 2
+    try:
+        args.weights, why = find_weights(args.weights)
+    except WeightsNotFound as exc:
+        log.error("dfd calibrate: %s", exc)
+        return 2
+    print(f"dfd calibrate: weights {why}" if why != "as given" else f"dfd calibrate: weights {args.weights}")
     if not is_mixture_dir(args.weights):
         log.error("dfd calibrate: %s is not a dfd-kit mixture (model.safetensors + config.json); pass --weights DIR, "
                   "or convert released weights first with `dfd convert-weights SRC DST`", args.weights)
