@@ -51,8 +51,13 @@ def rerun(run_dir: str | Path, new_run: str, overrides: dict | None = None, forc
         raise PipelineError(f"none of the steps {run_dir} ran ({', '.join(record['steps'])}) exists in {notebooks_dir}")
     settings = dict(notebooks_dir=notebooks_dir, pipelines_dir=pipelines_dir, reports_dir=reports_dir, **options)
     first = run_pipeline(record["profile"], only=steps[0], run=new_run,
-                         overrides={**record.get("overrides", {}), **(overrides or {})}, **settings)
+                         overrides={**record.get("overrides", {}), **(overrides or {})},
+                         **{**settings, "write_report": settings.get("write_report", True) and len(steps) == 1})
     if not first.ok or len(steps) == 1:
+        if not first.ok and len(steps) > 1 and settings.get("write_report", True):
+            from dfd_lib.pipeline.report import write_report
+
+            write_report(first.run_dir)
         return first
     _check_inputs(recorded_environment.get("inputs", {}), first.run_dir, force)
     rest = run_pipeline(only=",".join(steps[1:]), run=new_run, **settings)
