@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import os
 from pathlib import Path
 
 from dfd_lib.modeling.checkpoints import PREPROCESS_MODES, CheckpointError
@@ -36,9 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preprocess", choices=PREPROCESS_MODES, default="default",
                         help="'compat' decodes with OpenCV exactly like the original release (default: default)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA when present)")
-    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1) - 1,
+    parser.add_argument("--workers", type=int, default=None,
                         help="processes decoding files (and finding faces) while the model runs; 0: none "
-                             "(default: cores - 1, at most 3)")
+                             "(default: cores - 1, at most 3, from 64 files on; none below)")
     parser.add_argument("--resume", action="store_true", help="keep --out's rows and score only the files it lacks")
     parser.add_argument("--faces", action="store_true",
                         help="score face-centred crops: each face found, cropped square at --face-margin x its box; "

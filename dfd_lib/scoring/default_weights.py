@@ -32,18 +32,22 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
-def run_mixtures(reports_dir: Path = REPORTS_DIR) -> list[Path]:
-    """Every ``<run>/weights/moe`` under ``reports_dir``, newest first."""
+def run_mixtures(reports_dir: Path | None = None) -> list[Path]:
+    """Every ``<run>/weights/moe`` under ``reports_dir`` (default ``reports/``), newest first."""
+    reports_dir = REPORTS_DIR if reports_dir is None else Path(reports_dir)
     if not reports_dir.is_dir():
         return []
     found = [run / "weights" / "moe" for run in reports_dir.iterdir() if is_mixture_dir(run / "weights" / "moe")]
     return sorted(found, key=lambda p: max(f.stat().st_mtime for f in p.iterdir()), reverse=True)
 
 
-def find_weights(weights: str | os.PathLike | None = None, weights_dir: Path = DEFAULT_WEIGHTS_DIR,
-                 reports_dir: Path = REPORTS_DIR) -> tuple[Path, str]:
-    """``(folder, why)``: ``weights`` when given, else ``weights_dir``, else the newest run's
-    mixture under ``reports_dir``. Raises :class:`WeightsNotFound` with the way out."""
+def find_weights(weights: str | os.PathLike | None = None, weights_dir: Path | None = None,
+                 reports_dir: Path | None = None, prefer: Path | None = None) -> tuple[Path, str]:
+    """``(folder, why)``: ``weights`` when given, else ``prefer`` when it holds a mixture (notebook
+    05: its own run's), else ``weights_dir`` (``weights/moe``), else the newest run's mixture
+    under ``reports_dir`` (``reports/``). Raises :class:`WeightsNotFound` with the way out."""
+    weights_dir = DEFAULT_WEIGHTS_DIR if weights_dir is None else Path(weights_dir)
+    reports_dir = REPORTS_DIR if reports_dir is None else Path(reports_dir)
     if weights is not None:
         path = Path(weights).expanduser()
         if not path.is_dir():
@@ -51,6 +55,8 @@ def find_weights(weights: str | os.PathLike | None = None, weights_dir: Path = D
                                   f"(config.json + model.safetensors, or the released weight.pth + ema.state), "
                                   f"or convert the released weights with `dfd convert-weights SRC {path}`")
         return path, "as given"
+    if prefer is not None and is_mixture_dir(Path(prefer)):
+        return Path(prefer), f"{_shown(Path(prefer))} (this run's)"
     if is_mixture_dir(weights_dir):
         return weights_dir, f"{_shown(weights_dir)} (the default)"
     runs = run_mixtures(reports_dir)

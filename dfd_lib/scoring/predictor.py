@@ -33,17 +33,17 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from dfd_lib.data.images import ImageLoadError, ImageSource, load_rgb
+from dfd_lib.data.images import ImageLoadError, ImageSource
 from dfd_lib.data.preprocess import InputTransform
 from dfd_lib.modeling.checkpoints import PREPROCESS_MODES, MixtureConfig, load_weights
 from dfd_lib.modeling.experts import MixtureOfExperts
 from dfd_lib.paths import WEIGHTS_DIR
+from dfd_lib.scoring.file_crops import decode_rgb
 
 DEFAULT_WEIGHTS_DIR = WEIGHTS_DIR / "moe"
 
@@ -88,22 +88,6 @@ class Prediction:
     @property
     def ok(self) -> bool:
         return not self.error
-
-
-def decode_rgb(source: ImageSource, preprocess: str = "default") -> np.ndarray:
-    """HxWx3 uint8 RGB the way ``preprocess`` decodes (a function, so DataLoader workers can
-    call it without the model); raises ImageLoadError with the reason."""
-    image = load_rgb(source)  # vets every input, in both modes
-    if preprocess == "compat" and isinstance(source, (str, os.PathLike, bytes, bytearray, memoryview)):
-        if isinstance(source, (str, os.PathLike)):
-            encoded = np.fromfile(str(source), dtype=np.uint8)
-        else:
-            encoded = np.frombuffer(bytes(source), dtype=np.uint8)
-        bgr = cv2.imdecode(encoded, cv2.IMREAD_COLOR)
-        if bgr is None:
-            raise ImageLoadError("OpenCV cannot decode this image (compat mode)", str(source)[:200])
-        return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-    return np.asarray(image)
 
 
 def describe_source(source: ImageSource, index: int) -> str:

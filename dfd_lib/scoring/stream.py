@@ -17,25 +17,23 @@ a video's (the mean over its sampled frames, the max beside it), or its error; w
 from __future__ import annotations
 
 import csv
-import glob
 import io
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from dfd_lib.data.images import ImageLoadError, is_image_path
-from dfd_lib.data.preprocess import InputTransform
 from dfd_lib.scoring.calibration import VerdictThreshold
-from dfd_lib.scoring.faces import FaceDetector, FaceOptions, face_crops, faces_text, summarise_faces
-from dfd_lib.scoring.predictor import Predictor, decode_rgb
-from dfd_lib.scoring.videos import DEFAULT_FRAMES, is_video_path, sample_frames
+from dfd_lib.scoring.faces import FaceOptions, faces_text, summarise_faces
+from dfd_lib.scoring.file_crops import FileCrops, ScoringFiles, as_is, iter_input_files, worker_init
+from dfd_lib.scoring.predictor import Predictor
+from dfd_lib.scoring.videos import DEFAULT_FRAMES
+
+AUTO_WORKERS_FROM = 64  # files
 
 
 @dataclass(frozen=True)
@@ -45,119 +43,14 @@ class StreamOptions:
     faces: FaceOptions | None = None  # None: score whole images
     frames: int = DEFAULT_FRAMES  # frames sampled evenly from each video
     per_frame: bool = False  # also one row per video frame
-    workers: int = 0  # DataLoader worker processes decoding (0: in the main process)
+    workers: int | None = None  # DataLoader processes decoding (0: the main process; None: by the file count)
     verdicts: VerdictThreshold | None = None  # adds the columns verdict, threshold, threshold_source
 
     def __post_init__(self):
         if self.frames < 1:
             raise ValueError(f"frames must be >= 1, got {self.frames}")
-        if self.workers < 0:
+        if self.workers is not None and self.workers < 0:
             raise ValueError(f"workers must be >= 0, got {self.workers}")
-
-
-# --------------------------------------------------------------------------- inputs
-
-
-def is_scorable_path(path: str | os.PathLike) -> bool:
-    return is_image_path(path) or is_video_path(path)
-
-
-def _walk(folder: Path) -> Iterator[Path]:
-    """Image and video files under ``folder``, depth first, sorted within each folder."""
-    for root, dirs, files in os.walk(folder):
-        dirs.sort()
-        for name in sorted(files):
-            if is_scorable_path(name):
-                yield Path(root) / name
-
-
-def iter_input_files(inputs: list[str], problems: list[str] | None = None) -> Iterator[Path]:
-    """Files as given, image/video files under folders (recursively), glob matches — lazily.
-    An input that names nothing is appended to ``problems``."""
-    seen: set[Path] | None = set() if len(inputs) > 1 else None  # duplicates only across inputs
-    for text in inputs:
-        path = Path(text).expanduser().absolute()  # rows name files the same way from any folder
-        if path.is_dir():
-            found = _walk(path)
-        elif path.exists():
-            found = iter([path])  # an explicitly named file is scored whatever its extension
-        elif glob.has_magic(text):
-            found = (Path(p) for p in sorted(glob.glob(str(path), recursive=True)) if Path(p).is_file())
-        else:
-            found = iter(())
-            if problems is not None:
-                problems.append(f"{text}: no such file or folder")
-        count = 0
-        for file in found:
-            count += 1
-            if seen is not None:
-                key = file.resolve()
-                if key in seen:
-                    continue
-                seen.add(key)
-            yield file
-        if not count and problems is not None and (path.is_dir() or glob.has_magic(text)):
-            problems.append(f"{text}: {'folder holds no image or video files' if path.is_dir() else 'pattern matches no files'}")
-
-
-# --------------------------------------------------------------------------- decoding (in workers)
-
-
-@dataclass
-class FileCrops:
-    """One file, decoded and cropped: ``tensor`` holds every crop of every view; ``views``
-    is ``(frame index or -1, number of crops, face boxes)`` per frame (one view for a photo)."""
-
-    path: str
-    kind: str  # image | video
-    tensor: torch.Tensor
-    views: list[tuple[int, int, list]] = field(default_factory=list)
-    error: str = ""
-
-
-class ScoringFiles(IterableDataset):
-    """Decodes, detects faces and preprocesses each file; worker ``k`` of ``W`` takes every
-    ``W``-th file, so the DataLoader yields them in input order."""
-
-    def __init__(self, inputs: list[str], transform: InputTransform, preprocess: str,
-                 options: StreamOptions, skip: frozenset[str] = frozenset()):
-        self.inputs = inputs
-        self.transform = transform
-        self.preprocess = preprocess
-        self.options = options
-        self.skip = skip
-        self.detector = FaceDetector(options.faces) if options.faces is not None else None
-
-    def files(self) -> Iterator[Path]:
-        return (p for p in iter_input_files(self.inputs) if str(p) not in self.skip)
-
-    def __iter__(self) -> Iterator[FileCrops]:
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        for index, path in enumerate(self.files()):
-            if index % workers == worker:
-                yield self.load(path)
-
-    def _crops(self, rgb: np.ndarray) -> tuple[list[np.ndarray], list]:
-        return face_crops(rgb, self.detector) if self.detector is not None else ([rgb], [])
-
-    def load(self, path: Path) -> FileCrops:
-        video = is_video_path(path)
-        kind = "video" if video else "image"
-        try:
-            frames = sample_frames(path, self.options.frames) if video else [(-1, decode_rgb(path, self.preprocess))]
-        except ImageLoadError as exc:
-            return FileCrops(str(path), kind, torch.empty(0), error=exc.reason)
-        tensors, views = [], []
-        for frame, rgb in frames:
-            crops, boxes = self._crops(rgb)
-            tensors.extend(self.transform(crop) for crop in crops)
-            views.append((frame, len(crops), boxes))
-        return FileCrops(str(path), kind, torch.stack(tensors), views)
-
-
-def _worker_init(_worker_id: int) -> None:
-    cv2.setNumThreads(1)  # one decoding process per core; OpenCV's own threads would oversubscribe
 
 
 # --------------------------------------------------------------------------- rows
@@ -254,6 +147,12 @@ def count_files(inputs: list[str], skip: frozenset[str], problems: list[str]) ->
     return sum(str(p) not in skip for p in iter_input_files(inputs, problems))
 
 
+def auto_workers(files: int) -> int:
+    """Decoding processes for ``files`` files: none for a few (starting one takes seconds),
+    else one per spare core, at most 3."""
+    return 0 if files < AUTO_WORKERS_FROM else max(0, min(3, (os.cpu_count() or 1) - 1))
+
+
 def score_stream(predictor: Predictor, inputs: list[str], out: Path, options: StreamOptions = StreamOptions(),
                  resume: bool = False, progress: bool = True, problems: list[str] | None = None) -> StreamSummary:
     """Score every file ``inputs`` name into the CSV ``out``, appending batch by batch."""
@@ -262,11 +161,14 @@ def score_stream(predictor: Predictor, inputs: list[str], out: Path, options: St
     problems = [] if problems is None else problems
     total = count_files(inputs, skip, problems)
     summary = StreamSummary(skipped=len(skip))
-    dataset = ScoringFiles(inputs, predictor.transform, predictor.preprocess, options, skip)
-    cuda = predictor.device.type == "cuda"
-    loader = DataLoader(dataset, batch_size=None, collate_fn=lambda item: item, num_workers=options.workers,
-                        pin_memory=cuda, worker_init_fn=_worker_init if options.workers else None,
-                        prefetch_factor=4 if options.workers else None, persistent_workers=False)
+    if not total and not skip:
+        return summary  # nothing to score: no CSV
+    dataset = ScoringFiles(inputs, predictor.transform, predictor.preprocess, options.faces, options.frames, skip)
+    workers = auto_workers(total) if options.workers is None else options.workers
+    # spawned, not forked: a process that has used OpenCV's thread pool deadlocks its forked children
+    loader = DataLoader(dataset, batch_size=None, collate_fn=as_is, num_workers=workers,
+                        pin_memory=predictor.device.type == "cuda", worker_init_fn=worker_init if workers else None,
+                        prefetch_factor=4 if workers else None, multiprocessing_context="spawn" if workers else None)
     verdict_columns = list(VerdictThreshold.COLUMNS) if options.verdicts is not None else []
     writer = CsvAppender(out, stream_columns(predictor.num_experts) + verdict_columns, resume)
     bar = tqdm(total=total, desc="scoring", unit="file", disable=not progress, smoothing=0.1)
