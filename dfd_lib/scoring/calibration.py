@@ -115,7 +115,7 @@ def threshold_at_fpr(labels, scores, target_fpr: float = DEFAULT_TARGET_FPR) -> 
     if not 0.0 <= target_fpr < 1.0:
         raise ValueError(f"target_fpr must be in [0, 1), got {target_fpr}")
     y, s = _labels_scores(labels, scores)
-    return min(1.0, tpr_at_fpr(y, s, target_fpr)[1])  # the metric tables' rule (TPR at 1 % FPR), so they agree
+    return tpr_at_fpr(y, s, target_fpr)[1]  # the metric tables' rule (TPR at 1 % FPR), so they agree
 
 
 def threshold_at_eer(labels, scores) -> float:
@@ -136,6 +136,7 @@ def calibrate_scores(labels, scores, rule: str = "fpr", target_fpr: float = DEFA
         raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
     y, s = _labels_scores(labels, scores)
     threshold = threshold_at_fpr(y, s, target_fpr) if rule == "fpr" else threshold_at_eer(y, s)
+    threshold = min(1.0, threshold)  # probabilities of exactly 1.0 can only be flagged, at 1.0
     fpr, tpr = rates_at(y, s, threshold)
     if not data_hash:
         data_hash = hashlib.sha1(np.concatenate([y, s]).tobytes()).hexdigest()
