@@ -407,3 +407,8 @@ def test_verdicts_carry_their_threshold_and_say_when_it_is_not_calibrated(predic
     given = TestClient(create_app(predictor, threshold=0.0))
     assert given.get("/health").json()["threshold"]["source"] == "given"
     assert given.post("/predict?details=true", json={"image": images[0]}).json()["verdict"] == "fake"
+
+
+def test_dfd_serve_refuses_a_threshold_outside_0_1(tmp_path, capsys):
+    assert dfd_main(["serve", "--weights", str(tmp_path), "--threshold", "1.5"]) == 2
+    assert "--threshold must be in [0, 1]" in capsys.readouterr().err
