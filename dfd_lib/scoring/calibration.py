@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import hashlib
-import json
 import logging
 import math
 import os
@@ -295,7 +294,3 @@ def summary_table(calibration: Calibration) -> pd.DataFrame:
                      "threshold": calibration.threshold, "fpr": check["fpr"], "tpr": check["tpr"],
                      "n_real": check["n_real"], "n_fake": check["n_fake"]})
     return pd.DataFrame(rows).set_index("role")
-
-
-def dumps(calibration: Calibration) -> str:
-    return json.dumps(calibration.to_dict(), indent=2)
