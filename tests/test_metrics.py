@@ -16,6 +16,7 @@ from dfd_lib.modeling.metrics import (
     tpr_at_fpr,
 )
 from dfd_lib.modeling.robustness import plot_robustness, robustness_table
+from dfd_lib.scoring.calibration import threshold_at_fpr
 
 Y = [0, 0, 1, 1]
 S = [0.1, 0.4, 0.35, 0.8]
@@ -50,8 +51,8 @@ def _brute_force(y, s, max_fprs=(0.01, 0.001)):
         if g0 < 0 <= g1:
             eer = f1 if g1 == 0 else f1 - g1 / (g1 - g0) * (f1 - f0)
             break
-    tprs = {m: max((tpr, -thr) for fpr, tpr, thr in points if fpr <= m + 1e-12) for m in max_fprs}
-    return auc, ap, eer, {m: (tpr, -neg) for m, (tpr, neg) in tprs.items()}
+    tprs = {m: max(tpr for fpr, tpr, _ in points if fpr <= m + 1e-12) for m in max_fprs}
+    return auc, ap, eer, tprs
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -70,25 +71,23 @@ def test_metrics_match_scikit_learn_and_brute_force_on_random_scores(seed):
     assert m["eer"] == pytest.approx(eer, abs=1e-12)
     fpr, tpr, thresholds = roc_curve(y, s, drop_intermediate=False)
     for max_fpr, key in ((0.01, "1%"), (0.001, "0.1%")):
-        brute_tpr, brute_threshold = tprs[max_fpr]
-        assert m[f"tpr_at_fpr_{key}"] == pytest.approx(brute_tpr, abs=1e-12)
+        assert m[f"tpr_at_fpr_{key}"] == pytest.approx(tprs[max_fpr], abs=1e-12)
         assert m[f"tpr_at_fpr_{key}"] == pytest.approx(tpr[fpr <= max_fpr].max(), abs=1e-12)  # scikit-learn's curve
+        # the threshold does what it says: an FPR within max_fpr at that TPR
         threshold = m[f"threshold_at_fpr_{key}"]
-        if np.isfinite(brute_threshold):
-            assert threshold == brute_threshold
-        # the threshold does what it says: FPR within max_fpr, that TPR
-        assert np.mean(s[y == 0] >= threshold) <= max_fpr and np.mean(s[y == 1] >= threshold) == pytest.approx(brute_tpr)
+        assert np.mean(s[y == 0] >= threshold) <= max_fpr and np.mean(s[y == 1] >= threshold) == pytest.approx(tprs[max_fpr])
+        assert threshold == pytest.approx(threshold_at_fpr(y, s, max_fpr))  # the one dfd calibrate would store
 
 
 def test_tpr_at_low_fpr_known_examples():
     # 200 reals at 0.00 .. 0.199, 100 fakes at 0.15 .. 0.249: 1 % FPR allows 2 reals (0.198, 0.199)
     reals, fakes = np.arange(200) / 1000, 0.15 + np.arange(100) / 1000
     y, s = np.r_[np.zeros(200), np.ones(100)], np.r_[reals, fakes]
-    assert tpr_at_fpr(y, s, 0.01) == (pytest.approx(0.52), pytest.approx(0.198))  # fakes >= 0.198: 52 of 100
-    assert tpr_at_fpr(y, s, 0.001) == (pytest.approx(0.50), pytest.approx(0.2))  # no false positive: above 0.199
+    # flagging down to 0.198 (52 fakes of 100, 2 reals): the threshold halfway to the next score, 0.197
+    assert tpr_at_fpr(y, s, 0.01) == (pytest.approx(0.52), pytest.approx(0.1975))
+    assert tpr_at_fpr(y, s, 0.001) == (pytest.approx(0.50), pytest.approx(0.1995))  # no false positive: above 0.199
     # the top score is a real: nothing can be flagged without a false positive
-    tpr, threshold = tpr_at_fpr([0, 1, 1], [0.9, 0.5, 0.2], 0.001)
-    assert tpr == 0.0 and threshold > 0.9 and threshold == pytest.approx(0.9)
+    assert tpr_at_fpr([0, 1, 1], [0.9, 0.5, 0.2], 0.001) == (0.0, pytest.approx(0.95))
     with pytest.raises(ValueError, match="both"):
         tpr_at_fpr([1, 1], [0.3, 0.4], 0.01)
     with pytest.raises(ValueError, match="max_fpr"):

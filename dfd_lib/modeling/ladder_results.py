@@ -121,15 +121,19 @@ def plot_ladder(ladder: Ladder, path: str | os.PathLike | None = None, title: st
         if len(others):
             ax.scatter(others["rung"] + 0.12, others[f"test_{metric}"], s=14, color="grey", zorder=2, label="other seeds")
         if metric == "auc":
-            for rung, verdict, top in zip(x, table["verdict"], np.where(np.isfinite(high), high, value)):
-                mark = {"better": "▲", "worse": "▼"}.get(verdict.split(" ")[0], "≈" if verdict else "")
-                ax.annotate(mark, (rung, top), xytext=(0, 6), textcoords="offset points", ha="center", fontsize=9)
+            tops = np.where(np.isfinite(high), high, value)
+            for rung, verdict, delta, top in zip(x, table["verdict"], table["delta_auc"], tops):
+                mark = {"better": "▲", "worse": "▼"}.get(str(verdict).split(" ")[0], "≈" if verdict else "")
+                if mark:
+                    ax.annotate(f"{mark} {delta:+.3f}", (rung, top), xytext=(0, 5), textcoords="offset points", ha="center",
+                                fontsize="x-small")
+        ax.margins(x=0.08, y=0.14)
         ax.set_xticks(x, [f"{n}\n" + "\n".join(textwrap.wrap(name, 16)) for n, name in zip(x, table["model"])],
                       fontsize="x-small")
         ax.set_ylabel(label)
         ax.grid(axis="y", alpha=0.3)
         ax.legend(loc="lower right", fontsize="x-small")
-    axes[0][0].set_title("▲ / ▼ / ≈: paired bootstrap against the rung below", fontsize="small")
+    axes[0][0].set_title("▲ / ▼ / ≈: paired bootstrap of the AUC against the rung below", fontsize="small")
     fig.suptitle(title + (f"\n{note}" if note else ""), fontsize="medium")
     fig.tight_layout()
     save_figure(fig, path)

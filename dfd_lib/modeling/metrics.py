@@ -70,10 +70,11 @@ def equal_error_rate(y_true, y_score) -> tuple[float, float]:
 
 def tpr_at_fpr(y_true, y_score, max_fpr: float) -> tuple[float, float]:
     """``(tpr, threshold)``: the highest true-positive rate of a threshold whose false-positive
-    rate is at most ``max_fpr`` (predict fake if ``score >= threshold``), and that threshold (the
-    lowest one that keeps the FPR within ``max_fpr``). With fewer than ``1 / max_fpr`` reals no
-    false positive is allowed: the TPR is then the share of fakes scored above every real. When
-    not even that catches a fake, the TPR is 0 and the threshold lies just above the top score."""
+    rate is at most ``max_fpr`` (predict fake if ``score >= threshold``), and a threshold that
+    reaches it: halfway between the lowest score it flags and the next score down, the rule of
+    ``dfd calibrate``'s target-FPR threshold. With fewer than ``1 / max_fpr`` reals no false
+    positive is allowed: the TPR is then the share of fakes scored above every real. When not even
+    that catches a fake, the TPR is 0 and the threshold lies above the top score."""
     y, s = checked_arrays(y_true, y_score)
     if not 0 <= max_fpr < 1:
         raise ValueError(f"max_fpr must be in [0, 1), got {max_fpr}")
@@ -81,8 +82,11 @@ def tpr_at_fpr(y_true, y_score, max_fpr: float) -> tuple[float, float]:
         raise ValueError("a TPR at a given FPR needs both reals and fakes")
     fpr, tpr, thresholds = roc_curve(y, s, drop_intermediate=False)
     i = int(np.flatnonzero(fpr <= max_fpr + FPR_TOLERANCE)[-1])  # the TPR only grows along the curve
-    threshold = thresholds[i] if np.isfinite(thresholds[i]) else np.nextafter(s.max(), np.inf)
-    return float(tpr[i]), float(threshold)
+    if i == 0:  # even the top score is a real's: flag nothing
+        top = s.max()
+        return 0.0, float((top + 1.0) / 2 if top < 1 else np.nextafter(top, np.inf))
+    # thresholds are the distinct scores, highest first: thresholds[i + 1] is the next one down
+    return float(tpr[i]), float((thresholds[i] + thresholds[i + 1]) / 2)
 
 
 def binary_metrics(y_true, y_score) -> dict:
