@@ -42,10 +42,8 @@ from dfd_lib.data.images import ImageLoadError, ImageSource
 from dfd_lib.data.preprocess import InputTransform
 from dfd_lib.modeling.checkpoints import PREPROCESS_MODES, MixtureConfig, load_weights
 from dfd_lib.modeling.experts import MixtureOfExperts
-from dfd_lib.paths import WEIGHTS_DIR
+from dfd_lib.scoring.default_weights import find_weights
 from dfd_lib.scoring.file_crops import decode_rgb
-
-DEFAULT_WEIGHTS_DIR = WEIGHTS_DIR / "moe"
 
 # glibc mallopt parameters (malloc.h): the same as
 # GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=100000000000
@@ -148,8 +146,9 @@ class Predictor:
         backbones: Sequence[str] | None = None,
     ) -> Predictor:
         """Load our format or the released ``weight.pth`` + ``ema.state`` (EMA folded once)
-        from ``weights_dir`` (default ``weights/moe``). ``threads`` sets torch's CPU threads."""
-        weights_dir = Path(weights_dir) if weights_dir is not None else DEFAULT_WEIGHTS_DIR
+        from ``weights_dir`` (default: :func:`~dfd_lib.scoring.default_weights.find_weights`'s,
+        ``weights/moe`` else the newest run's). ``threads`` sets torch's CPU threads."""
+        weights_dir = Path(weights_dir) if weights_dir is not None else find_weights()[0]
         if threads is not None:
             if threads < 1:
                 raise ValueError(f"threads must be >= 1, got {threads}")

@@ -21,7 +21,7 @@ import logging
 import os
 import secrets
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ from dfd_lib.data.images import ImageLoadError
 from dfd_lib.scoring import explain
 from dfd_lib.scoring.calibration import VerdictThreshold, resolve_threshold
 from dfd_lib.scoring.predictor import Predictor
+from dfd_lib.serving.face_requests import FaceServing, face_fields, score_faces
 from dfd_lib.serving.request_parsing import ApiError, ImageLimits, read_image_bytes, read_image_list, vet_image
 from dfd_lib.serving.schema import (
     ERRORS,
@@ -47,7 +48,7 @@ from dfd_lib.serving.schema import (
     error_response,
     image_body,
 )
-from dfd_lib.serving.worker import ModelWorker
+from dfd_lib.serving.worker import DEFAULT_MAX_QUEUE, ModelWorker, QueueFull
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 DEFAULT_MAX_BODY_MB = 20.0
@@ -71,6 +72,7 @@ class Served:
     max_body_bytes: int
     max_batch_images: int
     verdicts: VerdictThreshold  # the threshold of every verdict, and where it came from
+    faces: FaceServing = field(default_factory=FaceServing)  # face-centred crops (?faces=true)
 
 
 # --------------------------------------------------------------------------- limits
@@ -126,11 +128,15 @@ def create_app(
     strict_modes: bool = False,
     model_batch: int | None = None,
     threshold: float | None = None,
+    faces: FaceServing | None = None,
+    max_queue: int = DEFAULT_MAX_QUEUE,
 ) -> FastAPI:
     """The API and the page around a loaded :class:`Predictor` (or the weights folder to
     load one from). ``token``: when set, every POST needs ``Authorization: Bearer <token>``.
     ``model_batch``: most images per forward pass (default: the predictor's batch size).
-    ``threshold``: the verdicts' threshold (default: the mixture's calibrated one, else 0.5)."""
+    ``threshold``: the verdicts' threshold (default: the mixture's calibrated one, else 0.5).
+    ``faces``: face-crop settings (default: off unless a request asks, at most 8 faces).
+    ``max_queue``: most images waiting for the model; past it requests get 503 with Retry-After."""
     predictor = (predictor_or_weights_dir if isinstance(predictor_or_weights_dir, Predictor)
                  else Predictor.load(predictor_or_weights_dir))
     if max_body_bytes < 1024:
@@ -139,8 +145,9 @@ def create_app(
         raise ValueError(f"max_batch_images must be >= 1, got {max_batch_images}")
     if token is not None and not token.strip():
         raise ValueError("the bearer token must not be empty (leave it unset to serve without one)")
-    served = Served(predictor, ModelWorker(predictor, model_batch), ImageLimits(max_pixels, min_side, strict_modes),
-                    token, max_body_bytes, max_batch_images, resolve_threshold(predictor.config, threshold))
+    served = Served(predictor, ModelWorker(predictor, model_batch, max_queue), ImageLimits(max_pixels, min_side, strict_modes),
+                    token, max_body_bytes, max_batch_images, resolve_threshold(predictor.config, threshold),
+                    faces or FaceServing())
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -182,6 +189,10 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def _validation_error(_request: Request, exc: RequestValidationError):
         parts = [f"{'.'.join(str(p) for p in err.get('loc', ()))}: {err.get('msg', '')}" for err in exc.errors()]
         return error_response(400, "invalid request: " + "; ".join(parts))
+
+    @app.exception_handler(QueueFull)
+    async def _busy(_request: Request, exc: QueueFull):
+        return error_response(503, str(exc), {"Retry-After": str(exc.retry_after)})
 
     @app.exception_handler(Exception)
     async def _server_error(_request: Request, exc: Exception):
@@ -226,6 +237,45 @@ async def _prepare_item(served: Served, item):
         return exc
 
 
+FACES_QUERY = Query(None, description="score face-centred crops: each face found, the image's score by the "
+                                       "server's rule (default: the server's --faces setting)")
+
+
+async def _batch_with_faces(served: Served, items: list) -> dict:
+    async def one(item):
+        if isinstance(item, ApiError):
+            return item
+        try:
+            return await score_faces(served, item)
+        except ApiError as exc:
+            return exc
+
+    results: list[dict] = []
+    for i, outcome in enumerate(await asyncio.gather(*[one(item) for item in items])):
+        if isinstance(outcome, ApiError):
+            results.append({"index": i, "error": outcome.detail, "status": outcome.status_code})
+        else:
+            scores = outcome[1]
+            results.append({"index": i, "result": scores.prob, "experts": scores.expert_probs,
+                            "verdict": served.verdicts.verdict(scores.prob), **face_fields(scores)})
+    return {"results": results, "count": len(results), "errors": sum("error" in r for r in results),
+            "threshold": served.verdicts.value, "threshold_source": served.verdicts.source}
+
+
+async def _explain_with_faces(served: Served, data: bytes, experts: list[int] | None) -> dict:
+    """The faces' scores, and the heatmap of the face that decides (the whole image without one)."""
+    predictor = served.predictor
+    prepared, scores = await score_faces(served, data)
+    chosen = scores.chosen or 0
+    tensor = prepared.tensors[chosen]
+    result = await served.worker.call(lambda: explain.explain_tensor(predictor, tensor, experts))
+    png = await run_in_threadpool(_png_data_url, explain.overlay_heatmap(prepared.crops[chosen], result.cam))
+    return {"result": scores.prob, "experts": scores.expert_probs, "backbones": predictor.config.backbones,
+            "heatmap": png, "heatmap_of": "image" if scores.chosen is None else f"face {chosen}",
+            "width": int(prepared.rgb.shape[1]), "height": int(prepared.rgb.shape[0]),
+            **served.verdicts.fields(scores.prob), **face_fields(scores)}
+
+
 def _png_data_url(image) -> str:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", optimize=False)
@@ -254,6 +304,8 @@ async def health(request: Request) -> dict:
                    "strict_modes": limits.strict_modes},
         "token_required": served.token is not None,
         "threshold": served.verdicts.info(),
+        "faces": served.faces.info(),
+        "queue": {"queued": worker.queued, "max_queue": worker.max_queue, "refused": worker.stats.refused},
         "served": {"images": worker.stats.images, "batches": worker.stats.batches,
                    "mean_batch": round(worker.stats.mean_batch, 3), "explanations": worker.stats.calls},
     }
@@ -262,8 +314,13 @@ async def health(request: Request) -> dict:
 @router.post("/predict", summary="Fake probability of one image (the original contract)",
              response_model=None, responses={200: {"model": PredictResponse}, **ERRORS},
              openapi_extra=image_body("image", many=False), dependencies=[Depends(require_token)])
-async def predict(request: Request, details: bool = Query(False, description="add each expert's probability")):
+async def predict(request: Request, details: bool = Query(False, description="add each expert's probability"),
+                  faces: bool | None = FACES_QUERY):
     served = _served(request)
+    if served.faces.wanted(faces):
+        _prepared, scores = await score_faces(served, await read_image_bytes(request, served.max_body_bytes))
+        details_fields = {"experts": scores.expert_probs, **served.verdicts.fields(scores.prob)} if details else {}
+        return CompactJSONResponse({"result": scores.prob, **details_fields, **face_fields(scores)})
     _rgb, tensor = await run_in_threadpool(_prepare, served, await read_image_bytes(request, served.max_body_bytes))
     [(prob, experts)] = await served.worker.score([tensor])
     details_fields = {"experts": experts, **served.verdicts.fields(prob)} if details else {}
@@ -273,9 +330,11 @@ async def predict(request: Request, details: bool = Query(False, description="ad
 @router.post("/predict/batch", summary="Fake probabilities of several images",
              response_model=None, responses={200: {"model": BatchResponse}, **ERRORS},
              openapi_extra=image_body("images", many=True), dependencies=[Depends(require_token)])
-async def predict_batch(request: Request):
+async def predict_batch(request: Request, faces: bool | None = FACES_QUERY):
     served = _served(request)
     items = await read_image_list(request, served.max_body_bytes, served.max_batch_images)
+    if served.faces.wanted(faces):
+        return CompactJSONResponse(await _batch_with_faces(served, items))
     results: list[dict] = [{"index": i} for i in range(len(items))]
     prepared = await asyncio.gather(*[_prepare_item(served, item) for item in items])  # decoded in parallel
     ready: list[tuple[int, Any]] = []
@@ -295,13 +354,16 @@ async def predict_batch(request: Request):
 @router.post("/explain", summary="Scores and a Grad-CAM heatmap of one image",
              response_model=None, responses={200: {"model": ExplainResponse}, **ERRORS},
              openapi_extra=image_body("image", many=False), dependencies=[Depends(require_token)])
-async def explain_image(request: Request, expert: int | None = Query(None, ge=0, description="one expert's map (default: the mixture's)")):
+async def explain_image(request: Request, expert: int | None = Query(None, ge=0, description="one expert's map (default: the mixture's)"),
+                        faces: bool | None = FACES_QUERY):
     served = _served(request)
     predictor = served.predictor
     if expert is not None and expert >= predictor.num_experts:
         raise ApiError(400, f"expert {expert} does not exist: the mixture has experts 0..{predictor.num_experts - 1}")
-    rgb, tensor = await run_in_threadpool(_prepare, served, await read_image_bytes(request, served.max_body_bytes))
     experts = None if expert is None else [expert]
+    if served.faces.wanted(faces):
+        return CompactJSONResponse(await _explain_with_faces(served, await read_image_bytes(request, served.max_body_bytes), experts))
+    rgb, tensor = await run_in_threadpool(_prepare, served, await read_image_bytes(request, served.max_body_bytes))
     result = await served.worker.call(lambda: explain.explain_tensor(predictor, tensor, experts))
     png = await run_in_threadpool(_png_data_url, explain.overlay_heatmap(rgb, result.cam))
     return CompactJSONResponse({"result": result.prob, "experts": result.expert_probs,

@@ -13,9 +13,13 @@ from pathlib import Path
 from fastapi import FastAPI
 
 from dfd_lib.modeling.checkpoints import PREPROCESS_MODES, CheckpointError
-from dfd_lib.scoring.predictor import DEFAULT_WEIGHTS_DIR, Predictor
+from dfd_lib.scoring.default_weights import DEFAULT_WEIGHTS_DIR, WeightsNotFound, find_weights
+from dfd_lib.scoring.faces import FACE_RULES, FaceOptions
+from dfd_lib.scoring.predictor import Predictor
 from dfd_lib.serving.app import DEFAULT_MAX_BATCH_IMAGES, DEFAULT_MAX_BODY_MB, DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, create_app
+from dfd_lib.serving.face_requests import DEFAULT_MAX_FACES, FaceServing
 from dfd_lib.serving.request_parsing import ImageLimits
+from dfd_lib.serving.worker import DEFAULT_MAX_QUEUE
 
 TOKEN_ENV = "DFD_SERVE_TOKEN"
 SETTINGS_ENV = "DFD_SERVE_SETTINGS"  # hands the settings to each process when --workers > 1
@@ -37,6 +41,11 @@ class ServeSettings:
     device: str | None = None
     preprocess: str = "default"
     threshold: float | None = None  # the verdicts' threshold; None: the mixture's calibrated one, else 0.5
+    faces: bool = False  # face-centred crops for requests that do not say (?faces=)
+    face_rule: str = FaceOptions.rule
+    face_margin: float = FaceOptions.margin
+    max_faces: int = DEFAULT_MAX_FACES  # more faces in one image: 422
+    max_queue: int = DEFAULT_MAX_QUEUE  # more images waiting for the model: 503 with Retry-After
 
     def __post_init__(self):
         if self.max_body_bytes < 1024:
@@ -48,6 +57,12 @@ class ServeSettings:
         ImageLimits(self.max_pixels, self.min_side, self.strict_modes)  # validates those two
         if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"--threshold must be in [0, 1], got {self.threshold}")
+        self.face_serving()  # validates the face settings
+        if self.max_queue < 1:
+            raise ValueError(f"--max-queue must be >= 1, got {self.max_queue}")
+
+    def face_serving(self) -> FaceServing:
+        return FaceServing(self.faces, FaceOptions(margin=self.face_margin, rule=self.face_rule), self.max_faces)
 
 
 def app_from_settings(settings: ServeSettings, token: str | None = None) -> FastAPI:
@@ -55,7 +70,8 @@ def app_from_settings(settings: ServeSettings, token: str | None = None) -> Fast
                                threads=settings.threads, preprocess=settings.preprocess)
     return create_app(predictor, settings.max_body_bytes, settings.max_pixels, token,
                       min_side=settings.min_side, max_batch_images=settings.max_batch_images,
-                      strict_modes=settings.strict_modes, threshold=settings.threshold)
+                      strict_modes=settings.strict_modes, threshold=settings.threshold,
+                      faces=settings.face_serving(), max_queue=settings.max_queue)
 
 
 def app_from_environment() -> FastAPI:
@@ -74,8 +90,9 @@ def is_loopback(host: str) -> bool:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS_DIR,
-                        help=f"checkpoint folder: ours or the released weight.pth + ema.state (default: {DEFAULT_WEIGHTS_DIR})")
+    parser.add_argument("--weights", type=Path, default=None,
+                        help="checkpoint folder: ours or the released weight.pth + ema.state "
+                             "(default: weights/moe, else the most recent run's under reports/)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     parser.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     parser.add_argument("--token", default=None,
@@ -100,6 +117,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threshold", type=float, default=None,
                         help="verdict threshold, fake if the probability is at least it (default: the mixture's from "
                              "`dfd calibrate`, else 0.5, 'not calibrated')")
+    parser.add_argument("--faces", action="store_true",
+                        help="score face-centred crops unless a request says ?faces=false (default: only when asked)")
+    parser.add_argument("--face-rule", choices=FACE_RULES, default=FaceOptions.rule,
+                        help="an image's score from its faces: max (most-fake face), mean, largest (default: max)")
+    parser.add_argument("--face-margin", type=float, default=FaceOptions.margin,
+                        help=f"crop side / face box side (default: {FaceOptions.margin})")
+    parser.add_argument("--max-faces", type=int, default=DEFAULT_MAX_FACES,
+                        help=f"most faces scored in one image; more: 422 (default: {DEFAULT_MAX_FACES})")
+    parser.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
+                        help=f"most images waiting for the model; more: 503 with Retry-After (default: {DEFAULT_MAX_QUEUE})")
     parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
 
 
@@ -112,7 +139,9 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
     return ServeSettings(weights=str(args.weights), max_body_bytes=int(args.max_body_mb * 1024 * 1024),
                          max_pixels=args.max_pixels, min_side=args.min_side, max_batch_images=args.max_batch_images,
                          strict_modes=args.strict_modes, batch_size=args.batch_size, threads=threads,
-                         device=args.device, preprocess=args.preprocess, threshold=args.threshold)
+                         device=args.device, preprocess=args.preprocess, threshold=args.threshold,
+                         faces=args.faces, face_rule=args.face_rule, face_margin=args.face_margin,
+                         max_faces=args.max_faces, max_queue=args.max_queue)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -120,14 +149,18 @@ def run(args: argparse.Namespace) -> int:
 
     token = args.token or os.environ.get(TOKEN_ENV) or None
     try:
+        explicit = args.weights is not None
+        args.weights, why = find_weights(args.weights)
         settings = settings_from_args(args)
-    except ValueError as exc:
+    except (ValueError, WeightsNotFound) as exc:
         log.error("dfd serve: %s", exc)
         return 2
     if not Path(settings.weights).is_dir():
         log.error("dfd serve: weights folder %s not found; train one (notebook 04), convert the released weights "
                   "with `dfd convert-weights SRC %s`, or pass --weights DIR", settings.weights, DEFAULT_WEIGHTS_DIR)
         return 2
+    if not explicit:
+        log.info("dfd serve: weights %s", why)
     if not is_loopback(args.host) and token is None:
         log.warning("dfd serve: listening on %s without --token: anyone who can reach this address can use the model",
                     args.host)
