@@ -123,6 +123,39 @@ def test_the_page_scores_an_uploaded_image_like_the_api(served, browser, tmp_pat
         page.close()
 
 
+def test_the_page_scores_faces_and_draws_their_boxes(served, browser, tmp_path):
+    from test_predict_stream import small_face_photo
+
+    image = jpeg_file(tmp_path / "small_face.jpg", small_face_photo(skdata.astronaut(), 0.35, (400, 150)))
+    api = requests.post(f"{served}/predict?faces=true", json={"image": b64(image.read_bytes())}, timeout=60).json()
+    [face] = api["faces"]
+    page = browser.new_page()
+    try:
+        page.goto(served + "/")
+        page.wait_for_function("document.querySelector('#model-info').textContent.includes('2 experts')", timeout=30_000)
+        page.check("#faces")
+        page.set_input_files("#file-input", str(image))
+        page.wait_for_selector(".result.done", timeout=60_000)
+        assert float(page.get_attribute(".result", "data-prob")) == api["result"] == face["result"]
+        boxes = page.locator(".result .face-box")
+        assert boxes.count() == 1 and page.is_visible(".result .face-box")
+        assert " ".join(str(v) for v in face["box"]) in boxes.first.get_attribute("title")
+        assert float(boxes.first.get_attribute("data-prob")) == face["result"]
+        assert "rgb(" in boxes.first.evaluate("el => el.style.borderColor")  # coloured by its score
+        # the box sits on the face in the displayed image: same fractions of the width and height
+        frame = page.locator(".result .frame").bounding_box()
+        drawn = boxes.first.bounding_box()
+        assert (drawn["x"] - frame["x"]) / frame["width"] == pytest.approx(face["box"][0] / 640, abs=0.01)
+        assert (drawn["y"] - frame["y"]) / frame["height"] == pytest.approx(face["box"][1] / 427, abs=0.01)
+        assert "1 face(s) found" in page.inner_text(".result .faces-note")
+        page.uncheck("#faces")  # off again: the whole photo, no box
+        page.set_input_files("#file-input", str(image))
+        page.wait_for_function("document.querySelectorAll('.result.done').length == 2", timeout=60_000)
+        assert page.locator(".result").first.locator(".face-box").count() == 0
+    finally:
+        page.close()
+
+
 def test_voila_renders_notebook_05_with_its_widget(weights, browser, tmp_path):
     run_dir = tmp_path / "run"
     weights_dir = run_dir / "weights" / "moe"

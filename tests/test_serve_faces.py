@@ -92,3 +92,26 @@ def test_a_full_queue_answers_503_with_retry_after_and_recovers(predictor):
     waiting[0].result(10)
     assert client.post("/predict", json={"image": image}).status_code == 200
     assert worker.queued == 0
+
+
+def test_dfd_serve_without_weights_serves_the_newest_run(tmp_path, monkeypatch, caplog):
+    """`make demo` then `make serve`: the demo run's mixture, said in the log; a fresh clone: the way out."""
+    import uvicorn
+    from test_predict_stream import make_run
+
+    from dfd_lib.cli import main as dfd_main
+    from dfd_lib.scoring import default_weights
+
+    reports = tmp_path / "reports"
+    demo = make_run(reports, "demo", make_tiny_weights(tmp_path / "trained"), 2_000_000)
+    monkeypatch.setattr(default_weights, "DEFAULT_WEIGHTS_DIR", tmp_path / "weights" / "moe")
+    monkeypatch.setattr(default_weights, "REPORTS_DIR", reports)
+    served = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: served.update(app=app))
+    with caplog.at_level("INFO"):
+        assert dfd_main(["serve", "--port", "8765"]) == 0
+    assert str(demo) in caplog.text and "most recent run" in caplog.text
+    assert TestClient(served["app"]).post("/predict", json={"image": b64(encode(skdata.chelsea()))}).status_code == 200
+    monkeypatch.setattr(default_weights, "REPORTS_DIR", tmp_path / "fresh_clone")
+    assert dfd_main(["serve"]) == 2
+    assert "make demo" in caplog.text and "convert-weights" in caplog.text

@@ -1,5 +1,6 @@
 // The page of `dfd serve`: choose or drop images, POST each to /explain, show the score,
 // the per-expert bars and the Grad-CAM heatmap; the threshold only recolours verdicts.
+// With "Score faces" on, each face found gets a box coloured by its score (green real, red fake).
 "use strict";
 
 const state = { backbones: [], tokenRequired: false, threshold: null, moved: false };
@@ -21,6 +22,39 @@ function recolour(card) {
   card.querySelectorAll(".bar > span").forEach((bar) => {
     bar.classList.toggle("fake", parseFloat(bar.dataset.prob) >= threshold());
   });
+}
+
+function scoreColour(prob) {  // as dfd_lib.scoring.faces.score_colour: green -> yellow -> red
+  const p = Math.min(Math.max(prob, 0), 1);
+  return `rgb(${Math.round(255 * Math.min(1, 2 * p))}, ${Math.round(255 * Math.min(1, 2 * (1 - p)))}, 0)`;
+}
+
+function drawFaces(card, body) {
+  const frame = $(".frame", card);
+  frame.querySelectorAll(".face-box").forEach((box) => box.remove());
+  const note = $(".faces-note", card);
+  if (body.faces === undefined) return;
+  body.faces.forEach((face, i) => {
+    const [left, top, right, bottom] = face.box;
+    const box = document.createElement("div");
+    box.className = "face-box";
+    box.dataset.prob = String(face.result);
+    Object.assign(box.style, {
+      left: `${(100 * left) / body.width}%`, top: `${(100 * top) / body.height}%`,
+      width: `${(100 * (right - left)) / body.width}%`, height: `${(100 * (bottom - top)) / body.height}%`,
+      borderColor: scoreColour(face.result),
+    });
+    const label = document.createElement("span");
+    label.textContent = face.result.toFixed(3);
+    label.style.background = scoreColour(face.result);
+    box.title = `face ${i}: ${left} ${top} ${right} ${bottom}, fake probability ${face.result.toFixed(4)}`;
+    box.append(label);
+    frame.append(box);
+  });
+  note.textContent = body.faces_found
+    ? `${body.faces_found} face(s) found; the score is face ${body.face_chosen}'s (rule: ${body.face_rule}); heatmap of ${body.heatmap_of}`
+    : "no face found: the whole image was scored";
+  note.hidden = false;
 }
 
 function showResult(card, body) {
@@ -51,6 +85,7 @@ function showResult(card, body) {
     heat.src = body.heatmap;
     heat.hidden = false;
   }
+  drawFaces(card, body);
   recolour(card);
   card.classList.add("done");
 }
@@ -75,7 +110,8 @@ async function score(file) {
   const token = $("#token").value.trim();
   if (token) headers.Authorization = `Bearer ${token}`;
   try {
-    const response = await fetch("/explain", { method: "POST", body: form, headers });
+    const url = $("#faces").checked ? "/explain?faces=true" : "/explain?faces=false";
+    const response = await fetch(url, { method: "POST", body: form, headers });
     const body = await response.json().catch(() => ({ error: `HTTP ${response.status}` }));
     if (!response.ok) showError(card, body.error || `HTTP ${response.status}`);
     else showResult(card, body);
@@ -109,6 +145,7 @@ async function loadHealth() {
       `${health.model.experts} experts (${[...new Set(health.model.backbones)].join(", ")}) · ` +
       `${health.model.image_size} px · ${health.model.device}`;
     showThreshold(health.threshold);
+    if (health.faces) $("#faces").checked = health.faces.default;
   } catch (err) {
     $("#model-info").textContent = `server unreachable: ${err}`;
   }
