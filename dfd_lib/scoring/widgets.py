@@ -13,11 +13,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import ipywidgets as widgets
-from PIL import Image
+import numpy as np
+from PIL import Image, ImageDraw
 
 from dfd_lib.data.images import ImageLoadError, load_rgb
 from dfd_lib.scoring import explain
 from dfd_lib.scoring.calibration import VerdictThreshold, resolve_threshold
+from dfd_lib.scoring.faces import FaceDetector, FaceScores, face_crops, score_colour, summarise_faces
 from dfd_lib.scoring.predictor import Prediction, Predictor
 
 FAKE_COLOUR, REAL_COLOUR, ERROR_COLOUR = "#c62828", "#2e7d32", "#6d4c41"
@@ -33,6 +35,7 @@ class UploadResult:
     prediction: Prediction
     thumbnail: Image.Image | None = None
     overlay: Image.Image | None = None
+    faces: FaceScores | None = None  # with faces on: every face's box and score (none found: whole image)
 
 
 @dataclass
@@ -57,6 +60,8 @@ class UploadApp:
     cards: list[_Card] = field(default_factory=list)
     verdicts: VerdictThreshold | None = None  # the threshold the slider starts at, and where it came from
     threshold_note: widgets.HTML = field(default_factory=widgets.HTML)  # says where the slider's value comes from
+    faces: widgets.Checkbox = field(default_factory=lambda: widgets.Checkbox(False, description="score faces"))
+    detector: FaceDetector = field(default_factory=FaceDetector)
 
     @property
     def results(self) -> list[UploadResult]:
@@ -83,14 +88,45 @@ def _bar_style(prob: float, threshold: float) -> str:
     return "danger" if prob >= threshold else "success"
 
 
-def score_upload(predictor: Predictor, name: str, content: bytes, with_heatmap: bool = True) -> UploadResult:
-    """Score one uploaded file; an unreadable file becomes a result with ``error`` set."""
+def with_face_boxes(image: Image.Image, scores: FaceScores) -> Image.Image:
+    """``image`` with each face's box drawn in its score's colour (green real, red fake)."""
+    drawn = image.copy()
+    pen = ImageDraw.Draw(drawn)
+    width = max(2, round(max(image.size) / 200))
+    for box, prob in zip(scores.boxes, scores.probs):
+        pen.rectangle(box.as_list(), outline=score_colour(prob), width=width)
+        pen.text((box.left + width, max(0, box.top - 12)), f"{prob:.3f}", fill=score_colour(prob))
+    return drawn
+
+
+def score_faces_upload(predictor: Predictor, name: str, rgb: Image.Image, detector: FaceDetector,
+                       with_heatmap: bool = True) -> UploadResult:
+    """Score each face of an uploaded image (the whole image without one), as ``dfd predict --faces``."""
+    crops, boxes = face_crops(np.asarray(rgb), detector)
+    predictions = predictor.predict(crops)
+    scores = summarise_faces([p.prob for p in predictions], [p.expert_probs for p in predictions], boxes,
+                             detector.options.rule)
+    thumbnail = with_face_boxes(rgb, scores)
+    thumbnail.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
+    overlay = None
+    if with_heatmap:  # where the experts looked in the face that decides
+        crop = crops[scores.chosen or 0]
+        overlay = explain.overlay_heatmap(crop, explain.explain(predictor, crop).cam, max_side=THUMBNAIL_SIDE)
+    return UploadResult(name, Prediction(name, scores.prob, scores.expert_probs), thumbnail, overlay, scores)
+
+
+def score_upload(predictor: Predictor, name: str, content: bytes, with_heatmap: bool = True,
+                 faces: FaceDetector | None = None) -> UploadResult:
+    """Score one uploaded file (each face with ``faces``); an unreadable file becomes a result
+    with ``error`` set."""
     try:
         rgb = load_rgb(content)
     except ImageLoadError as exc:
         return UploadResult(name, Prediction(name, None, error=exc.reason))
     except Image.DecompressionBombError as exc:  # Pillow's guard fires before load_rgb's own check
         return UploadResult(name, Prediction(name, None, error=f"decompression bomb refused: {exc}"))
+    if faces is not None:
+        return score_faces_upload(predictor, name, rgb, faces, with_heatmap)
     # compat mode decodes the file's bytes with OpenCV, as the original did
     source = content if predictor.preprocess == "compat" else rgb
     thumbnail = rgb.copy()
@@ -103,6 +139,14 @@ def score_upload(predictor: Predictor, name: str, content: bytes, with_heatmap: 
     prediction = predictor.predict_one(source)
     prediction.source = name
     return UploadResult(name, prediction, thumbnail)
+
+
+def faces_note_html(scores: FaceScores) -> str:
+    if not scores.faces_found:
+        return "<small>no face found: the whole image was scored</small>"
+    listed = ", ".join(f"{p:.3f}" for p in scores.probs)
+    return (f"<small>{scores.faces_found} face(s) found ({listed}); the score is face {scores.chosen}'s "
+            f"(rule: {scores.rule})</small>")
 
 
 def result_card(result: UploadResult, threshold: float, backbones: Sequence[str] = ()) -> _Card:
@@ -119,7 +163,7 @@ def result_card(result: UploadResult, threshold: float, backbones: Sequence[str]
     for picture, caption in ((result.thumbnail, "image"), (result.overlay, "Grad-CAM")):
         if picture is not None:
             images.append(widgets.VBox([widgets.Image(value=_png(picture), format="png"), widgets.HTML(f"<small>{caption}</small>")]))
-    details = widgets.VBox([title, verdict, *bars])
+    details = widgets.VBox([title, verdict, *bars, *([widgets.HTML(faces_note_html(result.faces))] if result.faces else [])])
     box = widgets.HBox([*images, details], layout=widgets.Layout(border_bottom="1px solid #ddd", padding="6px"))
     return _Card(result, verdict, bars, box)
 
@@ -163,7 +207,8 @@ def handle_upload(app: UploadApp, value) -> list[UploadResult]:
     app.status.value = f"scoring {len(files)} image(s)…"
     new_cards = []
     for name, content in files:
-        result = score_upload(app.predictor, name, content, with_heatmap=app.explain)
+        result = score_upload(app.predictor, name, content, with_heatmap=app.explain,
+                              faces=app.detector if app.faces.value else None)
         new_cards.append(result_card(result, app.threshold.value, app.predictor.config.backbones))
     app.cards[:0] = new_cards
     app.results_box.children = tuple(card.box for card in app.cards)
@@ -173,7 +218,7 @@ def handle_upload(app: UploadApp, value) -> list[UploadResult]:
 
 
 def build_upload_app(predictor: Predictor, threshold: float | VerdictThreshold | None = None,
-                     with_heatmap: bool = True) -> UploadApp:
+                     with_heatmap: bool = True, faces: bool = False) -> UploadApp:
     """The upload widget wired to ``predictor``; display ``app.widget``. The slider starts at
     ``threshold``: by default the mixture's calibrated one (0.5 when it was not calibrated)."""
     verdicts = threshold if isinstance(threshold, VerdictThreshold) else resolve_threshold(predictor.config, threshold)
@@ -185,9 +230,10 @@ def build_upload_app(predictor: Predictor, threshold: float | VerdictThreshold |
     experts = ", ".join(dict.fromkeys(predictor.config.backbones))
     header = widgets.HTML(f"<b>{predictor.num_experts} experts</b> ({experts}) at {predictor.config.image_size} px")
     note = widgets.HTML(threshold_note_html(verdicts, slider.value))
+    faces_box = widgets.Checkbox(faces, description="score faces", tooltip="crop each face found (1.3x its box) and score it")
     app = UploadApp(predictor, upload, slider, status, results_box,
-                    widgets.VBox([header, widgets.HBox([upload, slider]), note, status, results_box]), with_heatmap,
-                    verdicts=verdicts, threshold_note=note)
+                    widgets.VBox([header, widgets.HBox([upload, slider, faces_box]), note, status, results_box]), with_heatmap,
+                    verdicts=verdicts, threshold_note=note, faces=faces_box)
     upload.observe(lambda change: handle_upload(app, change["new"]), names="value")
     slider.observe(lambda _change: recolour(app), names="value")
     return app
