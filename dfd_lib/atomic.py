@@ -7,6 +7,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from dfd_lib.faults import crash_point
+
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
     """``write(tmp_path)`` into a unique temporary file beside ``path``, then rename it over ``path``."""
@@ -19,6 +21,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Pa
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes owner-only files; give the usual permissions
+        crash_point("atomic.before_replace")
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -19,3 +19,15 @@ def smoke_demo(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("demo") / "demo"
     return build_demo_dataset(DemoConfig.smoke(), out, progress=False)
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    """One uninterrupted run of the smoke profile (all five notebooks), made once per test session:
+    the reference that reruns and interrupted runs are compared with."""
+    from dfd_lib.pipeline.chain import run_pipeline
+
+    reports = tmp_path_factory.mktemp("reports")
+    result = run_pipeline("smoke", run="reference", reports_dir=reports, progress=False, write_report=False)
+    assert result.ok, result.steps
+    return result.run_dir

@@ -15,13 +15,10 @@ from dfd_lib.pipeline.rerun import rerun
 
 
 @pytest.fixture(scope="module")
-def smoke_runs(tmp_path_factory):
-    reports = tmp_path_factory.mktemp("reports")
-    first = run_pipeline("smoke", run="a", reports_dir=reports, progress=False, write_report=False)
-    assert first.ok, first.steps
-    again = rerun(first.run_dir, "b", reports_dir=reports, progress=False, write_report=False)
+def smoke_runs(smoke_run):
+    again = rerun(smoke_run, "b", reports_dir=smoke_run.parent, progress=False, write_report=False)
     assert again.ok, again.steps
-    return first.run_dir, again.run_dir
+    return smoke_run, again.run_dir
 
 
 def test_a_smoke_run_and_its_rerun_agree(smoke_runs, capsys):

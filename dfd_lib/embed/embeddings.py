@@ -28,6 +28,7 @@ from dfd_lib.atomic import atomic_write
 from dfd_lib.config import StepConfig
 from dfd_lib.data.images import load_rgb
 from dfd_lib.data.manifest import Manifest
+from dfd_lib.faults import crash_point
 from dfd_lib.logs import progress_bar
 from dfd_lib.modeling.backbones import backbone_data_config, backbone_transform, create_backbone
 from dfd_lib.paths import cache_dir as default_cache_dir
@@ -264,6 +265,7 @@ def _compute(loader: DataLoader, model: nn.Module, device: torch.device, array_p
                                                     shape=(len(paths), features.shape[1]))
                 out[written:written + len(features)] = features
                 written += len(features)
+                crash_point("embeddings.batch")
     except BaseException:
         partial.unlink(missing_ok=True)  # an interrupted run leaves no half-written cache
         raise

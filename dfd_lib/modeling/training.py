@@ -40,6 +40,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from dfd_lib.atomic import atomic_write
 from dfd_lib.data.datasets import ManifestDataset, make_loader
+from dfd_lib.faults import crash_point
 from dfd_lib.logs import progress_bar
 from dfd_lib.modeling.checkpoints import save_expert_weights
 from dfd_lib.modeling.experts import Expert, create_ema
@@ -344,6 +345,7 @@ def _train_epoch(loop: _Loop, epoch: int, global_step: int) -> tuple[int, dict[s
         bar.set_postfix({loss: f"{value / seen:.3f}" for loss, value in sums.items()})
         if loop.on_step is not None:
             loop.on_step(epoch, step, global_step)
+        crash_point("training.step")
     bar.close()
     batches.close()  # we stop after `steps`: let accelerate forget this iteration
     if hasattr(loop.train_loader, "end"):

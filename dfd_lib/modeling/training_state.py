@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from dfd_lib.faults import crash_point
+
 STATE_DIR = "state"
 PROGRESS_FILE = "progress.json"
 
@@ -74,6 +76,7 @@ def save_training_state(accelerator, out_dir: str | os.PathLike, progress: Progr
         shutil.rmtree(old, ignore_errors=True)
         if final.exists():
             os.replace(final, old)
+        crash_point("training.checkpoint")  # the tests kill here: neither state/ nor state.tmp/ is in place
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()

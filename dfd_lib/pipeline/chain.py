@@ -247,6 +247,9 @@ def _start_record(plan: RunPlan) -> dict:
     """``params.json`` as this command starts (steps that do not run keep what they ran with) and a
     fresh ``environment.json`` that keeps what earlier steps recorded in it (weights, inputs)."""
     (plan.run_dir / runs.NOTEBOOKS_DIR).mkdir(parents=True, exist_ok=True)
+    stale = runs.remove_temporaries(plan.run_dir)
+    if stale:
+        log.info("removed %d temporary file(s) an interrupted run left in %s", len(stale), plan.run_dir)
     record = runs.read_params(plan.run_dir) if plan.resumed else {}
     label = plan.profile if not plan.profile.endswith((".yaml", ".yml")) else relative_to_project(plan.profile_data["path"], PROJECT_ROOT)
     record.update({"profile": label, "run": plan.run_dir.name, "overrides": plan.overrides})

@@ -60,6 +60,19 @@ def write_params(run_dir: str | os.PathLike, record: dict) -> Path:
     return path
 
 
+# what a killed process leaves behind: atomic_write's temporary files, the embedding cache's partial array
+TEMPORARY_PATTERNS = (".*.tmp", "*.partial.npy")
+
+
+def remove_temporaries(run_dir: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files a killed run left in ``run_dir`` (never read: a file becomes an
+    artefact only by its final rename), so a resumed run starts clean; the paths deleted."""
+    found = [p for pattern in TEMPORARY_PATTERNS for p in Path(run_dir).rglob(pattern) if p.is_file()]
+    for path in found:
+        path.unlink(missing_ok=True)
+    return found
+
+
 class MissingArtefactError(FileNotFoundError):
     """A step needs a file an earlier step writes; the message says which step."""
 

@@ -26,6 +26,7 @@ from PIL import Image
 from dfd_lib.atomic import atomic_write
 from dfd_lib.data.images import ImageLoadError, load_rgb
 from dfd_lib.data.manifest import COLUMNS, FAKE, Manifest, file_sha1
+from dfd_lib.faults import crash_point
 from dfd_lib.logs import progress_bar
 from dfd_lib.synth import diffusion, factory
 from dfd_lib.synth.config import EnrichmentConfig
@@ -104,6 +105,7 @@ def _run_jobs(jobs: list[Job], config: EnrichmentConfig, out_dir: Path, state, p
             except Exception as exc:  # noqa: BLE001 - log, skip, go on
                 failures.append(_failure(job, exc))
             bar.update(1)
+            crash_point("enrichment.image")
         for family, task in factory.SD_FAMILIES.items():
             sd_jobs = [job for job in todo if job.family == family]
             if sd_jobs:
