@@ -38,7 +38,7 @@ test: setup browser lint ## lint, then every test: library, CLI, server, browser
 data: setup ## build only the demo dataset (data/demo/)
 	$(BIN)/dfd build-demo
 
-serve: setup ## serve the HTTP API and web page on 127.0.0.1:8000 (weights/moe)
+serve: setup ## serve the HTTP API and web page on 127.0.0.1:8000 (weights/moe, else the newest run's under reports/)
 	$(BIN)/dfd serve
 
 bench: setup ## run the benchmarks in bench/ (minutes; see bench/RESULTS.md)
