@@ -45,6 +45,9 @@ def test_faces_scores_each_small_face_and_writes_its_box(weights, tmp_path):
     photos.mkdir()
     # astronaut's face is about 87x111 px at (182, 63): at 0.35 it is ~30x39 px in a 640x427 photo
     Image.fromarray(small_face_photo(skdata.astronaut(), 0.35, (400, 150))).save(photos / "astronaut_small.jpg", quality=92)
+    two = small_face_photo(skdata.astronaut(), 0.35, (60, 60))
+    two[240:240 + 180, 380:380 + 180] = cv2.resize(skdata.astronaut()[40:220, 150:330], (180, 180))  # a second, larger face
+    Image.fromarray(two).save(photos / "two_faces.jpg", quality=92)
     Image.fromarray(skdata.coffee()).save(photos / "coffee.jpg", quality=92)
     out, whole = tmp_path / "faces.csv", tmp_path / "whole.csv"
     assert dfd_main(["predict", str(photos), "--weights", str(weights), "--out", str(out), "--faces", "--workers", "0"]) == 0
@@ -58,6 +61,12 @@ def test_faces_scores_each_small_face_and_writes_its_box(weights, tmp_path):
     assert astronaut["faces"].startswith(astronaut["face_box"] + ":")
     plain_prob = float(plain.loc[plain["path"].str.endswith("astronaut_small.jpg"), "prob_fake"].iloc[0])
     assert abs(float(astronaut["prob_fake"]) - plain_prob) > 1e-4  # the face crop, not the whole photo, was scored
+    two = faces.loc["two_faces.jpg"]
+    assert int(two["faces_found"]) == 2
+    scored = [(part.rsplit(":", 1)[0], float(part.rsplit(":", 1)[1])) for part in two["faces"].split(";")]
+    assert len(scored) == 2 and scored[0][0] != scored[1][0]  # each face scored on its own
+    assert two["face_box"] == max(scored, key=lambda s: s[1])[0]  # the rule (max): the most-fake face
+    assert float(two["prob_fake"]) == pytest.approx(max(s[1] for s in scored), abs=1e-6)
     coffee = faces.loc["coffee.jpg"]
     assert int(coffee["faces_found"]) == 0 and coffee["face_box"] == "" and coffee["error"] == ""  # scored whole
     assert (plain["faces_found"] == "").all()  # faces off: the columns stay empty

@@ -165,6 +165,8 @@ def score_stream(predictor: Predictor, inputs: list[str], out: Path, options: St
         return summary  # nothing to score: no CSV
     dataset = ScoringFiles(inputs, predictor.transform, predictor.preprocess, options.faces, options.frames, skip)
     workers = auto_workers(total) if options.workers is None else options.workers
+    if workers and predictor.device.type == "cpu":  # the model's threads and the decoders share the cores
+        torch.set_num_threads(max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) - workers)))
     # spawned, not forked: a process that has used OpenCV's thread pool deadlocks its forked children
     loader = DataLoader(dataset, batch_size=None, collate_fn=as_is, num_workers=workers,
                         pin_memory=predictor.device.type == "cuda", worker_init_fn=worker_init if workers else None,
