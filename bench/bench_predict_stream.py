@@ -91,7 +91,8 @@ def make_files(root: Path, count: int, side: int, seed: int = 0) -> None:
         if i % PART == 0:
             folder.mkdir(parents=True, exist_ok=True)
         photo = photos[i % len(photos)]
-        crop_side = int(rng.integers(side, min(photo.shape[:2])))
+        shortest = min(photo.shape[:2])
+        crop_side = int(rng.integers(min(side, shortest), shortest + 1))
         y, x = (int(rng.integers(0, photo.shape[d] - crop_side + 1)) for d in (0, 1))
         Image.fromarray(photo[y : y + crop_side, x : x + crop_side]).resize((side, side)).save(folder / f"{i:06d}.jpg", quality=85)
 
@@ -212,11 +213,14 @@ def rates(name: str, spec_task: dict, inputs: list[str], model_images: int, work
     rows = []
     for w in (0, workers):
         rows.append({"mixture": name, "what": f"decode, {w} workers", **child({**base, "kind": "decode", "workers": w})})
+        print(rows[-1], flush=True)
     rows.append({"mixture": name, "what": "model forward", **child({**base, "kind": "model", "images": model_images})})
+    print(rows[-1], flush=True)
     for w in (0, workers):
         out = str(out_dir / f"{name.split()[0]}_{name.count('faces')}_{w}.csv")
         rows.append({"mixture": name, "what": f"end to end, {w} workers",
                      **child({**base, "kind": "stream", "workers": w, "out": out})})
+        print(rows[-1], flush=True)
     return rows
 
 
@@ -261,7 +265,7 @@ def main() -> None:
             task = {**common, "weights": str(small), "image_size": SMALL["image_size"], "kind": "stream",
                     "workers": args.workers, "inputs": parts, "out": str(tmp / f"memory_{size}.csv")}
             results["memory"].append({"files": size, **child(task)})
-            print(f"memory sweep: {size} files done", flush=True)
+            print(results["memory"][-1], flush=True)
 
     print("\n| mixture | measurement | img/s |\n|---|---|---:|")
     for row in results["rates"]:

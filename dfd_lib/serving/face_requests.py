@@ -19,6 +19,7 @@ from starlette.concurrency import run_in_threadpool
 
 from dfd_lib.data.images import ImageLoadError
 from dfd_lib.scoring.faces import FaceBox, FaceDetector, FaceOptions, FaceScores, crop_square, summarise_faces
+from dfd_lib.scoring.file_crops import decode_rgb
 from dfd_lib.serving.request_parsing import ApiError, vet_image
 
 DEFAULT_MAX_FACES = 8
@@ -63,7 +64,7 @@ def prepare_faces(served, data: bytes) -> FacePrepared:
     image = vet_image(data, served.limits)
     predictor, faces = served.predictor, served.faces
     try:  # compat mode decodes the bytes with OpenCV, as the original did
-        rgb = predictor._decode(data) if predictor.preprocess == "compat" else np.asarray(image)
+        rgb = decode_rgb(data, "compat") if predictor.preprocess == "compat" else np.asarray(image)
     except ImageLoadError as exc:
         raise ApiError(422, exc.reason) from None
     with faces.lock:
