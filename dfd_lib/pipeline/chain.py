@@ -11,10 +11,12 @@ through files in the run folder.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
 import shlex
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -213,12 +215,14 @@ def run_pipeline(profile: str | None = None, only: str | None = None, start: str
     params = _merge(steps, plan.profile_data, plan.overrides, declared, plan.recorded)
     if check and not prepare_only:
         _preflight(plan, only, start, notebooks_dir, pipelines_dir)
-    record = _start_record(plan)
+    with _disk_errors(plan.run_dir, "starting the run"):
+        record = _start_record(plan)
     result = PipelineResult(plan.run_dir)
     for step in steps:
         step_params = {**params[step.name], "run_dir": str(plan.run_dir)}
         record["steps"][step.name] = step_params
-        runs.write_params(plan.run_dir, record)
+        with _disk_errors(plan.run_dir, f"starting step {step.name}"):
+            runs.write_params(plan.run_dir, record)
         outcome = _execute(step, step_params, plan.run_dir, prepare_only, kernel_name, log_output, progress)
         result.steps.append(outcome)
         if outcome.status == "failed":
@@ -228,7 +232,8 @@ def run_pipeline(profile: str | None = None, only: str | None = None, start: str
             break
         log.info("[%s] %s in %.1f s%s", step.name, outcome.status if prepare_only else "done", outcome.seconds,
                  "" if prepare_only else step_summary(plan.run_dir, step.name))
-    _write_timings(plan.run_dir, result)
+    with _disk_errors(plan.run_dir, "recording the timings"):
+        _write_timings(plan.run_dir, result)
     if write_report and not prepare_only:
         from dfd_lib.pipeline.report import write_report as write_index
 
@@ -280,7 +285,10 @@ def _execute(step: Step, step_params: dict, run_dir: Path, prepare_only: bool, k
                 stderr_file=sys.stderr if progress and not log_output else None, **extra,
             )
     except Exception as exc:  # papermill's PapermillExecutionError, a dead kernel, ...
-        return StepResult(step.name, time.perf_counter() - started, output, "failed", _describe_failure(exc))
+        message = _describe_failure(exc)
+        if is_no_space(message):
+            message = f"{no_space_note(run_dir, f'step {step.name}')}\n  the error: {message}"
+        return StepResult(step.name, time.perf_counter() - started, output, "failed", message)
     return StepResult(step.name, time.perf_counter() - started, output, "prepared" if prepare_only else "ok")
 
 
@@ -297,6 +305,31 @@ def _step_environment(step_name: str):
             os.environ.pop(PIPELINE_STEP_ENV, None)
         else:
             os.environ[PIPELINE_STEP_ENV] = before
+
+
+NO_SPACE_MARKERS = ("no space left on device", "errno 28]", "os error 28", "disk quota exceeded")
+
+
+def is_no_space(message: str) -> bool:
+    """Whether an error message (from any library: python's OSError, safetensors, torch, PIL) says the disk is full."""
+    return any(marker in message.lower() for marker in NO_SPACE_MARKERS)
+
+
+def no_space_note(run_dir: Path, what: str) -> str:
+    free = shutil.disk_usage(run_dir).free if run_dir.exists() else 0
+    return (f"no space left on device: {what} could not write into {run_dir} ({free / 2**20:.0f} MB free on its "
+            "filesystem now). Earlier artefacts are intact: free space, then resume")
+
+
+@contextlib.contextmanager
+def _disk_errors(run_dir: Path, what: str):
+    """A full disk while the pipeline itself writes its records becomes a clear :class:`PipelineError`."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise PipelineError(f"{no_space_note(run_dir, what)}: {exc}") from None
+        raise
 
 
 def step_summary(run_dir: Path, step_name: str, limit: int = 6) -> str:
