@@ -16,7 +16,7 @@ from typing import Union
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")  # GIF, TIFF: the first frame
 DEFAULT_MAX_PIXELS = 64_000_000  # ~8000x8000: past this a file is treated as a decompression bomb
 
 # Never decode a truncated file silently as grey: a truncated image is an error we report.
