@@ -6,7 +6,6 @@ imports only this module (a second or two instead of the model code's several).
 """
 from __future__ import annotations
 
-import glob
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -17,9 +16,10 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from dfd_lib.data.images import ImageLoadError, ImageSource, is_image_path, load_rgb
+from dfd_lib.data.images import ImageLoadError, ImageSource, load_rgb
 from dfd_lib.data.preprocess import InputTransform
 from dfd_lib.scoring.faces import FaceDetector, FaceOptions, face_crops
+from dfd_lib.scoring.inputs import iter_input_files
 from dfd_lib.scoring.videos import DEFAULT_FRAMES, is_video_path, sample_frames
 
 
@@ -37,48 +37,6 @@ def decode_rgb(source: ImageSource, preprocess: str = "default") -> np.ndarray:
             raise ImageLoadError("OpenCV cannot decode this image (compat mode)", str(source)[:200])
         return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
     return np.asarray(image)
-
-
-def is_scorable_path(path: str | os.PathLike) -> bool:
-    return is_image_path(path) or is_video_path(path)
-
-
-def _walk(folder: Path) -> Iterator[Path]:
-    """Image and video files under ``folder``, depth first, sorted within each folder."""
-    for root, dirs, files in os.walk(folder):
-        dirs.sort()
-        for name in sorted(files):
-            if is_scorable_path(name):
-                yield Path(root) / name
-
-
-def iter_input_files(inputs: list[str], problems: list[str] | None = None) -> Iterator[Path]:
-    """Files as given, image/video files under folders (recursively), glob matches — lazily.
-    An input that names nothing is appended to ``problems``."""
-    seen: set[Path] | None = set() if len(inputs) > 1 else None  # duplicates only across inputs
-    for text in inputs:
-        path = Path(text).expanduser().absolute()  # rows name files the same way from any folder
-        if path.is_dir():
-            found = _walk(path)
-        elif path.exists():
-            found = iter([path])  # an explicitly named file is scored whatever its extension
-        elif glob.has_magic(text):
-            found = (Path(p) for p in sorted(glob.glob(str(path), recursive=True)) if Path(p).is_file())
-        else:
-            found = iter(())
-            if problems is not None:
-                problems.append(f"{text}: no such file or folder")
-        count = 0
-        for file in found:
-            count += 1
-            if seen is not None:
-                key = file.resolve()
-                if key in seen:
-                    continue
-                seen.add(key)
-            yield file
-        if not count and problems is not None and (path.is_dir() or glob.has_magic(text)):
-            problems.append(f"{text}: {'folder holds no image or video files' if path.is_dir() else 'pattern matches no files'}")
 
 
 @dataclass

@@ -29,7 +29,8 @@ from tqdm.auto import tqdm
 
 from dfd_lib.scoring.calibration import VerdictThreshold
 from dfd_lib.scoring.faces import FaceOptions, faces_text, summarise_faces
-from dfd_lib.scoring.file_crops import FileCrops, ScoringFiles, as_is, iter_input_files, worker_init
+from dfd_lib.scoring.file_crops import FileCrops, ScoringFiles, as_is, worker_init
+from dfd_lib.scoring.inputs import iter_input_files
 from dfd_lib.scoring.predictor import Predictor
 from dfd_lib.scoring.videos import DEFAULT_FRAMES
 
