@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "calibrate": ("dfd_lib.scoring.calibrate_cli", "choose the verdict threshold on labelled images (a target FPR or the EER)"),
     "convert-weights": ("dfd_lib.modeling.released", "convert the released weight.pth + ema.state into our format"),
     "serve": ("dfd_lib.serving.cli", "serve the HTTP API and the web page"),
+    "export": ("dfd_lib.scoring.export", "convert a mixture for OpenVINO or ONNX Runtime (cached, exact; int8 as an option)"),
 }
 
 

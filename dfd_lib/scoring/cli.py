@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 
 from dfd_lib.modeling.checkpoints import PREPROCESS_MODES, CheckpointError
+from dfd_lib.scoring.backends import BackendUnavailable, add_backend_arguments
 from dfd_lib.scoring.calibration import resolve_threshold
 from dfd_lib.scoring.default_weights import WeightsNotFound, find_weights
 from dfd_lib.scoring.faces import FACE_RULES, FaceOptions
@@ -35,6 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preprocess", choices=PREPROCESS_MODES, default="default",
                         help="'compat' decodes with OpenCV exactly like the original release (default: default)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA when present)")
+    add_backend_arguments(parser)
     parser.add_argument("--workers", type=int, default=None,
                         help="processes decoding files (and finding faces) while the model runs; 0: none "
                              "(default: cores - 1, at most 3, from 64 files on; none below)")
@@ -71,9 +73,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"dfd predict: weights {why}" if args.weights is None else f"dfd predict: weights {weights}")
     try:
         predictor = Predictor.load(weights, device=args.device, batch_size=args.batch_size,
-                                   threads=args.threads, preprocess=args.preprocess)
+                                   threads=args.threads, preprocess=args.preprocess, backend=args.backend, int8=args.int8)
         verdicts = resolve_threshold(predictor.config, args.threshold)
-    except (CheckpointError, ValueError) as exc:
+    except (BackendUnavailable, CheckpointError, ValueError) as exc:
         log.error("dfd predict: %s", exc)
         return 2
     problems: list[str] = []

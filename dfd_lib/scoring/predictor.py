@@ -8,6 +8,9 @@ Speed without changing the scores (figures in bench/RESULTS.md, "Inference"):
   its activation buffers back in and batching looks slower than one image at a time.
 ``torch.compile`` is faster per image but compiles for minutes per input shape: opt-in.
 bf16 autocast is opt-in and GPU-only (on this CPU it is slower and moves probabilities).
+``backend="openvino"`` (or ``"onnxruntime"``) runs the forward pass on a converted model, cached
+beside the weights (:mod:`dfd_lib.scoring.backends`, :mod:`dfd_lib.scoring.export`): same scores
+within 1e-5, faster on CPUs; everything else here stays the same code.
 
 Preprocessing modes (both end with the same tensor ops, :class:`dfd_lib.data.preprocess.InputTransform`:
 to [0, 1], normalisation, then a resize to ``image_size`` x ``image_size`` with antialiasing — the
@@ -42,6 +45,7 @@ from dfd_lib.data.images import ImageLoadError, ImageSource
 from dfd_lib.data.preprocess import InputTransform
 from dfd_lib.modeling.checkpoints import PREPROCESS_MODES, MixtureConfig, load_weights
 from dfd_lib.modeling.experts import MixtureOfExperts
+from dfd_lib.scoring.backends import ConvertedMixture
 from dfd_lib.scoring.default_weights import find_weights
 from dfd_lib.scoring.file_crops import decode_rgb
 
@@ -111,6 +115,7 @@ class Predictor:
         bf16: bool = False,
         channels_last: bool | None = None,
         compile: bool = False,
+        runtime: ConvertedMixture | None = None,
     ):
         if preprocess not in PREPROCESS_MODES:
             raise ValueError(f"preprocess must be one of {PREPROCESS_MODES}, got {preprocess!r}")
@@ -126,9 +131,14 @@ class Predictor:
         # channels_last measured faster on this CPU (bench/RESULTS.md) and on GPUs for convnets.
         self.channels_last = True if channels_last is None else channels_last
         self.memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
-        self.model = _materialize(model.eval().requires_grad_(False), self.device, self.memory_format)
+        if runtime is not None and self.device.type != "cpu":
+            raise ValueError(f"the {runtime.backend} backend runs on the CPU; use backend='torch' on {self.device}")
+        # a converted model does the forward pass (runtime); the torch one is then loaded only if asked for (Grad-CAM)
+        self.runtime = runtime
+        self.backend = runtime.backend if runtime is not None else "torch"
+        self._model = None if model is None else _materialize(model.eval().requires_grad_(False), self.device, self.memory_format)
         # opt-in: minutes of compilation per new input shape before it pays back (bench/RESULTS.md)
-        self._forward = torch.compile(self.model, dynamic=False) if compile else self.model
+        self._forward = runtime if runtime is not None else torch.compile(self.model, dynamic=False) if compile else self.model
         self.transform = InputTransform(config.image_size, config.mean, config.std, config.interpolation, config.antialias)
 
     @classmethod
@@ -144,15 +154,29 @@ class Predictor:
         compile: bool = False,
         malloc_tuning: bool = True,
         backbones: Sequence[str] | None = None,
+        backend: str = "torch",
+        int8: bool = False,
+        export_dir: str | os.PathLike | None = None,
     ) -> Predictor:
         """Load our format or the released ``weight.pth`` + ``ema.state`` (EMA folded once)
         from ``weights_dir`` (default: :func:`~dfd_lib.scoring.default_weights.find_weights`'s,
-        ``weights/moe`` else the newest run's). ``threads`` sets torch's CPU threads."""
+        ``weights/moe`` else the newest run's). ``threads`` sets torch's CPU threads.
+        ``backend`` "openvino" / "onnxruntime": the cached export (``export_dir``, default
+        ``weights_dir/exports``), converted first when there is none; ``int8`` (OpenVINO only) uses
+        the int8 export ``dfd export --int8`` made, which changes scores."""
         weights_dir = Path(weights_dir) if weights_dir is not None else find_weights()[0]
         if threads is not None:
             if threads < 1:
                 raise ValueError(f"threads must be >= 1, got {threads}")
             torch.set_num_threads(threads)
+        if backend != "torch" or int8:
+            from dfd_lib.scoring.export import load_runtime
+
+            runtime, config = load_runtime(weights_dir, backend, threads, backbones, int8, export_dir)
+            predictor = cls(None, config, device or "cpu", batch_size, preprocess, bf16, channels_last, compile, runtime)
+            if malloc_tuning:
+                tune_malloc()
+            return predictor
         model, config = load_weights(weights_dir, backbones)
         predictor = cls(model, config, device, batch_size, preprocess, bf16, channels_last, compile)
         if malloc_tuning:  # after loading, so load-time buffers are still returned to the OS
@@ -160,8 +184,16 @@ class Predictor:
         return predictor
 
     @property
+    def model(self) -> MixtureOfExperts:
+        """The torch mixture; with a converted backend it is loaded on first use (Grad-CAM needs it)."""
+        if self._model is None:
+            model = self.runtime.load_torch_model()
+            self._model = _materialize(model.eval().requires_grad_(False), self.device, self.memory_format)
+        return self._model
+
+    @property
     def num_experts(self) -> int:
-        return len(self.model.experts)
+        return len(self.config.backbones)
 
     # ------------------------------------------------------------------ preprocessing
 

@@ -1,0 +1,314 @@
+"""``dfd export WEIGHTS_DIR --format openvino|onnx``: the mixture converted for a CPU runtime,
+cached beside the weights and keyed so that a stale export is never used.
+
+An export lives in ``WEIGHTS_DIR/exports/<format>-<precision>-<key>/`` (or under ``--out``): the
+model (``model.xml`` + ``model.bin``, or ``model.onnx``) and ``export.json``, written last, so a
+folder without it is an interrupted conversion and is ignored. ``key`` is a digest of the
+weights files' contents, the experts, the image size, the runtime's and torch's versions (and,
+for int8, the calibration images): change the weights (or upgrade OpenVINO) and the old export no
+longer matches; it is removed when the new one is written.
+
+Converting is a one-off cost: about a minute and 6-8 GB of memory for the released 7-expert
+mixture at 512 px (bench/RESULTS.md); loading the export afterwards takes seconds. The model is
+converted in fp32 (the IR is saved without fp16 compression) so scores match torch's.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import functools
+import gc
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dfd_lib.modeling.checkpoints import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, MixtureConfig, load_weights, read_config
+from dfd_lib.modeling.experts import ORIGINAL_BACKBONES, MixtureOfExperts
+from dfd_lib.modeling.released import RELEASED_EMA_FILE, RELEASED_WEIGHTS_FILE, is_released_dir
+from dfd_lib.scoring.backends import (
+    EXPORT_FORMAT,
+    OUTPUT_NAMES,
+    BackendUnavailable,
+    ConvertedMixture,
+    check_backend,
+    open_runtime,
+    require,
+    runtime_version,
+)
+
+FORMATS = ("openvino", "onnx")
+MODEL_FILE = {"openvino": "model.xml", "onnx": "model.onnx"}
+EXPORTS_DIR = "exports"
+META_FILE = "export.json"
+EXPORT_VERSION = 1
+ONNX_OPSET = 17
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Export:
+    """A usable export: its model file and what it was made from."""
+
+    model_file: Path
+    meta: dict
+    converted: bool  # True: converted by this call; False: found in the cache
+
+    @property
+    def folder(self) -> Path:
+        return self.model_file.parent
+
+
+# --------------------------------------------------------------------------- the key
+
+
+def weights_files(weights_dir: Path) -> list[Path]:
+    """The files holding the weights (not config.json: a new verdict threshold keeps the export)."""
+    if (weights_dir / WEIGHTS_FILE).is_file():
+        return [weights_dir / WEIGHTS_FILE]
+    if is_released_dir(weights_dir):
+        return [weights_dir / RELEASED_WEIGHTS_FILE, weights_dir / RELEASED_EMA_FILE]
+    raise CheckpointError(f"{weights_dir}: no weights found ({WEIGHTS_FILE}, or {RELEASED_WEIGHTS_FILE} + {RELEASED_EMA_FILE})")
+
+
+def file_digest(paths: Sequence[Path], chunk: int = 16 << 20) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as handle:
+            while block := handle.read(chunk):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def mixture_config(weights_dir: Path, backbones: Sequence[str] | None = None) -> MixtureConfig:
+    """The config of the mixture in ``weights_dir`` without loading its tensors."""
+    if (weights_dir / CONFIG_FILE).is_file():
+        return read_config(weights_dir)
+    return MixtureConfig(backbones=list(backbones or ORIGINAL_BACKBONES), preprocess="compat")
+
+
+def export_identity(weights_dir: Path, fmt: str, config: MixtureConfig, precision: str = "fp32",
+                    calibration_digest: str = "") -> dict:
+    """What an export depends on; its digest names the export's folder."""
+    return {"export_version": EXPORT_VERSION, "format": fmt, "precision": precision,
+            "weights_sha256": file_digest(weights_files(weights_dir)), "backbones": list(config.backbones),
+            "image_size": config.image_size, "runtime": runtime_version(fmt), "torch": torch.__version__,
+            "calibration_sha256": calibration_digest}
+
+
+def identity_key(identity: dict) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def export_roots(weights_dir: Path, out: Path | None = None) -> list[Path]:
+    """Where exports are looked for, the first writable one being where a new one goes: ``out``
+    if given, else beside the weights, then (read-only weights) the user's cache."""
+    if out is not None:
+        return [Path(out)]
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dfd-kit" / EXPORTS_DIR
+    return [weights_dir / EXPORTS_DIR, cache / hashlib.sha256(str(weights_dir.resolve()).encode()).hexdigest()[:16]]
+
+
+def _writable(folder: Path) -> bool:
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    return os.access(existing, os.W_OK)
+
+
+def find_export(root: Path, identity: dict) -> Export | None:
+    """The finished export matching ``identity`` under ``root``, else None."""
+    folder = root / f"{identity['format']}-{identity['precision']}-{identity_key(identity)}"
+    try:
+        meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    model_file = folder / MODEL_FILE[identity["format"]]
+    if meta.get("identity") != identity or not model_file.is_file():
+        return None
+    return Export(model_file, meta, converted=False)
+
+
+def remove_stale(root: Path, identity: dict, keep: Path) -> list[Path]:
+    """Other exports of the same format and precision under ``root`` (older weights, runtimes):
+    never used again, so their disk space is given back."""
+    removed = []
+    for folder in root.glob(f"{identity['format']}-{identity['precision']}-*"):
+        if folder != keep and folder.is_dir():
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
+# --------------------------------------------------------------------------- converting
+
+
+class _Probabilities(nn.Module):
+    """The mixture with tensor outputs only (``prob``, ``expert_probs``): what the runtimes run."""
+
+    def __init__(self, mixture: MixtureOfExperts):
+        super().__init__()
+        self.mixture = mixture
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.mixture(x)
+        return out["prob"], out["expert_probs"]
+
+
+def convert_openvino(model: MixtureOfExperts, image_size: int, model_file: Path):
+    ov = require("openvino", "openvino")
+    example = torch.zeros(1, 3, image_size, image_size)
+    with torch.no_grad():  # traced first: several times faster than letting convert_model trace
+        traced = torch.jit.trace(_Probabilities(model).eval(), example, check_trace=False)
+        converted = ov.convert_model(traced, example_input=example, input=[ov.PartialShape([-1, 3, image_size, image_size])])
+    del traced
+    for output, name in zip(converted.outputs, OUTPUT_NAMES):
+        output.get_tensor().set_names({name})
+    ov.save_model(converted, str(model_file), compress_to_fp16=False)  # fp16 weights would move the scores
+    return converted
+
+
+def convert_onnx(model: MixtureOfExperts, image_size: int, model_file: Path) -> None:
+    require("onnx", "onnx")
+    example = torch.zeros(1, 3, image_size, image_size)
+    with torch.no_grad():
+        torch.onnx.export(_Probabilities(model).eval(), (example,), str(model_file), dynamo=False, opset_version=ONNX_OPSET,
+                          input_names=["image"], output_names=list(OUTPUT_NAMES),
+                          dynamic_axes={"image": {0: "batch"}, "prob": {0: "batch"}, "expert_probs": {0: "batch"}})
+
+
+CONVERTERS = {"openvino": convert_openvino, "onnx": convert_onnx}
+
+
+def write_export(root: Path, identity: dict, build, extra: dict | None = None) -> Export:
+    """Build an export into a temporary folder under ``root`` with ``build(model_file)``, then
+    move it into place with its ``export.json``; stale exports of the same kind are removed."""
+    root.mkdir(parents=True, exist_ok=True)
+    folder = root / f"{identity['format']}-{identity['precision']}-{identity_key(identity)}"
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix=".export-", dir=root) as tmp:
+        model_file = Path(tmp) / MODEL_FILE[identity["format"]]
+        build(model_file)
+        meta = {"identity": identity, "seconds": round(time.perf_counter() - started, 1),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **(extra or {})}
+        (Path(tmp) / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+        Path(tmp).mkdir()  # TemporaryDirectory removes its (now moved) folder on exit
+    for stale in remove_stale(root, identity, keep=folder):
+        log.info("removed stale export %s (made from other weights or another runtime version)", stale)
+    return Export(folder / MODEL_FILE[identity["format"]], meta, converted=True)
+
+
+def _release_memory() -> None:
+    """Give the conversion's buffers (gigabytes at full scale) back before scoring starts."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def ensure_export(weights_dir: str | os.PathLike, fmt: str, out: str | os.PathLike | None = None,
+                  backbones: Sequence[str] | None = None, convert: bool = True, force: bool = False) -> Export:
+    """The fp32 export of the mixture in ``weights_dir``: the cached one when its key matches,
+    else converted now (when ``convert``; else CheckpointError saying how to make it)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    weights_dir = Path(weights_dir)
+    config = mixture_config(weights_dir, backbones)
+    identity = export_identity(weights_dir, fmt, config)
+    roots = export_roots(weights_dir, Path(out) if out is not None else None)
+    found = None if force else next(filter(None, (find_export(root, identity) for root in roots)), None)
+    if found is not None:
+        return found
+    root = next((r for r in roots if _writable(r)), roots[0])
+    if not convert:
+        raise CheckpointError(f"{weights_dir}: no up-to-date {fmt} export under {root}; make it with "
+                              f"`dfd export {weights_dir} --format {fmt}`")
+    log.warning("converting the mixture in %s to %s (%d experts at %d px): a one-off cost, about a minute and "
+                "6-8 GB of memory for the released 7 experts at 512 px; later loads use the cached export under %s",
+                weights_dir, fmt, len(config.backbones), config.image_size, root)
+    try:
+        build = functools.partial(CONVERTERS[fmt], load_weights(weights_dir, config.backbones)[0], config.image_size)
+        return write_export(root, identity, build)
+    finally:
+        build = None
+        _release_memory()
+
+
+# --------------------------------------------------------------------------- for the Predictor
+
+
+def load_runtime(weights_dir: str | os.PathLike, backend: str, threads: int | None = None,
+                 backbones: Sequence[str] | None = None, int8: bool = False,
+                 export_dir: str | os.PathLike | None = None) -> tuple[ConvertedMixture, MixtureConfig]:
+    """The mixture in ``weights_dir`` ready to score with ``backend`` (its cached export, made
+    first when missing), and its config. ``int8``: the int8 export ``dfd export --int8`` made."""
+    if check_backend(backend) == "torch":
+        raise ValueError("backend 'torch' needs no export")
+    if int8 and backend != "openvino":
+        raise ValueError("int8 runs on the openvino backend only")
+    require("int8" if int8 else backend, "nncf" if int8 else backend)  # say what to install before hashing gigabytes
+    weights_dir = Path(weights_dir)
+    config = mixture_config(weights_dir, backbones)
+    if int8:
+        from dfd_lib.scoring.quantize import find_int8_export
+
+        export = find_int8_export(weights_dir, export_dir, config.backbones)
+        log.warning("int8 model %s: faster, but its scores differ from the fp32 mixture's (bench/RESULTS.md)", export.model_file)
+    else:
+        export = ensure_export(weights_dir, EXPORT_FORMAT[backend], export_dir, config.backbones)
+    loader = functools.partial(_torch_mixture, weights_dir, config.backbones)
+    return open_runtime(backend, export.model_file, threads, loader), config
+
+
+def _torch_mixture(weights_dir: Path, backbones: Sequence[str]) -> MixtureOfExperts:
+    return load_weights(weights_dir, backbones)[0]
+
+
+# --------------------------------------------------------------------------- dfd export
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("weights", type=Path, metavar="WEIGHTS_DIR", help="the mixture: ours or the released weight.pth + ema.state")
+    parser.add_argument("--format", choices=FORMATS, default="openvino", help="openvino (IR) or onnx (for onnxruntime) (default: openvino)")
+    parser.add_argument("--out", type=Path, default=None, help=f"folder holding the exports (default: WEIGHTS_DIR/{EXPORTS_DIR})")
+    parser.add_argument("--backbones", default=None,
+                        help="released format only: comma-separated timm names of the experts (default: the released 7)")
+    parser.add_argument("--force", action="store_true", help="convert again even when an up-to-date export exists")
+    parser.add_argument("--int8", action="store_true",
+                        help="also write an int8 OpenVINO model calibrated on --calibration (changes scores; never the default)")
+    parser.add_argument("--calibration", nargs="+", default=None, metavar="PATH",
+                        help="with --int8: images, folders or globs to calibrate on (a few hundred of the data you score)")
+    parser.add_argument("--calibration-size", type=int, default=300, help="with --int8: most images used (default: 300)")
+
+
+def run(args: argparse.Namespace) -> int:
+    backbones = [b.strip() for b in args.backbones.split(",") if b.strip()] if args.backbones else None
+    if args.int8 and (args.format != "openvino" or not args.calibration):
+        log.error("dfd export: --int8 needs --format openvino and --calibration PATH...")
+        return 2
+    try:
+        export = ensure_export(args.weights, args.format, args.out, backbones, force=args.force)
+        identity = export.meta["identity"]
+        cost = f", converted in {export.meta['seconds']:.0f} s" if export.converted else ""
+        print(f"{'wrote' if export.converted else 'up to date:'} {export.model_file} "
+              f"({identity['runtime']}, {identity['image_size']} px{cost})")
+        if args.int8:
+            from dfd_lib.scoring.quantize import ensure_int8_export
+
+            int8 = ensure_int8_export(args.weights, args.calibration, args.out, backbones, args.calibration_size, force=args.force)
+            print(f"{'wrote' if int8.converted else 'up to date:'} {int8.model_file} (int8: scores change; "
+                  f"calibrated on {int8.meta['calibration_images']} images)")
+    except (BackendUnavailable, CheckpointError, ValueError) as exc:
+        log.error("dfd export: %s", exc)
+        return 2
+    return 0
