@@ -16,7 +16,7 @@ from dfd_lib.modeling.checkpoints import PREPROCESS_MODES, CheckpointError
 from dfd_lib.scoring.backends import BackendUnavailable, add_backend_arguments
 from dfd_lib.scoring.calibration import resolve_threshold
 from dfd_lib.scoring.default_weights import WeightsNotFound, find_weights
-from dfd_lib.scoring.faces import FACE_RULES, FaceOptions
+from dfd_lib.scoring.faces import add_face_arguments, face_options
 from dfd_lib.scoring.predictor import Predictor
 from dfd_lib.scoring.stream import StreamOptions, score_stream
 from dfd_lib.scoring.videos import DEFAULT_FRAMES
@@ -44,12 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--faces", action="store_true",
                         help="score face-centred crops: each face found, cropped square at --face-margin x its box; "
                              "no face found: the whole image (faces_found 0)")
-    parser.add_argument("--face-margin", type=float, default=FaceOptions.margin,
-                        help=f"crop side / face box side (default: {FaceOptions.margin}, the competition's framing)")
-    parser.add_argument("--face-rule", choices=FACE_RULES, default=FaceOptions.rule,
-                        help="an image's score from its faces: max (most-fake face), mean, largest (default: max)")
-    parser.add_argument("--min-face", type=int, default=FaceOptions.min_face,
-                        help=f"smallest face side looked for, in pixels (default: {FaceOptions.min_face})")
+    add_face_arguments(parser)
     parser.add_argument("--frames", type=int, default=DEFAULT_FRAMES,
                         help=f"frames sampled evenly from each video (default: {DEFAULT_FRAMES})")
     parser.add_argument("--per-frame", action="store_true", help="also write one row per sampled video frame")
@@ -59,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def stream_options(args: argparse.Namespace) -> StreamOptions:
-    faces = FaceOptions(margin=args.face_margin, rule=args.face_rule, min_face=args.min_face) if args.faces else None
+    faces = face_options(args) if args.faces else None
     return StreamOptions(faces=faces, frames=args.frames, per_frame=args.per_frame, workers=args.workers)
 
 

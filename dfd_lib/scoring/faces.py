@@ -52,6 +52,21 @@ class FaceOptions:
             raise ValueError(f"max_faces must be >= 0 (0: all), got {self.max_faces}")
 
 
+def add_face_arguments(parser) -> None:
+    """``--face-margin``, ``--face-rule`` and ``--min-face`` for ``dfd predict`` and ``dfd serve``."""
+    parser.add_argument("--face-margin", type=float, default=FaceOptions.margin,
+                        help=f"crop side / face box side (default: {FaceOptions.margin}, the competition's framing)")
+    parser.add_argument("--face-rule", choices=FACE_RULES, default=FaceOptions.rule,
+                        help="an image's score from its faces: max (most-fake face), mean, largest (default: max)")
+    parser.add_argument("--min-face", type=int, default=FaceOptions.min_face,
+                        help=f"smallest face side looked for, in pixels (default: {FaceOptions.min_face})")
+
+
+def face_options(args) -> FaceOptions:
+    """The :class:`FaceOptions` of parsed :func:`add_face_arguments`."""
+    return FaceOptions(margin=args.face_margin, rule=args.face_rule, min_face=args.min_face)
+
+
 @dataclass(frozen=True)
 class FaceBox:
     """A face in image pixels: ``left top right bottom`` (right and bottom exclusive)."""

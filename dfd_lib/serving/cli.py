@@ -13,8 +13,10 @@ from pathlib import Path
 from fastapi import FastAPI
 
 from dfd_lib.modeling.checkpoints import PREPROCESS_MODES, CheckpointError
+from dfd_lib.scoring.backends import EXPORT_FORMAT, BackendUnavailable, add_backend_arguments
 from dfd_lib.scoring.default_weights import DEFAULT_WEIGHTS_DIR, WeightsNotFound, find_weights
-from dfd_lib.scoring.faces import FACE_RULES, FaceOptions
+from dfd_lib.scoring.export import ensure_export
+from dfd_lib.scoring.faces import FaceOptions, add_face_arguments
 from dfd_lib.scoring.predictor import Predictor
 from dfd_lib.serving.app import DEFAULT_MAX_BATCH_IMAGES, DEFAULT_MAX_BODY_MB, DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, create_app
 from dfd_lib.serving.face_requests import DEFAULT_MAX_FACES, FaceServing
@@ -44,8 +46,11 @@ class ServeSettings:
     faces: bool = False  # face-centred crops for requests that do not say (?faces=)
     face_rule: str = FaceOptions.rule
     face_margin: float = FaceOptions.margin
+    min_face: int = FaceOptions.min_face
     max_faces: int = DEFAULT_MAX_FACES  # more faces in one image: 422
     max_queue: int = DEFAULT_MAX_QUEUE  # more images waiting for the model: 503 with Retry-After
+    backend: str = "torch"  # the forward pass's runtime: torch, openvino, onnxruntime (dfd_lib.scoring.backends)
+    int8: bool = False  # openvino only: the int8 export (changes scores)
 
     def __post_init__(self):
         if self.max_body_bytes < 1024:
@@ -62,12 +67,14 @@ class ServeSettings:
             raise ValueError(f"--max-queue must be >= 1, got {self.max_queue}")
 
     def face_serving(self) -> FaceServing:
-        return FaceServing(self.faces, FaceOptions(margin=self.face_margin, rule=self.face_rule), self.max_faces)
+        return FaceServing(self.faces, FaceOptions(margin=self.face_margin, rule=self.face_rule, min_face=self.min_face),
+                           self.max_faces)
 
 
 def app_from_settings(settings: ServeSettings, token: str | None = None) -> FastAPI:
     predictor = Predictor.load(settings.weights, device=settings.device, batch_size=settings.batch_size,
-                               threads=settings.threads, preprocess=settings.preprocess)
+                               threads=settings.threads, preprocess=settings.preprocess, backend=settings.backend,
+                               int8=settings.int8)
     return create_app(predictor, settings.max_body_bytes, settings.max_pixels, token,
                       min_side=settings.min_side, max_batch_images=settings.max_batch_images,
                       strict_modes=settings.strict_modes, threshold=settings.threshold,
@@ -114,15 +121,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA when present)")
     parser.add_argument("--preprocess", choices=PREPROCESS_MODES, default="default",
                         help="'compat' decodes with OpenCV exactly like the original release (default: default)")
+    add_backend_arguments(parser)
     parser.add_argument("--threshold", type=float, default=None,
                         help="verdict threshold, fake if the probability is at least it (default: the mixture's from "
                              "`dfd calibrate`, else 0.5, 'not calibrated')")
     parser.add_argument("--faces", action="store_true",
                         help="score face-centred crops unless a request says ?faces=false (default: only when asked)")
-    parser.add_argument("--face-rule", choices=FACE_RULES, default=FaceOptions.rule,
-                        help="an image's score from its faces: max (most-fake face), mean, largest (default: max)")
-    parser.add_argument("--face-margin", type=float, default=FaceOptions.margin,
-                        help=f"crop side / face box side (default: {FaceOptions.margin})")
+    add_face_arguments(parser)
     parser.add_argument("--max-faces", type=int, default=DEFAULT_MAX_FACES,
                         help=f"most faces scored in one image; more: 422 (default: {DEFAULT_MAX_FACES})")
     parser.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
@@ -140,8 +145,8 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
                          max_pixels=args.max_pixels, min_side=args.min_side, max_batch_images=args.max_batch_images,
                          strict_modes=args.strict_modes, batch_size=args.batch_size, threads=threads,
                          device=args.device, preprocess=args.preprocess, threshold=args.threshold,
-                         faces=args.faces, face_rule=args.face_rule, face_margin=args.face_margin,
-                         max_faces=args.max_faces, max_queue=args.max_queue)
+                         faces=args.faces, face_rule=args.face_rule, face_margin=args.face_margin, min_face=args.min_face,
+                         max_faces=args.max_faces, max_queue=args.max_queue, backend=args.backend, int8=args.int8)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -168,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
     if args.workers == 1:
         try:
             app = app_from_settings(settings, token)
-        except (CheckpointError, ValueError) as exc:
+        except (BackendUnavailable, CheckpointError, ValueError) as exc:
             log.error("dfd serve: %s", exc)
             return 2
         log.info("dfd serve: %d experts loaded from %s; page and API on http://%s:%d/ (schema: /docs)",
@@ -176,6 +181,12 @@ def run(args: argparse.Namespace) -> int:
         log.info("dfd serve: verdicts at threshold %.4f (%s)", app.state.served.verdicts.value, app.state.served.verdicts.note)
         uvicorn.run(app, **common)
     else:  # each process loads the model itself; the settings travel in the environment
+        if settings.backend != "torch" and not settings.int8:  # converted once here, not by every worker at once
+            try:
+                ensure_export(settings.weights, EXPORT_FORMAT[settings.backend])
+            except (BackendUnavailable, CheckpointError, ValueError) as exc:
+                log.error("dfd serve: %s", exc)
+                return 2
         os.environ[SETTINGS_ENV] = json.dumps(asdict(settings))
         if token is not None:
             os.environ[TOKEN_ENV] = token
