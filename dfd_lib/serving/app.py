@@ -38,7 +38,7 @@ from dfd_lib.scoring import explain
 from dfd_lib.scoring.calibration import VerdictThreshold, resolve_threshold
 from dfd_lib.scoring.predictor import Predictor
 from dfd_lib.serving.face_requests import FaceServing, face_fields, score_faces
-from dfd_lib.serving.request_parsing import ApiError, ImageLimits, read_image_bytes, read_image_list, vet_image
+from dfd_lib.serving.request_parsing import ApiError, ImageLimits, prefix, read_image_bytes, read_image_list, vet_image
 from dfd_lib.serving.schema import (
     ERRORS,
     BatchResponse,
@@ -97,9 +97,10 @@ class BodyLimitMiddleware:
         if declared is not None:
             if not declared.strip().isdigit():
                 return await error_response(400, "invalid Content-Length header")(scope, receive, send)
-            if int(declared) > self.max_body_bytes:
-                message = self._too_large(f"of {int(declared):,} bytes")
-                return await error_response(413, message)(scope, receive, send)
+            digits = declared.strip().lstrip(b"0") or b"0"
+            if len(digits) > 18 or int(digits) > self.max_body_bytes:  # 19 digits and more: past any limit (and int()'s)
+                size = f"of {int(digits):,} bytes" if len(digits) <= 18 else f"with a {len(digits):,}-digit length"
+                return await error_response(413, self._too_large(size))(scope, receive, send)
         received = 0
 
         async def limited_receive():
@@ -178,9 +179,9 @@ def _add_error_handlers(app: FastAPI) -> None:
         if isinstance(exc, ApiError):
             message = exc.detail
         elif exc.status_code == 404:
-            message = f"no such endpoint: {request.method} {request.url.path}"
+            message = f"no such endpoint: {prefix(request.method)} {prefix(request.url.path)}"
         elif exc.status_code == 405:
-            message = f"method {request.method} is not allowed on {request.url.path}"
+            message = f"method {prefix(request.method)} is not allowed on {prefix(request.url.path)}"
         else:
             message = str(exc.detail)
         return error_response(exc.status_code, message, exc.headers)
@@ -359,7 +360,7 @@ async def explain_image(request: Request, expert: int | None = Query(None, ge=0,
     served = _served(request)
     predictor = served.predictor
     if expert is not None and expert >= predictor.num_experts:
-        raise ApiError(400, f"expert {expert} does not exist: the mixture has experts 0..{predictor.num_experts - 1}")
+        raise ApiError(400, f"expert {prefix(str(expert))} does not exist: the mixture has experts 0..{predictor.num_experts - 1}")
     experts = None if expert is None else [expert]
     if served.faces.wanted(faces):
         return CompactJSONResponse(await _explain_with_faces(served, await read_image_bytes(request, served.max_body_bytes), experts))

@@ -153,6 +153,9 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     token = args.token or os.environ.get(TOKEN_ENV) or None
+    if args.token:
+        log.warning("dfd serve: a token given with --token is visible to every user of this machine (`ps`); "
+                    "set $%s instead", TOKEN_ENV)
     try:
         explicit = args.weights is not None
         args.weights, why = find_weights(args.weights)

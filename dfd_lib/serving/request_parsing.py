@@ -31,13 +31,20 @@ from dfd_lib.data.images import ImageLoadError, load_rgb
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 STRICT_MODES = ("RGB", "L")  # with strict_modes: plain 8-bit colour or greyscale only
 JSON_TYPES = ("application/json", "")  # a body without a content type is read as JSON, as Flask's force=True did
+MAX_ECHO_CHARS = 60  # most characters of request content (a key, a content type, a path) quoted in an error
+MAX_ERROR_CHARS = 400  # most characters of any error message: errors never echo more than a bounded prefix
+
+
+def prefix(text: str, limit: int = MAX_ECHO_CHARS) -> str:
+    """``text`` cut to ``limit`` characters, saying how long it was: what an error may quote of a request."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
 
 
 class ApiError(HTTPException):
-    """A request the server refuses: ``status_code`` and a one-line ``detail``."""
+    """A request the server refuses: ``status_code`` and a one-line ``detail`` (at most ``MAX_ERROR_CHARS``)."""
 
     def __init__(self, status_code: int, message: str, headers: dict[str, str] | None = None):
-        super().__init__(status_code=status_code, detail=message, headers=headers)
+        super().__init__(status_code=status_code, detail=prefix(message, MAX_ERROR_CHARS), headers=headers)
 
 
 @dataclass(frozen=True)
@@ -90,7 +97,7 @@ async def read_json_object(request: Request, example: str) -> dict:
 
 
 def _missing_field(field: str, present: list[str], where: str) -> ApiError:
-    got = f" (got {', '.join(repr(k) for k in present[:5])})" if present else ""
+    got = f" (got {', '.join(repr(prefix(k)) for k in present[:5])})" if present else ""
     return ApiError(400, f"missing {where} {field!r}{got}")
 
 
@@ -141,7 +148,7 @@ async def read_form(request: Request, max_part_bytes: int):
 
 
 def _unsupported(kind: str) -> ApiError:
-    return ApiError(415, f"unsupported content type {kind!r}: send application/json or multipart/form-data")
+    return ApiError(415, f"unsupported content type {prefix(kind)!r}: send application/json or multipart/form-data")
 
 
 async def read_image_bytes(request: Request, max_part_bytes: int, field: str = "image") -> bytes:

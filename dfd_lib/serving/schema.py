@@ -8,6 +8,8 @@ from typing import Any
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
+from dfd_lib.serving.request_parsing import MAX_ERROR_CHARS, prefix
+
 
 class CompactJSONResponse(JSONResponse):
     """JSON as Flask's ``jsonify`` writes it outside debug mode: sorted keys, no spaces,
@@ -18,7 +20,7 @@ class CompactJSONResponse(JSONResponse):
 
 
 def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> CompactJSONResponse:
-    return CompactJSONResponse({"error": message}, status_code=status, headers=headers)
+    return CompactJSONResponse({"error": prefix(message, MAX_ERROR_CHARS)}, status_code=status, headers=headers)
 
 
 VERDICT = Field(None, description="fake if the probability is at least the threshold, else real")
@@ -68,13 +70,21 @@ class ErrorResponse(BaseModel):
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422)}
 
 
+# A 16x16 PNG (the smallest side the server accepts by default): the schema's example, which
+# Swagger UI's "Try it out" sends and the API fuzzing test starts from (tests/test_api_fuzz.py).
+EXAMPLE_IMAGE = ("iVBORw0KGgoAAAANSUhEUgAAABAAAAAQCAIAAACQkWg2AAAAH0lEQVR42mNkYGAQYOAgHrEwCHAwMJCARjWMahg6GgC3uAoWNmq"
+                 "+CwAAAABJRU5ErkJggg==")
+
+
 def image_body(field: str, many: bool) -> dict:
     """OpenAPI request body: the JSON and multipart forms the endpoint reads by hand."""
-    string = {"type": "string", "description": "base64 (or a data:image/...;base64, URL)"}
+    string = {"type": "string", "format": "byte", "description": "base64 (or a data:image/...;base64, URL)"}
     binary = {"type": "string", "format": "binary"}
     json_schema = {"type": "array", "items": string} if many else string
     form_schema = {"type": "array", "items": binary} if many else binary
+    example = {field: [EXAMPLE_IMAGE, EXAMPLE_IMAGE] if many else EXAMPLE_IMAGE}
     return {"requestBody": {"required": True, "content": {
-        "application/json": {"schema": {"type": "object", "required": [field], "properties": {field: json_schema}}},
+        "application/json": {"schema": {"type": "object", "required": [field], "properties": {field: json_schema}},
+                             "example": example},
         "multipart/form-data": {"schema": {"type": "object", "required": [field], "properties": {field: form_schema}}},
     }}}
