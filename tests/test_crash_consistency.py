@@ -7,7 +7,6 @@ import json
 import shlex
 
 import pandas as pd
-import pytest
 
 from dfd_lib.faults import CRASH_ENV
 from dfd_lib.pipeline import runs
