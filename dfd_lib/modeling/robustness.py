@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 from PIL import Image
-from tqdm.auto import tqdm
 
 from dfd_lib.figures import save_figure
+from dfd_lib.logs import progress_bar
 from dfd_lib.modeling.bootstrap import BootstrapConfig, metrics_with_intervals
 from dfd_lib.modeling.metrics import LOW_FPRS, tpr_key
 
@@ -57,7 +57,7 @@ def robustness_table(
     originals = [load_rgb(image) for image in images]
     settings = [("none", math.nan)] + [(name, float(level)) for name, levels in perturbations.items() for level in levels]
     rows = []
-    for name, level in tqdm(settings, desc="robustness", unit="setting"):
+    for name, level in progress_bar(settings, desc="robustness", unit="setting"):
         scores: list[float] = []
         for start in range(0, len(originals), batch_size):
             batch = originals[start : start + batch_size]

@@ -39,10 +39,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from dfd_lib.data.images import ImageLoadError, ImageSource
 from dfd_lib.data.preprocess import InputTransform
+from dfd_lib.logs import progress_bar
 from dfd_lib.modeling.checkpoints import PREPROCESS_MODES, MixtureConfig, load_weights
 from dfd_lib.modeling.experts import MixtureOfExperts
 from dfd_lib.scoring.backends import ConvertedMixture
@@ -223,7 +223,7 @@ class Predictor:
         """Score every source; unreadable ones come back with ``error`` set, never raised."""
         sources = list(sources)
         results: list[Prediction] = []
-        bar = tqdm(total=len(sources), desc="scoring", unit="img", disable=not progress)
+        bar = progress_bar(total=len(sources), desc="scoring", unit="img", disable=not progress)
         for start in range(0, len(sources), self.batch_size):
             chunk = sources[start : start + self.batch_size]
             preds, tensors, slots = [], [], []

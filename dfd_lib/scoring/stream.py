@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
+from dfd_lib.logs import progress_bar
 from dfd_lib.scoring.calibration import VerdictThreshold
 from dfd_lib.scoring.faces import FaceOptions, faces_text, summarise_faces
 from dfd_lib.scoring.file_crops import FileCrops, ScoringFiles, as_is, worker_init
@@ -174,7 +174,7 @@ def score_stream(predictor: Predictor, inputs: list[str], out: Path, options: St
                         prefetch_factor=4 if workers else None, multiprocessing_context="spawn" if workers else None)
     verdict_columns = list(VerdictThreshold.COLUMNS) if options.verdicts is not None else []
     writer = CsvAppender(out, stream_columns(predictor.num_experts) + verdict_columns, resume)
-    bar = tqdm(total=total, desc="scoring", unit="file", disable=not progress, smoothing=0.1)
+    bar = progress_bar(total=total, desc="scoring", unit="file", disable=not progress, smoothing=0.1)
     pending: list[FileCrops] = []
     try:
         for item in loader:
