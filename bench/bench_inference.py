@@ -9,8 +9,17 @@ way the release does, gradients left on, each expert's EMA parameters swapped in
 around every forward (what torch-ema's ``average_parameters`` context does), one image at a
 time, OpenCV decoding and the compat transform. The Predictor runs in each variant given.
 
-    python bench/bench_inference.py                     # reference + the default Predictor
-    python bench/bench_inference.py --variants b1 b1-cl b4-cl-malloc b8-cl-malloc
+    python bench/bench_inference.py                     # reference, the default Predictor, each backend, int8
+    python bench/bench_inference.py --variants b1 b1-cl b4-cl-malloc b8-cl-malloc --no-int8
+
+Backends (issue 16): each runtime is measured twice, each in a fresh process: first with no export
+(the load converts the mixture: its time and peak RSS are conversion's), then from the cached
+export. The same run measures this CPU's large-matmul rate (fp32 ``torch.mm``), so each variant's
+effective GFLOP/s (the mixture's FLOPs counted by ``torch.utils.flop_counter`` / s per image) is
+printed as a share of what the CPU does. int8 (NNCF, calibrated on the benchmark's photos) is
+timed on the same images; its effect on the demo mixture's test AUC and TPR at 1 % FPR is
+measured on ``reports/baseline/weights/moe`` (read only; exports go to the work folder),
+calibrated on that run's val images (``--demo-run``).
 
 The reference peaked at 12 GB here (22 GB in an earlier session): it waits until
 ``--min-free-gb`` of memory is available and runs last.
@@ -23,6 +32,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -41,12 +51,26 @@ VARIANTS: dict[str, dict] = {
     "b4-cl-malloc": dict(batch_size=4, channels_last=True, malloc_tuning=True),
     "b8-cl-malloc": dict(batch_size=8, channels_last=True, malloc_tuning=True),
     "default": dict(),  # whatever Predictor.load does by default
+    # issue 16: the converted mixture, fp32 (first load converts, later loads read the cache)
+    "openvino": dict(backend="openvino", batch_size=1),
+    "openvino-b4": dict(backend="openvino", batch_size=4),
+    "onnxruntime": dict(backend="onnxruntime", batch_size=1),
+    "openvino-int8": dict(backend="openvino", int8=True, batch_size=1),  # needs the int8 export (made first)
 }
-DEFAULT_VARIANTS = ("default",)
+DEFAULT_VARIANTS = ("default", "openvino", "onnxruntime")
+BACKEND_FORMAT = {"openvino": "openvino", "onnxruntime": "onnx"}
+MATMUL_SIDE = 4096
 
 
 def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # ru_maxrss is KiB on Linux
+
+
+def cpu_seconds() -> float:
+    """This process's CPU time (all threads): unlike wall time, hardly changed by other jobs
+    sharing the cores, so ratios of it hold on a busy machine."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def current_rss_gb() -> float:
@@ -173,10 +197,10 @@ def run_reference(weights: Path, images: list[str], warmup: int) -> dict:
 
     for path in images[:warmup]:
         score(path)
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), cpu_seconds()
     probs = [score(path) for path in images]
     elapsed = time.perf_counter() - started
-    return dict(probs=probs, seconds=elapsed, load_s=load_s, rss_after_load_gb=rss_after_load)
+    return dict(probs=probs, seconds=elapsed, cpu_s=cpu_seconds() - cpu, load_s=load_s, rss_after_load_gb=rss_after_load)
 
 
 def run_predictor(weights: Path, images: list[str], warmup: int, options: dict) -> dict:
@@ -184,20 +208,86 @@ def run_predictor(weights: Path, images: list[str], warmup: int, options: dict) 
 
     from dfd_lib.scoring.predictor import Predictor
 
+    backend = options.get("backend", "torch")
+    exported = backend != "torch" and any((weights / "exports").glob(f"{BACKEND_FORMAT[backend]}-fp32-*/export.json"))
     started = time.perf_counter()
     predictor = Predictor.load(weights, preprocess="compat", **options)
     load_s = time.perf_counter() - started
     rss_after_load = current_rss_gb()
     if warmup:
         predictor.predict(images[: max(warmup, predictor.batch_size)])
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), cpu_seconds()
     predictions = predictor.predict(images)
     elapsed = time.perf_counter() - started
+    cpu = cpu_seconds() - cpu
     errors = [p.error for p in predictions if not p.ok]
     if errors:
         raise RuntimeError(f"predictor could not score: {errors}")
-    return dict(probs=[p.prob for p in predictions], seconds=elapsed, load_s=load_s, rss_after_load_gb=rss_after_load,
-                batch_size=predictor.batch_size, channels_last=predictor.channels_last, threads=torch.get_num_threads())
+    return dict(probs=[p.prob for p in predictions], seconds=elapsed, cpu_s=cpu, load_s=load_s, rss_after_load_gb=rss_after_load,
+                batch_size=predictor.batch_size, channels_last=predictor.channels_last, threads=torch.get_num_threads(),
+                converted=backend != "torch" and not exported and not options.get("int8"))
+
+
+def run_matmul(side: int = MATMUL_SIDE, repeats: int = 5) -> dict:
+    """This CPU's fp32 large-matmul rate (torch's threads), and the mixture's FLOPs per 512 px image."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from dfd_lib.modeling.checkpoints import build_on_meta
+    from dfd_lib.modeling.experts import ORIGINAL_BACKBONES
+
+    a, b = torch.randn(side, side), torch.randn(side, side)
+    torch.mm(a, b)  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - started)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():  # shapes only: on the meta device
+        build_on_meta(ORIGINAL_BACKBONES).eval()(torch.zeros(1, 3, 512, 512, device="meta"))
+    return dict(matmul_gflops=2 * side**3 / best / 1e9, mixture_gflop_per_image=counter.get_total_flops() / 1e9,
+                threads=torch.get_num_threads(), probs=[], seconds=best, load_s=0.0, rss_after_load_gb=current_rss_gb())
+
+
+def run_int8_export(weights: Path, images: list[str]) -> dict:
+    """The int8 OpenVINO export, calibrated on the benchmark's photos (the fp32 export exists by then)."""
+    from dfd_lib.scoring.quantize import ensure_int8_export
+
+    started = time.perf_counter()
+    export = ensure_int8_export(weights, images, limit=len(images), force=True)
+    return dict(probs=[], seconds=time.perf_counter() - started, load_s=0.0, rss_after_load_gb=current_rss_gb(),
+                calibration_images=export.meta["calibration_images"])
+
+
+def run_int8_demo(demo_run: Path, out: Path) -> dict:
+    """int8 on the demo mixture: test AUC / TPR@1 % of torch, OpenVINO fp32 and int8 (val-calibrated)."""
+    import pandas as pd
+
+    from dfd_lib.modeling.metrics import binary_metrics, tpr_key
+    from dfd_lib.scoring.predictor import Predictor
+    from dfd_lib.scoring.quantize import ensure_int8_export
+
+    weights = demo_run / "weights" / "moe"
+    manifest = pd.read_csv(demo_run / "manifest.csv")
+    test, val = manifest[manifest["split"] == "test"], manifest[manifest["split"] == "val"]
+    started = time.perf_counter()
+    ensure_int8_export(weights, list(val["path"]), out=out, limit=300)
+    quantize_s = time.perf_counter() - started
+    scores, timing = {}, {}
+    for name, options in {"torch": {}, "openvino": dict(backend="openvino", export_dir=out),
+                          "openvino-int8": dict(backend="openvino", int8=True, export_dir=out)}.items():
+        predictor = Predictor.load(weights, batch_size=1, malloc_tuning=False, **options)
+        predictor.predict(list(test["path"][:2]))
+        started = time.perf_counter()
+        predictions = predictor.predict(list(test["path"]))
+        timing[name] = (time.perf_counter() - started) / len(test)
+        scores[name] = [p.prob for p in predictions]
+    labels = list(test["label"])
+    metrics = {name: binary_metrics(labels, s) for name, s in scores.items()}
+    diff = {name: max(abs(a - b) for a, b in zip(s, scores["torch"])) for name, s in scores.items()}
+    return dict(probs=[], seconds=0.0, load_s=0.0, rss_after_load_gb=current_rss_gb(), quantize_s=quantize_s,
+                n_test=len(test), n_calibration=min(300, len(val)), s_per_img=timing, max_dp=diff,
+                auc={k: m["auc"] for k, m in metrics.items()}, tpr_1pct={k: m[tpr_key(0.01)] for k, m in metrics.items()})
 
 
 def child_main(args: argparse.Namespace) -> int:
@@ -207,9 +297,16 @@ def child_main(args: argparse.Namespace) -> int:
         result = {}
     elif args.child == "reference":
         result = run_reference(weights, images, args.warmup)
+    elif args.child == "matmul":
+        result = run_matmul()
+    elif args.child == "int8-export":
+        result = run_int8_export(weights, images)
+    elif args.child == "int8-demo":
+        result = run_int8_demo(weights, Path(args.out_dir))
     else:
         result = run_predictor(weights, images, args.warmup, VARIANTS[args.child])
     result["peak_rss_gb"] = peak_rss_gb()
+    result["load_avg"] = os.getloadavg()[0]  # other people's jobs on the same cores, at the end of this measurement
     print("RESULT " + json.dumps(result))
     return 0
 
@@ -217,9 +314,10 @@ def child_main(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- orchestration (parent)
 
 
-def run_child(kind: str, weights: Path, images: list[str], args: argparse.Namespace, env: dict | None = None) -> dict:
+def run_child(kind: str, weights: Path, images: list[str], args: argparse.Namespace, env: dict | None = None,
+              out_dir: Path | None = None) -> dict:
     command = [sys.executable, __file__, "--child", kind, "--weights", str(weights), "--images", json.dumps(images),
-               "--warmup", str(args.warmup), "--seed", str(args.seed)]
+               "--warmup", str(args.warmup), "--seed", str(args.seed), "--out-dir", str(out_dir or "")]
     proc = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **(env or {})})
     if proc.returncode != 0:
         raise RuntimeError(f"{kind} failed:\n{proc.stderr[-3000:]}")
@@ -238,21 +336,62 @@ def wait_for_memory(min_free_gb: float, retries: int, pause_s: float) -> None:
     raise SystemExit(f"not enough free memory for the reference ({available_gb():.1f} GB < {min_free_gb} GB)")
 
 
+def measure_variants(weights: Path, images: list[str], args: argparse.Namespace) -> dict[str, dict]:
+    """Each variant in its own process; a backend first with no export (the load converts), then cached."""
+    results: dict[str, dict] = {}
+    for variant in args.variants:
+        backend = VARIANTS[variant].get("backend")
+        if backend and not any(name.startswith(f"{backend} ") for name in results):  # first use of this backend
+            for stale in (weights / "exports").glob(f"{BACKEND_FORMAT[backend]}-fp32-*"):
+                shutil.rmtree(stale)
+            results[f"{variant} (first load: converts)"] = run_child(variant, weights, images, args)
+            print(f"{variant} first load done: {json.dumps(results[f'{variant} (first load: converts)'])}", flush=True)
+        results[variant] = run_child(variant, weights, images, args)
+        print(f"{variant} done: {json.dumps(results[variant])}", flush=True)
+    return results
+
+
+def print_table(results: dict[str, dict], rates: dict) -> None:
+    """s/img (wall) and CPU s/img (all threads: what matters on a shared machine), both as a ratio
+    to the original procedure, largest probability change, load, memory, effective GFLOP/s."""
+    reference, torch_default = results.get("reference"), results.get("default")
+    nan = float("nan")
+    header = (f"{'variant':<34}{'s/img':>7}{'x ref':>7}{'cpu s/img':>10}{'x ref':>6}{'max|dp| ref':>12}{'vs torch':>10}"
+              f"{'load s':>8}{'RSS load':>9}{'peak RSS':>9}{'GFLOP/s':>8}{'% mm':>6}{'loadavg':>8}")
+    print(header)
+    print("-" * len(header))
+    for name, r in results.items():
+        per_image, cpu_per_image = r["seconds"] / len(r["probs"]), r["cpu_s"] / len(r["probs"])
+        ratio = reference["seconds"] / r["seconds"] if reference else nan
+        cpu_ratio = reference["cpu_s"] / r["cpu_s"] if reference else nan
+        diff = max(abs(a - b) for a, b in zip(r["probs"], reference["probs"])) if reference else nan
+        vs_torch = max(abs(a - b) for a, b in zip(r["probs"], torch_default["probs"])) if torch_default else nan
+        gflops = rates["mixture_gflop_per_image"] / per_image
+        share = 100 * gflops / rates["matmul_gflops"]
+        print(f"{name:<34}{per_image:>7.2f}{ratio:>7.2f}{cpu_per_image:>10.2f}{cpu_ratio:>6.2f}{diff:>12.1e}{vs_torch:>10.1e}"
+              f"{r['load_s']:>8.1f}{r['rss_after_load_gb']:>8.2f}G{r['peak_rss_gb']:>8.2f}G{gflops:>8.0f}{share:>6.0f}"
+              f"{r.get('load_avg', nan):>8.1f}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=list(VARIANTS),
-                        help="Predictor variants to measure (default: default)")
+    parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=[v for v in VARIANTS if "int8" not in v],
+                        help=f"Predictor variants to measure (default: {' '.join(DEFAULT_VARIANTS)})")
     parser.add_argument("--env-variant", action="store_true",
                         help="also measure the default Predictor with GLIBC_TUNABLES set at process start")
-    parser.add_argument("--no-reference", action="store_true", help="skip the (slow, ~22 GB) original procedure")
+    parser.add_argument("--no-reference", action="store_true", help="skip the (slow, ~12 GB) original procedure")
+    parser.add_argument("--no-int8", action="store_true", help="skip int8 (its export, speed and the demo mixture's metrics)")
+    parser.add_argument("--demo-run", type=Path, default=PROJECT_ROOT / "reports" / "baseline",
+                        help="a finished run whose weights/moe and manifest the int8 accuracy check reads (read only)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed images scored first in each process")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-images", type=int, default=8, help="how many of the 8 photos to score (default: 8)")
     parser.add_argument("--workdir", type=Path, default=None, help="keep weights and images here (default: a temp dir)")
-    parser.add_argument("--min-free-gb", type=float, default=21.0)
+    parser.add_argument("--min-free-gb", type=float, default=14.0)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--weights", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--images", default="[]", help=argparse.SUPPRESS)
+    parser.add_argument("--out-dir", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return child_main(args)
@@ -264,36 +403,46 @@ def main() -> int:
             started = time.perf_counter()
             run_child("make-weights", weights, images, args)
             print(f"wrote random weights in the released format to {weights} in {time.perf_counter() - started:.0f} s")
-        size_gb = sum(f.stat().st_size for f in weights.iterdir()) / 1024**3
+        size_gb = sum(f.stat().st_size for f in weights.iterdir() if f.is_file()) / 1024**3
         print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; weights {size_gb:.2f} GB; "
-              f"{len(images)} images; 7 experts at 512x512", flush=True)
+              f"{len(images)} images; 7 experts at 512x512; load average {os.getloadavg()[0]:.1f}", flush=True)
 
-        results: dict[str, dict] = {}
-        for variant in args.variants:
-            results[variant] = run_child(variant, weights, images, args)
-            print(f"{variant} done: {json.dumps(results[variant])}", flush=True)
+        rates = run_child("matmul", weights, images, args)
+        print(f"fp32 matmul {MATMUL_SIDE}x{MATMUL_SIDE}: {rates['matmul_gflops']:.0f} GFLOP/s ({rates['threads']} threads); "
+              f"mixture {rates['mixture_gflop_per_image']:.1f} GFLOP per image", flush=True)
+        results = measure_variants(weights, images, args)
         if args.env_variant:
             tunables = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=100000000000"
             results["b4-cl+GLIBC_TUNABLES"] = run_child("b4-cl", weights, images, args, {"GLIBC_TUNABLES": tunables})
             print("b4-cl+GLIBC_TUNABLES done", flush=True)
+        demo = None
+        if not args.no_int8:
+            calibrated = run_child("int8-export", weights, images, args)
+            print(f"int8 export calibrated on {calibrated['calibration_images']} images in {calibrated['seconds']:.0f} s "
+                  f"(peak RSS {calibrated['peak_rss_gb']:.2f} GB)", flush=True)
+            results["openvino-int8"] = run_child("openvino-int8", weights, images, args)
+            print(f"openvino-int8 done: {json.dumps(results['openvino-int8'])}", flush=True)
+            demo = run_child("int8-demo", args.demo_run, [], args, out_dir=work / "demo_exports")
+            print(f"int8 on the demo mixture done: {json.dumps(demo)}", flush=True)
         if not args.no_reference:  # last: it waits for memory other people's jobs may be holding
             wait_for_memory(args.min_free_gb, retries=20, pause_s=60)
             results = {"reference": run_child("reference", weights, images, args), **results}
+        again = run_child("matmul", weights, images, args)  # the machine is shared: the better of two measurements
+        print(f"fp32 matmul at the end: {again['matmul_gflops']:.0f} GFLOP/s; load average {os.getloadavg()[0]:.1f}")
+        rates["matmul_gflops_start"], rates["matmul_gflops_end"] = rates["matmul_gflops"], again["matmul_gflops"]
+        rates["matmul_gflops"] = max(rates["matmul_gflops"], again["matmul_gflops"])
 
     print()
-    reference = results.get("reference")
-    header = f"{'variant':<26}{'s/img':>8}{'img/s':>8}{'x ref':>8}{'max|dp|':>10}{'load s':>8}{'RSS load':>9}{'peak RSS':>9}"
-    print(header)
-    print("-" * len(header))
-    for name, r in results.items():
-        per_image = r["seconds"] / len(r["probs"])
-        ratio = reference["seconds"] / r["seconds"] if reference else float("nan")
-        diff = max(abs(a - b) for a, b in zip(r["probs"], reference["probs"])) if reference else float("nan")
-        print(f"{name:<26}{per_image:>8.2f}{1 / per_image:>8.3f}{ratio:>8.2f}{diff:>10.1e}{r['load_s']:>8.1f}"
-              f"{r['rss_after_load_gb']:>8.2f}G{r['peak_rss_gb']:>8.2f}G")
-    if reference:
-        print("\nprobabilities (reference):", " ".join(f"{p:.6f}" for p in reference["probs"]))
-    print(json.dumps(results))
+    print_table(results, rates)
+    if demo:
+        print(f"\nint8 on the demo mixture ({demo['n_test']} test images, calibrated on {demo['n_calibration']} val images "
+              f"in {demo['quantize_s']:.0f} s):")
+        for name in demo["auc"]:
+            print(f"  {name:<14} AUC {demo['auc'][name]:.4f}  TPR@1% {demo['tpr_1pct'][name]:.4f}  "
+                  f"max|dp| vs torch {demo['max_dp'][name]:.1e}  {demo['s_per_img'][name] * 1000:.1f} ms/img")
+    if "reference" in results:
+        print("\nprobabilities (reference):", " ".join(f"{p:.6f}" for p in results["reference"]["probs"]))
+    print(json.dumps({"rates": rates, "results": results, "demo_int8": demo}))
     return 0
 
 
