@@ -63,11 +63,12 @@ def payloads() -> list[tuple[str, bytes]]:
     return out
 
 
-def start_server(weights: Path, port: int, threads: int, batch: int, log: Path) -> subprocess.Popen:
+def start_server(weights: Path, port: int, threads: int, batch: int, log: Path, extra: tuple[str, ...] = ()) -> subprocess.Popen:
+    """``dfd serve`` in a subprocess; ``extra``: more of its options (bench_soak.py's limits)."""
     import requests
 
     command = [sys.executable, "-m", "dfd_lib.cli", "serve", "--weights", str(weights), "--host", "127.0.0.1",
-               "--port", str(port), "--threads", str(threads), "--batch-size", str(batch), "--log-level", "warning"]
+               "--port", str(port), "--threads", str(threads), "--batch-size", str(batch), "--log-level", "warning", *extra]
     process = subprocess.Popen(command, stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=PROJECT_ROOT,
                                env={**os.environ, "HF_HUB_OFFLINE": "1"})
     deadline = time.monotonic() + 120
