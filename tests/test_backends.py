@@ -84,6 +84,7 @@ def test_a_missing_backend_package_names_the_extra(monkeypatch, released_moe, fo
 # --------------------------------------------------------------------------- OpenVINO
 
 
+@pytest.mark.slow
 def test_released_checkpoint_scores_through_openvino_like_torch_and_the_export_is_reused(released_moe, folder, tmp_path, capsys):
     pytest.importorskip("openvino", reason="the openvino extra is not installed (pip install -e .[openvino])")
     torch_csv, ov_csv, again_csv = tmp_path / "torch.csv", tmp_path / "ov.csv", tmp_path / "again.csv"
@@ -113,6 +114,7 @@ def test_released_checkpoint_scores_through_openvino_like_torch_and_the_export_i
     assert np.abs(scores(again_csv).loc[ok, "prob_fake"].astype(float) - converted.loc[ok, "prob_fake"].astype(float)).max() == 0
 
 
+@pytest.mark.slow
 def test_the_openvino_predictor_loads_torch_only_when_asked(released_moe, folder):
     pytest.importorskip("openvino", reason="the openvino extra is not installed (pip install -e .[openvino])")
     from dfd_lib.scoring.explain import explain_tensor
@@ -148,6 +150,7 @@ def test_a_stale_export_is_never_used(tmp_path):
     assert [p.name for p in (weights / "exports").iterdir()] != [first.folder.name]
 
 
+@pytest.mark.slow
 def test_int8_is_a_separate_model_made_only_when_asked(tmp_path, folder):
     pytest.importorskip("nncf", reason="the openvino extra (nncf) is not installed (pip install -e .[openvino])")
     from dfd_lib.scoring.predictor import Predictor
