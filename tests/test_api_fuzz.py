@@ -6,8 +6,10 @@ with the token and once without. The property: no answer is a 5xx, every 4xx is 
 ``{"error": "<message>"}`` of bounded size, unauthenticated POSTs get 401, and ``/health``
 answers afterwards.
 
-Bounded and repeatable: hypothesis is derandomised (the same cases every run), ``CASES`` cases
-per endpoint and generation mode. ``pytest -s`` prints the cases per endpoint and their statuses."""
+Bounded and repeatable: hypothesis is derandomised, ``CASES`` cases per endpoint, generation mode
+and token setting (``DFD_FUZZ_CASES`` to fuzz longer). The cases are the same every run for one
+``PYTHONHASHSEED`` (some of schemathesis' choices follow set order, so the statuses' counts move by a
+few between runs otherwise). ``pytest -s`` prints the cases per endpoint and their statuses."""
 from __future__ import annotations
 
 import os
