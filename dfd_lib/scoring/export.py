@@ -8,8 +8,8 @@ weights files' contents, the experts, the image size, the runtime's and torch's 
 for int8, the calibration images): change the weights (or upgrade OpenVINO) and the old export no
 longer matches; it is removed when the new one is written.
 
-Converting is a one-off cost: about a minute and 6-8 GB of memory for the released 7-expert
-mixture at 512 px (bench/RESULTS.md); loading the export afterwards takes seconds. The model is
+Converting is a one-off cost: about a minute and 3 GB of memory (4 GB for ONNX) for the released
+7-expert mixture at 512 px (bench/RESULTS.md); loading the export afterwards takes seconds. The model is
 converted in fp32 (the IR is saved without fp16 compression) so scores match torch's.
 """
 from __future__ import annotations
@@ -234,7 +234,7 @@ def ensure_export(weights_dir: str | os.PathLike, fmt: str, out: str | os.PathLi
         raise CheckpointError(f"{weights_dir}: no up-to-date {fmt} export under {root}; make it with "
                               f"`dfd export {weights_dir} --format {fmt}`")
     log.warning("converting the mixture in %s to %s (%d experts at %d px): a one-off cost, about a minute and "
-                "6-8 GB of memory for the released 7 experts at 512 px; later loads use the cached export under %s",
+                "3-4 GB of memory for the released 7 experts at 512 px; later loads use the cached export under %s",
                 weights_dir, fmt, len(config.backbones), config.image_size, root)
     try:
         build = functools.partial(CONVERTERS[fmt], load_weights(weights_dir, config.backbones)[0], config.image_size)
