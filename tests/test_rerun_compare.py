@@ -47,7 +47,8 @@ def test_compare_reports_a_changed_parameter(smoke_runs, tmp_path, capsys):
     assert result.ok
     assert dfd(["compare", str(run_a), str(changed)]) == 1
     text = capsys.readouterr().out
-    assert "the runs DIFFER" in text and "05_inference.threshold: 0.5 vs 0.3" in text and "tables/05_scores.csv" in text
+    assert "the runs DIFFER" in text and "tables/05_scores.csv" in text
+    assert "05_inference.threshold: " in text and " vs 0.3 " in text
 
 
 def test_rerun_stops_when_the_input_data_changed(smoke_runs, tmp_path):

@@ -2,12 +2,13 @@
 
 File by file, the artefacts that carry a run's results — manifests, re-splits, the augmented
 manifest and images, tables, the 2-D map, embeddings, the mixture's weights — are compared by
-content hash; where the hashes differ, CSV tables, arrays and weights are compared numerically
-(the largest difference against ``tolerance``) and text is compared after the two run folders'
-own paths are replaced by ``<run>``. Then ``metrics.json`` metric by metric. Measured durations
-(columns and metrics named ``seconds``, ``*_per_s``, ``time``) differ between any two runs: they
-are counted, never compared. Figures, executed notebooks and the report are left out (they hold
-the same numbers, drawn or printed, plus timings).
+content hash; where the hashes differ, CSV tables, JSON records, arrays and weights are compared
+numerically (the largest difference against ``tolerance``) and text is compared after the two run
+folders' own paths are replaced by ``<run>``. Then ``metrics.json`` metric by metric. Measured
+durations and clock readings (keys and columns with a word ``seconds``, ``per_s``, ``time``,
+``date``, ``timestamp``) differ between any two runs: they are counted, never compared. Figures,
+executed notebooks and the report are left out (they hold the same numbers, drawn or printed,
+plus timings).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import json
 import logging
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,8 +31,9 @@ from dfd_lib.pipeline import runs
 log = logging.getLogger(__name__)
 COMPARED = ("*.csv", f"{runs.TABLES_DIR}/**/*", f"{runs.AUGMENTED_DIR}/**/*", runs.UMAP_COORDS,
             f"{runs.EMBEDDINGS_DIR}/**/*", f"{runs.MOE_WEIGHTS}/**/*")
-TIMING_WORDS = ("seconds", "per_s", "time")
-TEXT_SUFFIXES = (".json", ".txt", ".yaml")
+# names of measured durations and clock readings: a word of a key or column (delimited by _ . space or /)
+TIMING = re.compile(r"(^|[_.\s/])(seconds|per_s|time|date|timestamp)($|[_.\s/])", re.IGNORECASE)
+TEXT_SUFFIXES = (".txt", ".yaml")
 IDENTICAL, CLOSE, DIFFERS, ONLY_A, ONLY_B = "identical", "equal within tolerance", "differs", "only in A", "only in B"
 
 
@@ -129,6 +132,8 @@ def _compare_file(a: Path, b: Path, name: str, tolerance: float) -> FileComparis
             difference, detail = _array_difference(np.load(path_a), np.load(path_b))
         elif name.endswith(".safetensors"):
             difference, detail = _weights_difference(path_a, path_b)
+        elif name.endswith(".json"):
+            difference, detail = _json_difference(path_a, path_b, a, b, tolerance)
         elif name.endswith(TEXT_SUFFIXES):
             same = _normalised_file_text(path_a, a) == _normalised_file_text(path_b, b)
             difference, detail = (0.0, "equal after removing the run folders' paths") if same else (math.inf, "text differs")
@@ -141,8 +146,19 @@ def _compare_file(a: Path, b: Path, name: str, tolerance: float) -> FileComparis
 
 
 def _is_timing(name: str) -> bool:
-    name = str(name).lower()
-    return any(word in name for word in TIMING_WORDS)
+    return bool(TIMING.search(str(name)))
+
+
+def _json_difference(path_a: Path, path_b: Path, a: Path, b: Path, tolerance: float) -> tuple[float, str]:
+    """Value by value, the run folders' paths set aside and clock readings left out (as for metrics)."""
+    values_a = json.loads(_normalised_file_text(path_a, a))
+    values_b = json.loads(_normalised_file_text(path_b, b))
+    compared, skipped = _compare_metrics(values_a if isinstance(values_a, dict) else {"": values_a},
+                                         values_b if isinstance(values_b, dict) else {"": values_b})
+    worst = max(compared, key=lambda m: m.difference, default=None)
+    if worst is None or worst.difference == 0:
+        return 0.0, "equal after removing the run folders' paths" + (f" and {skipped} clock reading(s)" if skipped else "")
+    return worst.difference, f"largest difference {worst.difference:.3g} at {worst.key!r} ({worst.a!r} vs {worst.b!r})"
 
 
 def _normalised_text(frame: pd.DataFrame, root: Path) -> pd.DataFrame:
