@@ -184,3 +184,29 @@ def test_onnxruntime_scores_like_torch(tmp_path):
         assert a.prob == pytest.approx(b.prob, abs=TOLERANCE)
         assert np.allclose(a.expert_probs, b.expert_probs, atol=TOLERANCE, rtol=0)
     assert len(list((weights / "exports").glob("onnx-fp32-*/model.onnx"))) == 1
+
+
+# --------------------------------------------------------------------------- dfd serve
+
+
+def test_dfd_serve_scores_and_explains_with_openvino(tmp_path):
+    pytest.importorskip("openvino", reason="the openvino extra is not installed (pip install -e .[openvino])")
+    import base64
+    import io
+
+    from fastapi.testclient import TestClient
+
+    from dfd_lib.scoring.predictor import Predictor
+    from dfd_lib.serving.cli import ServeSettings, app_from_settings
+
+    weights = small_mixture(tmp_path / "moe", seed=3, backbones=("test_efficientnet", "test_efficientnet"))
+    buffer = io.BytesIO()
+    Image.fromarray(skdata.coffee()).save(buffer, format="PNG")
+    client = TestClient(app_from_settings(ServeSettings(weights=str(weights), backend="openvino", threads=1)))
+    served = client.post("/predict", json={"image": base64.b64encode(buffer.getvalue()).decode()})
+    assert served.status_code == 200
+    reference = Predictor.load(weights).predict_one(skdata.coffee()).prob
+    assert served.json()["result"] == pytest.approx(reference, abs=TOLERANCE)
+    explained = client.post("/explain", files={"image": ("coffee.png", buffer.getvalue(), "image/png")})
+    assert explained.status_code == 200  # Grad-CAM loads the torch mixture on first use
+    assert explained.json()["result"] == pytest.approx(reference, abs=TOLERANCE)
