@@ -3,13 +3,10 @@ production ASGI server; ``--workers N`` runs N processes, each with its own copy
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
 import ipaddress
 import json
 import logging
 import os
-import platform
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -20,7 +17,7 @@ from dfd_lib.scoring.backends import EXPORT_FORMAT, BackendUnavailable, add_back
 from dfd_lib.scoring.default_weights import DEFAULT_WEIGHTS_DIR, WeightsNotFound, find_weights
 from dfd_lib.scoring.export import ensure_export
 from dfd_lib.scoring.faces import FaceOptions, add_face_arguments
-from dfd_lib.scoring.predictor import Predictor
+from dfd_lib.scoring.predictor import Predictor, cap_malloc_arenas
 from dfd_lib.serving.app import DEFAULT_MAX_BATCH_IMAGES, DEFAULT_MAX_BODY_MB, DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, create_app
 from dfd_lib.serving.face_requests import DEFAULT_MAX_FACES, FaceServing
 from dfd_lib.serving.request_parsing import ImageLimits
@@ -28,7 +25,6 @@ from dfd_lib.serving.worker import DEFAULT_MAX_QUEUE
 
 TOKEN_ENV = "DFD_SERVE_TOKEN"
 SETTINGS_ENV = "DFD_SERVE_SETTINGS"  # hands the settings to each process when --workers > 1
-_M_ARENA_MAX = -8  # glibc mallopt parameter (malloc.h)
 log = logging.getLogger(__name__)
 
 
@@ -73,16 +69,6 @@ class ServeSettings:
     def face_serving(self) -> FaceServing:
         return FaceServing(self.faces, FaceOptions(margin=self.face_margin, rule=self.face_rule, min_face=self.min_face),
                            self.max_faces)
-
-
-def cap_malloc_arenas() -> bool:
-    """At most one glibc memory pool ("arena") per core instead of glibc's 8: the server decodes in up to 40
-    threads and, with trimming off (``tune_malloc``), each pool stays at its peak. Measured in
-    bench/bench_soak.py (RESULTS.md): RSS under load levels off about 80 MB lower, no loss of rate. ``False`` off glibc."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    return bool(libc.mallopt(_M_ARENA_MAX, os.cpu_count() or 1))
 
 
 def app_from_settings(settings: ServeSettings, token: str | None = None) -> FastAPI:
