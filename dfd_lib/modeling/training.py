@@ -14,7 +14,7 @@ the data order and the augmentation of each epoch derive from ``(seed, epoch)``,
 Curves: every optimiser step's total loss, each loss part and the learning rate (the main process's
 batches), and every epoch's validation metrics, go to accelerate's trackers (``TrainConfig.log_with``,
 TensorBoard by default: ``tensorboard --logdir reports/<run>/experts``) and to ``curves.csv``, which
-the kit's own figures read (:mod:`dfd_lib.modeling.curves`).
+the kit's own figures read (:mod:`dfd_lib.modeling.curves`); see :mod:`dfd_lib.modeling.training_log`.
 
 Files in ``out_dir``: ``state/`` (training state), ``best_ema.safetensors`` (EMA weights of the
 best epoch, with its metadata), ``history.csv`` (one row per epoch), ``curves.csv`` (one row per
@@ -48,12 +48,11 @@ from dfd_lib.modeling.freezing import freeze_backbone_stages, train_mode
 from dfd_lib.modeling.losses import LOSS_NAMES, MultiLoss
 from dfd_lib.modeling.metrics import binary_metrics
 from dfd_lib.modeling.train_config import TrainConfig
+from dfd_lib.modeling.training_log import CURVES_FILE, TRACKER_PROJECT, log_epoch, log_step, read_curves, tracker_config, trackers
 from dfd_lib.modeling.training_state import Progress, find_state, load_training_state, read_progress, save_training_state
 
 BEST_WEIGHTS = "best_ema.safetensors"
 HISTORY_FILE = "history.csv"
-CURVES_FILE = "curves.csv"
-TRACKER_PROJECT = "tensorboard"  # the trackers' run name, a folder of out_dir for TensorBoard
 CONFIG_FILE = "train_config.json"
 log = logging.getLogger(__name__)
 
@@ -126,7 +125,7 @@ def train_expert(
     loop = _build_loop(train_table, val_table, config, out_dir, on_step)
     progress = _resume(loop, out_dir) if resume else Progress()
     progress.config = config.to_dict()
-    loop.curves = _read_curves(out_dir, progress.global_step) if progress.epoch >= 0 else []
+    loop.curves = read_curves(out_dir, progress.global_step) if progress.epoch >= 0 else []
     if loop.accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(out_dir / CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(config.to_dict(), indent=2) + "\n"))
@@ -135,7 +134,7 @@ def train_expert(
             row = _run_epoch(loop, epoch, progress.global_step)
             progress.global_step = row.pop("global_step")
             improved = progress.record(row, -row["val_loss"] if loop.selection == "val_loss" else row["val_auc"])
-            _log_epoch(loop, row, progress.global_step)
+            log_epoch(loop.accelerator, row, progress.global_step)
             if loop.accelerator.is_main_process:
                 if improved:
                     save_expert_weights(out_dir / BEST_WEIGHTS, loop.ema.module, _best_meta(loop, row))
@@ -149,21 +148,6 @@ def train_expert(
             tracker.finish()
     loop.accelerator.wait_for_everyone()
     return _result(loop, out_dir, progress, time.perf_counter() - started)
-
-
-def _read_curves(out_dir: Path, global_step: int) -> list[dict]:
-    """The step rows of the finished epochs of a resumed run (a later, unfinished epoch's are not kept)."""
-    path = out_dir / CURVES_FILE
-    if not path.is_file():
-        return []
-    curves = pd.read_csv(path)
-    return curves[curves["step"] <= global_step].to_dict("records")
-
-
-def _log_epoch(loop: _Loop, row: dict, global_step: int) -> None:
-    names = ("val_auc", "val_ap", "val_eer", "val_loss")
-    values = {f"val/{name[4:]}": row[name] for name in names if not math.isnan(row[name])}
-    loop.accelerator.log({**values, "epoch": row["epoch"] + 1}, step=global_step)
 
 
 def _build_loop(train_table: pd.DataFrame, val_table: pd.DataFrame, config: TrainConfig, out_dir: Path,
@@ -206,33 +190,9 @@ def _build_loop(train_table: pd.DataFrame, val_table: pd.DataFrame, config: Trai
     if selection == "val_loss":
         log.warning("the validation set holds one class only: AUC is undefined, the best epoch is chosen by validation loss")
     if accelerator.log_with:
-        accelerator.init_trackers(TRACKER_PROJECT, config=_tracker_config(config))
+        accelerator.init_trackers(TRACKER_PROJECT, config=tracker_config(config))
     return _Loop(config, accelerator, model, optimizer, scheduler, ema, MultiLoss(config.loss), train_loader, val_loader,
                  steps, frozen, mean, std, out_dir.name, selection, accelerator.unwrap_model(model).weights_source, on_step)
-
-
-def _tracker_config(config: TrainConfig) -> dict:
-    """The config as the flat scalars trackers take (TensorBoard's hyper-parameters)."""
-    flat = {}
-    for key, value in config.to_dict().items():
-        values = value.items() if isinstance(value, dict) else [(key, value)]
-        for name, item in values:
-            if isinstance(item, (int, float, str, bool)):
-                flat[name if name == key else f"{key}.{name}"] = item
-    return flat
-
-
-def _trackers(config: TrainConfig) -> list[str]:
-    """The trackers asked for that are installed (a missing one is said, never fatal: curves.csv stays)."""
-    from accelerate.tracking import _available_trackers
-
-    available = sorted(str(getattr(tracker, "value", tracker)) for tracker in _available_trackers)
-    wanted = [name.strip() for name in config.log_with.split(",") if name.strip() and name.strip() != "none"]
-    missing = [name for name in wanted if name not in available]
-    if missing:
-        log.warning("training curves: tracker(s) %s not installed or unknown (available: %s); curves.csv is still written",
-                    missing, available)
-    return [name for name in wanted if name not in missing]
 
 
 def _accelerator(config: TrainConfig, out_dir: Path):
@@ -246,9 +206,9 @@ def _accelerator(config: TrainConfig, out_dir: Path):
         log.warning("mixed_precision=%r applies on a GPU only; training in float32 on the CPU", precision)
         precision = "no"
     # rng_types=[]: the data order comes from (seed, epoch), nothing to synchronise
-    trackers = _trackers(config)
-    return Accelerator(cpu=not use_gpu, mixed_precision=precision, rng_types=[], log_with=trackers or None,
-                       project_dir=str(out_dir) if trackers else None)
+    chosen = trackers(config)
+    return Accelerator(cpu=not use_gpu, mixed_precision=precision, rng_types=[], log_with=chosen or None,
+                       project_dir=str(out_dir) if chosen else None)
 
 
 def _warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float) -> Callable[[int], float]:
@@ -333,7 +293,8 @@ def _train_epoch(loop: _Loop, epoch: int, global_step: int) -> tuple[int, dict[s
             continue
         for loss in sums:
             sums[loss] += step_sums[loss]
-        _log_step(loop, epoch, global_step + 1, {loss: value / learned for loss, value in step_sums.items()})
+        log_step(loop.accelerator, loop.curves, epoch, global_step + 1, loop.optimizer.param_groups[0]["lr"],
+                 {loss: value / learned for loss, value in step_sums.items()})
         if config.grad_clip:
             accelerator.clip_grad_norm_(loop.model.parameters(), config.grad_clip)
         loop.optimizer.step()
@@ -351,13 +312,6 @@ def _train_epoch(loop: _Loop, epoch: int, global_step: int) -> tuple[int, dict[s
     if hasattr(loop.train_loader, "end"):
         loop.train_loader.end()
     return seen, sums, data_seconds, global_step
-
-
-def _log_step(loop: _Loop, epoch: int, step: int, losses: dict[str, float]) -> None:
-    """One optimiser step's losses (this process's batches) and learning rate, to the curves and trackers."""
-    lr = loop.optimizer.param_groups[0]["lr"]
-    loop.curves.append({"step": step, "epoch": epoch + 1, "lr": lr, **{f"loss_{name}": value for name, value in losses.items()}})
-    loop.accelerator.log({**{f"loss/{name}": value for name, value in losses.items()}, "lr": lr}, step=step)
 
 
 def _note_skipped(loop: _Loop, skipped: list[tuple[str, str]]) -> None:
