@@ -21,8 +21,14 @@ timed on the same images; its effect on the demo mixture's test AUC and TPR at 1
 measured on ``reports/baseline/weights/moe`` (read only; exports go to the work folder),
 calibrated on that run's val images (``--demo-run``).
 
+Rounds (``--rounds``, default 3): the machine is shared and the reference's own speed moves with it
+(2.3 to 3.8 s/img on the same code in different sessions), so the reference and every cached variant
+are measured once per round, interleaved, each in a fresh process; the table gives each one's median
+and the ratio of the medians, and beside it the lowest and highest of the per-round ratios (each round's
+variant against that round's reference). A backend's first load (conversion) is measured once.
+
 The reference peaked at 12 GB here (22 GB in an earlier session): it waits until
-``--min-free-gb`` of memory is available and runs last.
+``--min-free-gb`` of memory is available before each round.
 """
 from __future__ import annotations
 
@@ -33,6 +39,7 @@ import os
 import platform
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -336,19 +343,52 @@ def wait_for_memory(min_free_gb: float, retries: int, pause_s: float) -> None:
     raise SystemExit(f"not enough free memory for the reference ({available_gb():.1f} GB < {min_free_gb} GB)")
 
 
-def measure_variants(weights: Path, images: list[str], args: argparse.Namespace) -> dict[str, dict]:
-    """Each variant in its own process; a backend first with no export (the load converts), then cached."""
+def measure_first_loads(weights: Path, images: list[str], args: argparse.Namespace) -> dict[str, dict]:
+    """Each backend's first load, with no export (the load converts): once, before the rounds."""
     results: dict[str, dict] = {}
     for variant in args.variants:
         backend = VARIANTS[variant].get("backend")
         if backend and not any(name.startswith(f"{backend} ") for name in results):  # first use of this backend
             for stale in (weights / "exports").glob(f"{BACKEND_FORMAT[backend]}-fp32-*"):
                 shutil.rmtree(stale)
-            results[f"{variant} (first load: converts)"] = run_child(variant, weights, images, args)
-            print(f"{variant} first load done: {json.dumps(results[f'{variant} (first load: converts)'])}", flush=True)
-        results[variant] = run_child(variant, weights, images, args)
-        print(f"{variant} done: {json.dumps(results[variant])}", flush=True)
+            name = f"{variant} (first load: converts)"
+            results[name] = run_child(variant, weights, images, args)
+            print(f"{name} done: {json.dumps(results[name])}", flush=True)
     return results
+
+
+def measure_rounds(weights: Path, images: list[str], args: argparse.Namespace, variants: list[str]) -> dict[str, list[dict]]:
+    """The reference (unless ``--no-reference``) and each of ``variants``, once per round, interleaved,
+    each in a fresh process: ``{name: [round 1, round 2, ...]}``."""
+    rounds: dict[str, list[dict]] = {}
+    for number in range(1, args.rounds + 1):
+        if not args.no_reference:  # it waits for memory other people's jobs may be holding
+            wait_for_memory(args.min_free_gb, retries=20, pause_s=60)
+            rounds.setdefault("reference", []).append(run_child("reference", weights, images, args))
+        for variant in variants:
+            rounds.setdefault(variant, []).append(run_child(variant, weights, images, args))
+        summary = ", ".join(f"{name} {runs[-1]['seconds'] / len(runs[-1]['probs']):.2f}" for name, runs in rounds.items())
+        print(f"round {number}/{args.rounds} (s/img): {summary}; load average {os.getloadavg()[0]:.1f}", flush=True)
+    return rounds
+
+
+def combine_rounds(rounds: dict[str, list[dict]]) -> dict[str, dict]:
+    """One row per variant: the median round's figures (by s/img), peak RSS the highest of all rounds,
+    the per-round s/img and, against the same round's reference, the per-round ratios."""
+    reference = rounds.get("reference")
+    combined = {}
+    for name, runs in rounds.items():
+        ordered = sorted(runs, key=lambda r: r["seconds"])
+        row = dict(ordered[(len(ordered) - 1) // 2])
+        row["seconds"] = statistics.median(r["seconds"] for r in runs)
+        row["cpu_s"] = statistics.median(r["cpu_s"] for r in runs)
+        row["peak_rss_gb"] = max(r["peak_rss_gb"] for r in runs)
+        row["round_s_per_img"] = [r["seconds"] / len(r["probs"]) for r in runs]
+        row["probs_spread"] = max(abs(a - b) for r in runs for a, b in zip(r["probs"], runs[0]["probs"]))
+        if reference:
+            row["round_ratios"] = [ref["seconds"] / r["seconds"] for ref, r in zip(reference, runs)]
+        combined[name] = row
+    return combined
 
 
 def print_table(results: dict[str, dict], rates: dict) -> None:
@@ -356,8 +396,8 @@ def print_table(results: dict[str, dict], rates: dict) -> None:
     to the original procedure, largest probability change, load, memory, effective GFLOP/s."""
     reference, torch_default = results.get("reference"), results.get("default")
     nan = float("nan")
-    header = (f"{'variant':<34}{'s/img':>7}{'x ref':>7}{'cpu s/img':>10}{'x ref':>6}{'max|dp| ref':>12}{'vs torch':>10}"
-              f"{'load s':>8}{'RSS load':>9}{'peak RSS':>9}{'GFLOP/s':>8}{'% mm':>6}{'loadavg':>8}")
+    header = (f"{'variant':<34}{'s/img':>7}{'x ref':>7}{'rounds x ref':>13}{'cpu s/img':>10}{'x ref':>6}{'max|dp| ref':>12}"
+              f"{'vs torch':>10}{'load s':>8}{'RSS load':>9}{'peak RSS':>9}{'GFLOP/s':>8}{'% mm':>6}{'loadavg':>8}")
     print(header)
     print("-" * len(header))
     for name, r in results.items():
@@ -368,7 +408,8 @@ def print_table(results: dict[str, dict], rates: dict) -> None:
         vs_torch = max(abs(a - b) for a, b in zip(r["probs"], torch_default["probs"])) if torch_default else nan
         gflops = rates["mixture_gflop_per_image"] / per_image
         share = 100 * gflops / rates["matmul_gflops"]
-        print(f"{name:<34}{per_image:>7.2f}{ratio:>7.2f}{cpu_per_image:>10.2f}{cpu_ratio:>6.2f}{diff:>12.1e}{vs_torch:>10.1e}"
+        spread = f"{min(r['round_ratios']):.2f}-{max(r['round_ratios']):.2f}" if r.get("round_ratios") else "-"
+        print(f"{name:<34}{per_image:>7.2f}{ratio:>7.2f}{spread:>13}{cpu_per_image:>10.2f}{cpu_ratio:>6.2f}{diff:>12.1e}{vs_torch:>10.1e}"
               f"{r['load_s']:>8.1f}{r['rss_after_load_gb']:>8.2f}G{r['peak_rss_gb']:>8.2f}G{gflops:>8.0f}{share:>6.0f}"
               f"{r.get('load_avg', nan):>8.1f}")
 
@@ -380,6 +421,8 @@ def main() -> int:
     parser.add_argument("--env-variant", action="store_true",
                         help="also measure the default Predictor with GLIBC_TUNABLES set at process start")
     parser.add_argument("--no-reference", action="store_true", help="skip the (slow, ~12 GB) original procedure")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="measure the reference and each variant this many times, interleaved; medians reported (default: 3)")
     parser.add_argument("--no-int8", action="store_true", help="skip int8 (its export, speed and the demo mixture's metrics)")
     parser.add_argument("--demo-run", type=Path, default=PROJECT_ROOT / "reports" / "baseline",
                         help="a finished run whose weights/moe and manifest the int8 accuracy check reads (read only)")
@@ -410,24 +453,27 @@ def main() -> int:
         rates = run_child("matmul", weights, images, args)
         print(f"fp32 matmul {MATMUL_SIDE}x{MATMUL_SIDE}: {rates['matmul_gflops']:.0f} GFLOP/s ({rates['threads']} threads); "
               f"mixture {rates['mixture_gflop_per_image']:.1f} GFLOP per image", flush=True)
-        results = measure_variants(weights, images, args)
-        if args.env_variant:
-            tunables = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=100000000000"
-            results["b4-cl+GLIBC_TUNABLES"] = run_child("b4-cl", weights, images, args, {"GLIBC_TUNABLES": tunables})
-            print("b4-cl+GLIBC_TUNABLES done", flush=True)
+        first_loads = measure_first_loads(weights, images, args)
+        variants = list(args.variants)
         demo = None
         if not args.no_int8:
             calibrated = run_child("int8-export", weights, images, args)
             reused = " (made by an earlier run in --workdir)" if calibrated["reused"] else ""
             print(f"int8 export calibrated on {calibrated['calibration_images']} images in {calibrated['quantize_s']:.0f} s{reused} "
                   f"(peak RSS {calibrated['peak_rss_gb']:.2f} GB)", flush=True)
-            results["openvino-int8"] = run_child("openvino-int8", weights, images, args)
-            print(f"openvino-int8 done: {json.dumps(results['openvino-int8'])}", flush=True)
+            variants.append("openvino-int8")
+        measured = combine_rounds(measure_rounds(weights, images, args, variants))
+        results = {name: row for name, row in measured.items() if name == "reference"}
+        for variant in variants:  # a backend's first load (converting) just above its cached rows
+            results.update({name: row for name, row in first_loads.items() if name.startswith(f"{variant} (")})
+            results[variant] = measured[variant]
+        if args.env_variant:
+            tunables = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=100000000000"
+            results["b4-cl+GLIBC_TUNABLES"] = run_child("b4-cl", weights, images, args, {"GLIBC_TUNABLES": tunables})
+            print("b4-cl+GLIBC_TUNABLES done", flush=True)
+        if not args.no_int8:
             demo = run_child("int8-demo", args.demo_run, [], args, out_dir=work / "demo_exports")
             print(f"int8 on the demo mixture done: {json.dumps(demo)}", flush=True)
-        if not args.no_reference:  # last: it waits for memory other people's jobs may be holding
-            wait_for_memory(args.min_free_gb, retries=20, pause_s=60)
-            results = {"reference": run_child("reference", weights, images, args), **results}
         again = run_child("matmul", weights, images, args)  # the machine is shared: the better of two measurements
         print(f"fp32 matmul at the end: {again['matmul_gflops']:.0f} GFLOP/s; load average {os.getloadavg()[0]:.1f}")
         rates["matmul_gflops_start"], rates["matmul_gflops_end"] = rates["matmul_gflops"], again["matmul_gflops"]

@@ -45,12 +45,13 @@ from dfd_lib.scoring.backends import (
     require,
     runtime_version,
 )
+from dfd_lib.scoring.export_rewrites import rewrite_verified
 
 FORMATS = ("openvino", "onnx")
 MODEL_FILE = {"openvino": "model.xml", "onnx": "model.onnx"}
 EXPORTS_DIR = "exports"
 META_FILE = "export.json"
-EXPORT_VERSION = 1
+EXPORT_VERSION = 2  # 2: experts rewritten before conversion (export_rewrites)
 ONNX_OPSET = 17
 log = logging.getLogger(__name__)
 
@@ -162,8 +163,11 @@ class _Probabilities(nn.Module):
         return out["prob"], out["expert_probs"]
 
 
-def convert_openvino(model: MixtureOfExperts, image_size: int, model_file: Path):
+def convert_openvino(model: MixtureOfExperts, image_size: int, model_file: Path) -> dict:
+    """The OpenVINO IR of ``model`` (any batch; the runtime compiles it for one image at a time),
+    rewritten first (:mod:`~dfd_lib.scoring.export_rewrites`). Returns what goes into ``export.json``."""
     ov = require("openvino", "openvino")
+    rewrites = rewrite_verified(model.eval(), image_size)
     example = torch.zeros(1, 3, image_size, image_size)
     with torch.no_grad():  # traced first: several times faster than letting convert_model trace
         traced = torch.jit.trace(_Probabilities(model).eval(), example, check_trace=False)
@@ -172,32 +176,36 @@ def convert_openvino(model: MixtureOfExperts, image_size: int, model_file: Path)
     for output, name in zip(converted.outputs, OUTPUT_NAMES):
         output.get_tensor().set_names({name})
     ov.save_model(converted, str(model_file), compress_to_fp16=False)  # fp16 weights would move the scores
-    return converted
+    return {"rewrites": rewrites}
 
 
-def convert_onnx(model: MixtureOfExperts, image_size: int, model_file: Path) -> None:
+def convert_onnx(model: MixtureOfExperts, image_size: int, model_file: Path) -> dict:
+    """The ONNX model of ``model`` (any batch), rewritten first like the OpenVINO IR."""
     require("onnx", "onnx")
+    rewrites = rewrite_verified(model.eval(), image_size)
     example = torch.zeros(1, 3, image_size, image_size)
     with torch.no_grad():
         torch.onnx.export(_Probabilities(model).eval(), (example,), str(model_file), dynamo=False, opset_version=ONNX_OPSET,
                           input_names=["image"], output_names=list(OUTPUT_NAMES),
                           dynamic_axes={"image": {0: "batch"}, "prob": {0: "batch"}, "expert_probs": {0: "batch"}})
+    return {"rewrites": rewrites}
 
 
 CONVERTERS = {"openvino": convert_openvino, "onnx": convert_onnx}
 
 
 def write_export(root: Path, identity: dict, build, extra: dict | None = None) -> Export:
-    """Build an export into a temporary folder under ``root`` with ``build(model_file)``, then
-    move it into place with its ``export.json``; stale exports of the same kind are removed."""
+    """Build an export into a temporary folder under ``root`` with ``build(model_file)`` (which may
+    return a dict for ``export.json``), then move it into place with its ``export.json``; stale
+    exports of the same kind are removed."""
     root.mkdir(parents=True, exist_ok=True)
     folder = root / f"{identity['format']}-{identity['precision']}-{identity_key(identity)}"
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=".export-", dir=root) as tmp:
         model_file = Path(tmp) / MODEL_FILE[identity["format"]]
-        build(model_file)
+        built = build(model_file) or {}
         meta = {"identity": identity, "seconds": round(time.perf_counter() - started, 1),
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **(extra or {})}
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **built, **(extra or {})}
         (Path(tmp) / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
