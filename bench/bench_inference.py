@@ -19,10 +19,11 @@ effective GFLOP/s (the mixture's FLOPs counted by ``torch.utils.flop_counter`` /
 printed as a share of what the CPU does. int8 (NNCF, calibrated on the benchmark's photos) is
 timed on the same images; its effect on the demo mixture's test AUC and TPR at 1 % FPR is
 measured on ``reports/baseline/weights/moe`` (read only; exports go to the work folder),
-calibrated on that run's val images (``--demo-run``).
+calibrated on that run's val images (``--demo-run``). ``openvino-unrewritten`` runs the same
+runtime on an export converted without :mod:`dfd_lib.scoring.export_rewrites`: what they gain.
 
 Rounds (``--rounds``, default 3): the machine is shared and the reference's own speed moves with it
-(2.3 to 3.8 s/img on the same code in different sessions), so the reference and every cached variant
+(2.3 to 4.4 s/img on the same code in different sessions), so the reference and every cached variant
 are measured once per round, interleaved, each in a fresh process; the table gives each one's median
 and the ratio of the medians, and beside it the lowest and highest of the per-round ratios (each round's
 variant against that round's reference). A backend's first load (conversion) is measured once.
@@ -49,6 +50,7 @@ from pathlib import Path
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT_ROOT))  # run as a script from a checkout, installed or not
 
+UNREWRITTEN_EXPORTS = "unrewritten_exports"  # beside the weights folder: the openvino-unrewritten variant's export
 # variant name -> Predictor options
 VARIANTS: dict[str, dict] = {
     "b1": dict(batch_size=1, channels_last=False, malloc_tuning=False),
@@ -63,8 +65,10 @@ VARIANTS: dict[str, dict] = {
     "openvino-b4": dict(backend="openvino", batch_size=4),
     "onnxruntime": dict(backend="onnxruntime", batch_size=1),
     "openvino-int8": dict(backend="openvino", int8=True, batch_size=1),  # needs the int8 export (made first)
+    # the export as converted before export_rewrites (same fp32 runtime and settings): what the rewrites gain
+    "openvino-unrewritten": dict(backend="openvino", batch_size=1, export_dir=UNREWRITTEN_EXPORTS),
 }
-DEFAULT_VARIANTS = ("default", "openvino", "onnxruntime")
+DEFAULT_VARIANTS = ("default", "openvino", "openvino-unrewritten", "onnxruntime")
 BACKEND_FORMAT = {"openvino": "openvino", "onnxruntime": "onnx"}
 MATMUL_SIDE = 4096
 
@@ -216,6 +220,8 @@ def run_predictor(weights: Path, images: list[str], warmup: int, options: dict) 
     from dfd_lib.scoring.predictor import Predictor
 
     backend = options.get("backend", "torch")
+    if options.get("export_dir"):
+        options = {**options, "export_dir": weights.parent / options["export_dir"]}
     exported = backend != "torch" and any((weights / "exports").glob(f"{BACKEND_FORMAT[backend]}-fp32-*/export.json"))
     started = time.perf_counter()
     predictor = Predictor.load(weights, preprocess="compat", **options)
@@ -254,6 +260,18 @@ def run_matmul(side: int = MATMUL_SIDE, repeats: int = 5) -> dict:
         build_on_meta(ORIGINAL_BACKBONES).eval()(torch.zeros(1, 3, 512, 512, device="meta"))
     return dict(matmul_gflops=2 * side**3 / best / 1e9, mixture_gflop_per_image=counter.get_total_flops() / 1e9,
                 threads=torch.get_num_threads(), probs=[], seconds=best, load_s=0.0, rss_after_load_gb=current_rss_gb())
+
+
+def run_unrewritten_export(weights: Path) -> dict:
+    """The fp32 OpenVINO export converted without :mod:`~dfd_lib.scoring.export_rewrites` (into
+    ``UNREWRITTEN_EXPORTS`` beside the weights; one made earlier in ``--workdir`` is reused)."""
+    from dfd_lib.scoring import export
+
+    export.rewrite_verified = lambda *args, **kwargs: {}
+    started = time.perf_counter()
+    made = export.ensure_export(weights, "openvino", out=weights.parent / UNREWRITTEN_EXPORTS)
+    return dict(probs=[], seconds=time.perf_counter() - started, load_s=0.0, rss_after_load_gb=current_rss_gb(),
+                reused=not made.converted)
 
 
 def run_int8_export(weights: Path, images: list[str]) -> dict:
@@ -306,6 +324,8 @@ def child_main(args: argparse.Namespace) -> int:
         result = run_reference(weights, images, args.warmup)
     elif args.child == "matmul":
         result = run_matmul()
+    elif args.child == "unrewritten-export":
+        result = run_unrewritten_export(weights)
     elif args.child == "int8-export":
         result = run_int8_export(weights, images)
     elif args.child == "int8-demo":
@@ -348,6 +368,8 @@ def measure_first_loads(weights: Path, images: list[str], args: argparse.Namespa
     results: dict[str, dict] = {}
     for variant in args.variants:
         backend = VARIANTS[variant].get("backend")
+        if VARIANTS[variant].get("export_dir"):  # reads an export made for it (openvino-unrewritten)
+            continue
         if backend and not any(name.startswith(f"{backend} ") for name in results):  # first use of this backend
             for stale in (weights / "exports").glob(f"{BACKEND_FORMAT[backend]}-fp32-*"):
                 shutil.rmtree(stale)
@@ -455,6 +477,9 @@ def main() -> int:
               f"mixture {rates['mixture_gflop_per_image']:.1f} GFLOP per image", flush=True)
         first_loads = measure_first_loads(weights, images, args)
         variants = list(args.variants)
+        if "openvino-unrewritten" in variants:
+            made = run_child("unrewritten-export", weights, images, args)
+            print(f"openvino export without the rewrites {'reused' if made['reused'] else 'made'} in {made['seconds']:.0f} s", flush=True)
         demo = None
         if not args.no_int8:
             calibrated = run_child("int8-export", weights, images, args)

@@ -10,7 +10,10 @@ longer matches; it is removed when the new one is written.
 
 Converting is a one-off cost: about a minute and 3 GB of memory (4 GB for ONNX) for the released
 7-expert mixture at 512 px (bench/RESULTS.md); loading the export afterwards takes seconds. The model is
-converted in fp32 (the IR is saved without fp16 compression) so scores match torch's.
+converted in fp32 (the IR is saved without fp16 compression) so scores match torch's. Before it is traced,
+its ConvNeXt blocks are rewritten into an equivalent channels-first form that CPU runtimes run faster
+(:mod:`dfd_lib.scoring.export_rewrites`, checked against the unrewritten mixture; ``export.json`` lists
+what was rewritten).
 """
 from __future__ import annotations
 
