@@ -35,7 +35,9 @@ pytestmark = [
 
 
 def start(command: list[str], url: str, log: Path, timeout: float = 90.0) -> subprocess.Popen:
-    """Start ``command`` and wait until ``url`` answers (the process's output goes to ``log``)."""
+    """Start ``command`` and wait until ``url`` answers (the process's output goes to ``log``).
+    ``url`` must answer at once: a Voila page runs its notebook before it answers, and each probe
+    that gives up would leave another kernel running it."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
     env.pop("MPLBACKEND", None)  # the tests' Agg backend would keep the kernel from showing figures
     process = subprocess.Popen(command, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env, cwd=PROJECT_ROOT)
@@ -174,7 +176,8 @@ def test_voila_renders_notebook_05_with_its_widget(weights, browser, tmp_path):
     port = free_port()
     command = [sys.executable, "-m", "voila", str(notebook), "--no-browser", f"--port={port}", "--Voila.ip=127.0.0.1",
                "--show_tracebacks=True"]
-    process = start(command, f"http://127.0.0.1:{port}/", tmp_path / "voila.log", timeout=120)
+    # the server is up when its static files are served; "/" would start a kernel per probe
+    process = start(command, f"http://127.0.0.1:{port}/voila/static/extension.js", tmp_path / "voila.log", timeout=120)
     page = browser.new_page(viewport={"width": 1280, "height": 2400})
     try:
         page.goto(f"http://127.0.0.1:{port}/", timeout=120_000)
