@@ -151,6 +151,27 @@ def test_a_stale_export_is_never_used(tmp_path):
     assert [p.name for p in (weights / "exports").iterdir()] != [first.folder.name]
 
 
+def test_an_export_written_elsewhere_is_found_with_export_dir(tmp_path, folder, capsys):
+    """`dfd export --out DIR` then `dfd predict --export-dir DIR`: the export is used, nothing is
+    converted again beside the weights, and the scores are torch's."""
+    pytest.importorskip("openvino", reason="the openvino extra is not installed (pip install -e .[openvino])")
+    weights, exports = small_mixture(tmp_path / "moe", seed=4), tmp_path / "exports-elsewhere"
+    assert dfd_main(["export", str(weights), "--out", str(exports)]) == 0
+    (export,) = exports.glob("openvino-fp32-*")
+    stamp = (export / "model.bin").stat().st_mtime_ns
+    capsys.readouterr()
+    ov_csv, torch_csv = tmp_path / "ov.csv", tmp_path / "torch.csv"
+    assert dfd_main(["predict", str(folder), "--weights", str(weights), "--out", str(ov_csv), "--backend", "openvino",
+                     "--export-dir", str(exports)]) == 0
+    assert "one-off cost" not in capsys.readouterr().err
+    assert not (weights / "exports").exists() and (export / "model.bin").stat().st_mtime_ns == stamp
+    assert dfd_main(["predict", str(folder), "--weights", str(weights), "--out", str(torch_csv)]) == 0
+    converted, reference = scores(ov_csv), scores(torch_csv)
+    ok = reference["error"] == ""
+    assert ok.sum() == 3
+    assert np.abs(converted.loc[ok, "prob_fake"].astype(float) - reference.loc[ok, "prob_fake"].astype(float)).max() <= TOLERANCE
+
+
 @pytest.mark.slow
 def test_int8_is_a_separate_model_made_only_when_asked(tmp_path, folder):
     pytest.importorskip("nncf", reason="the openvino extra (nncf) is not installed (pip install -e .[openvino])")
@@ -213,18 +234,24 @@ def test_onnxruntime_scores_like_torch(tmp_path):
 
 def test_dfd_serve_scores_and_explains_with_openvino(tmp_path):
     pytest.importorskip("openvino", reason="the openvino extra is not installed (pip install -e .[openvino])")
+    import argparse
     import base64
     import io
 
     from fastapi.testclient import TestClient
 
     from dfd_lib.scoring.predictor import Predictor
-    from dfd_lib.serving.cli import ServeSettings, app_from_settings
+    from dfd_lib.serving.cli import add_arguments, app_from_settings, settings_from_args
 
     weights = small_mixture(tmp_path / "moe", seed=3, backbones=("test_efficientnet", "test_efficientnet"))
+    exports = tmp_path / "exports-elsewhere"
     buffer = io.BytesIO()
     Image.fromarray(skdata.coffee()).save(buffer, format="PNG")
-    client = TestClient(app_from_settings(ServeSettings(weights=str(weights), backend="openvino", threads=1)))
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)  # dfd serve's own options
+    args = parser.parse_args(["--weights", str(weights), "--backend", "openvino", "--threads", "1", "--export-dir", str(exports)])
+    client = TestClient(app_from_settings(settings_from_args(args)))
+    assert list(exports.glob("openvino-fp32-*/export.json")) and not (weights / "exports").exists()
     served = client.post("/predict", json={"image": base64.b64encode(buffer.getvalue()).decode()})
     assert served.status_code == 200
     reference = Predictor.load(weights).predict_one(skdata.coffee()).prob

@@ -58,6 +58,9 @@ def add_backend_arguments(parser) -> None:
                              "faster on CPUs; needs pip install -e .[openvino] (default: torch)")
     parser.add_argument("--int8", action="store_true",
                         help="with --backend openvino: the int8 model `dfd export --int8` made; faster, but changes scores")
+    parser.add_argument("--export-dir", type=Path, default=None,
+                        help="with --backend openvino/onnxruntime: the folder `dfd export --out` wrote the exports to "
+                             "(default: WEIGHTS_DIR/exports, or ~/.cache/dfd-kit/exports beside read-only weights)")
 
 
 def runtime_version(fmt: str) -> str:

@@ -68,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"dfd predict: weights {why}" if args.weights is None else f"dfd predict: weights {weights}")
     try:
         predictor = Predictor.load(weights, device=args.device, batch_size=args.batch_size,
-                                   threads=args.threads, preprocess=args.preprocess, backend=args.backend, int8=args.int8)
+                                   threads=args.threads, preprocess=args.preprocess, backend=args.backend, int8=args.int8,
+                                   export_dir=args.export_dir)
         verdicts = resolve_threshold(predictor.config, args.threshold)
     except (BackendUnavailable, CheckpointError, ValueError) as exc:
         log.error("dfd predict: %s", exc)

@@ -51,6 +51,7 @@ class ServeSettings:
     max_queue: int = DEFAULT_MAX_QUEUE  # more images waiting for the model: 503 with Retry-After
     backend: str = "torch"  # the forward pass's runtime: torch, openvino, onnxruntime (dfd_lib.scoring.backends)
     int8: bool = False  # openvino only: the int8 export (changes scores)
+    export_dir: str | None = None  # where the exports are (dfd export --out); None: beside the weights
 
     def __post_init__(self):
         if self.max_body_bytes < 1024:
@@ -75,7 +76,7 @@ def app_from_settings(settings: ServeSettings, token: str | None = None) -> Fast
     cap_malloc_arenas()  # before the model and the threads allocate
     predictor = Predictor.load(settings.weights, device=settings.device, batch_size=settings.batch_size,
                                threads=settings.threads, preprocess=settings.preprocess, backend=settings.backend,
-                               int8=settings.int8)
+                               int8=settings.int8, export_dir=settings.export_dir)
     return create_app(predictor, settings.max_body_bytes, settings.max_pixels, token,
                       min_side=settings.min_side, max_batch_images=settings.max_batch_images,
                       strict_modes=settings.strict_modes, threshold=settings.threshold,
@@ -147,7 +148,8 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
                          strict_modes=args.strict_modes, batch_size=args.batch_size, threads=threads,
                          device=args.device, preprocess=args.preprocess, threshold=args.threshold,
                          faces=args.faces, face_rule=args.face_rule, face_margin=args.face_margin, min_face=args.min_face,
-                         max_faces=args.max_faces, max_queue=args.max_queue, backend=args.backend, int8=args.int8)
+                         max_faces=args.max_faces, max_queue=args.max_queue, backend=args.backend, int8=args.int8,
+                         export_dir=str(args.export_dir) if args.export_dir is not None else None)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -187,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
     else:  # each process loads the model itself; the settings travel in the environment
         if settings.backend != "torch" and not settings.int8:  # converted once here, not by every worker at once
             try:
-                ensure_export(settings.weights, EXPORT_FORMAT[settings.backend])
+                ensure_export(settings.weights, EXPORT_FORMAT[settings.backend], settings.export_dir)
             except (BackendUnavailable, CheckpointError, ValueError) as exc:
                 log.error("dfd serve: %s", exc)
                 return 2
