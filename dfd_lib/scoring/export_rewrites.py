@@ -8,7 +8,7 @@ back. Rewritten, the LayerNorm normalises over the channel axis in place and the
 1x1 convolutions on the same weights, so a runtime keeps one memory layout through the block: no
 transposes and none of the layout reorders around them. timm's ``LayerNorm2d`` (stem, downsampling
 layers) loses its two permutes the same way. Measured with OpenVINO on the 2-core dev CPU at 512 px:
-convnextv2_tiny 248 -> 210 ms, the released 7-expert mixture about 10 % faster (bench/RESULTS.md).
+convnextv2_tiny 248 -> 210 ms, the released 7-expert mixture 7-8 % faster (bench/RESULTS.md).
 
 Tried and left out: folding per-image scales (the squeeze-and-excitation gate of EfficientNet blocks,
 GRN's scale) into the next 1x1 convolution's weights saves a pass over the widest activation but makes
