@@ -23,9 +23,9 @@ calibrated on that run's val images (``--demo-run``). ``openvino-unrewritten`` r
 runtime on an export converted without :mod:`dfd_lib.scoring.export_rewrites`: what they gain.
 
 Rounds (``--rounds``, default 3): the machine is shared and the reference's own speed moves with it
-(2.3 to 4.4 s/img on the same code in different sessions), so the reference and every cached variant
+(2.3 to 4.6 s/img on the same code in different sessions), so the reference and every cached variant
 are measured once per round, interleaved, each in a fresh process; the table gives each one's median
-and the ratio of the medians, and beside it the lowest and highest of the per-round ratios (each round's
+round and the ratio of the medians, and beside it the lowest and highest of the per-round ratios (each round's
 variant against that round's reference). A backend's first load (conversion) is measured once.
 
 The reference peaked at 12 GB here (22 GB in an earlier session): it waits until
@@ -395,18 +395,16 @@ def measure_rounds(weights: Path, images: list[str], args: argparse.Namespace, v
 
 
 def combine_rounds(rounds: dict[str, list[dict]]) -> dict[str, dict]:
-    """One row per variant: the median round's figures (by s/img), peak RSS the highest of all rounds,
-    the per-round s/img and, against the same round's reference, the per-round ratios."""
+    """One row per variant: the median round's figures (by s/img; the lower middle one for an even
+    number of rounds), the median CPU time, peak RSS the highest of all rounds, the per-round s/img and, against the same
+    round's reference, the per-round ratios."""
     reference = rounds.get("reference")
     combined = {}
     for name, runs in rounds.items():
-        ordered = sorted(runs, key=lambda r: r["seconds"])
-        row = dict(ordered[(len(ordered) - 1) // 2])
-        row["seconds"] = statistics.median(r["seconds"] for r in runs)
-        row["cpu_s"] = statistics.median(r["cpu_s"] for r in runs)
+        row = dict(sorted(runs, key=lambda r: r["seconds"])[(len(runs) - 1) // 2])
+        row["cpu_s"] = statistics.median(r["cpu_s"] for r in runs)  # the CPU time's own median
         row["peak_rss_gb"] = max(r["peak_rss_gb"] for r in runs)
         row["round_s_per_img"] = [r["seconds"] / len(r["probs"]) for r in runs]
-        row["probs_spread"] = max(abs(a - b) for r in runs for a, b in zip(r["probs"], runs[0]["probs"]))
         if reference:
             row["round_ratios"] = [ref["seconds"] / r["seconds"] for ref, r in zip(reference, runs)]
         combined[name] = row
@@ -488,7 +486,7 @@ def main() -> int:
                   f"(peak RSS {calibrated['peak_rss_gb']:.2f} GB)", flush=True)
             variants.append("openvino-int8")
         measured = combine_rounds(measure_rounds(weights, images, args, variants))
-        results = {name: row for name, row in measured.items() if name == "reference"}
+        results = {"reference": measured["reference"]} if "reference" in measured else {}
         for variant in variants:  # a backend's first load (converting) just above its cached rows
             results.update({name: row for name, row in first_loads.items() if name.startswith(f"{variant} (")})
             results[variant] = measured[variant]
