@@ -29,8 +29,9 @@ browser: ## install Debian's chromium for the browser tests (as root with apt; e
 	  || echo "chromium: could not be installed; the browser tests will be skipped"; \
 	else echo "chromium: absent and not installable here; the browser tests will be skipped"; fi
 
-lint: setup ## ruff over the library, tests, benchmarks and notebooks (pyproject.toml [tool.ruff])
+lint: setup ## ruff over the library, tests, benchmarks and notebooks; the import contracts (pyproject.toml)
 	$(BIN)/ruff check dfd_lib tests bench notebooks
+	$(BIN)/lint-imports --no-cache
 
 test: setup browser lint ## lint, then every test: library, CLI, server, browser and the notebooks at smoke size
 	$(BIN)/python -m pytest --nbval-lax tests reports/nbval-smoke/notebooks

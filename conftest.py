@@ -17,7 +17,7 @@ NBVAL_RUN = os.environ.get("DFD_NBVAL_RUN", "nbval-smoke")
 def pytest_sessionstart(session):
     if not session.config.getoption("nbval_lax", default=False):
         return
-    from dfd_lib.paths import REPORTS_DIR
+    from dfd_lib.core.paths import REPORTS_DIR
     from dfd_lib.pipeline.chain import run_pipeline
 
     run_dir = REPORTS_DIR / NBVAL_RUN

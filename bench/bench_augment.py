@@ -26,7 +26,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from dfd_lib.data.manifest import file_sha1  # noqa: E402
-from dfd_lib.data.photos import write_photo_crops  # noqa: E402
+from dfd_lib.sources.photos import write_photo_crops  # noqa: E402
 from dfd_lib.synth.config import EnrichmentConfig  # noqa: E402
 from dfd_lib.synth.enrichment import enrich_dataset  # noqa: E402
 from dfd_lib.synth.factory import ALL_FAMILIES  # noqa: E402

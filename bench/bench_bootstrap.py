@@ -18,8 +18,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
-from dfd_lib.modeling.bootstrap import INTERVAL_METRICS, curve_metrics, resample_counts  # noqa: E402
-from dfd_lib.modeling.metrics import binary_metrics  # noqa: E402
+from dfd_lib.stats.bootstrap import INTERVAL_METRICS, curve_metrics, resample_counts  # noqa: E402
+from dfd_lib.stats.metrics import binary_metrics  # noqa: E402
 
 
 def loop_metrics(labels: np.ndarray, scores: np.ndarray, counts: np.ndarray) -> dict[str, np.ndarray]:

@@ -22,10 +22,11 @@ import pandas as pd
 import torch
 from PIL import Image
 
+from dfd_lib.data.resplit_table import check_no_group_leakage, save_resplits
 from dfd_lib.embed.clusters import assign_groups_to_clusters, cluster_embeddings
 from dfd_lib.embed.embeddings import EmbeddingConfig, extract_embeddings
 from dfd_lib.embed.projection import fit_umap
-from dfd_lib.embed.resplits import check_no_group_leakage, leave_one_cluster_out, save_resplits
+from dfd_lib.embed.resplits import leave_one_cluster_out
 
 
 def _photo_crops(folder: Path, count: int, size: int, seed: int = 0) -> pd.DataFrame:

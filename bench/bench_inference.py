@@ -104,8 +104,8 @@ def available_gb() -> float:
 def make_weights(directory: Path, seed: int) -> None:
     import torch
 
-    from dfd_lib.modeling.experts import ORIGINAL_BACKBONES, build_mixture
-    from dfd_lib.modeling.released import save_released
+    from dfd_lib.models.experts import ORIGINAL_BACKBONES, build_mixture
+    from dfd_lib.models.released import save_released
 
     torch.manual_seed(seed)
     model = build_mixture(ORIGINAL_BACKBONES)
@@ -172,7 +172,7 @@ def run_reference(weights: Path, images: list[str], warmup: int) -> dict:
     from torch import nn
     from torchvision import transforms
 
-    from dfd_lib.modeling.experts import ORIGINAL_BACKBONES
+    from dfd_lib.models.experts import ORIGINAL_BACKBONES
 
     class Expert(nn.Module):
         def __init__(self, name):
@@ -246,8 +246,8 @@ def run_matmul(side: int = MATMUL_SIDE, repeats: int = 5) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from dfd_lib.modeling.checkpoints import build_on_meta
-    from dfd_lib.modeling.experts import ORIGINAL_BACKBONES
+    from dfd_lib.models.checkpoints import build_on_meta
+    from dfd_lib.models.experts import ORIGINAL_BACKBONES
 
     a, b = torch.randn(side, side), torch.randn(side, side)
     torch.mm(a, b)  # warm-up
@@ -290,9 +290,9 @@ def run_int8_demo(demo_run: Path, out: Path) -> dict:
     """int8 on the demo mixture: test AUC / TPR@1 % of torch, OpenVINO fp32 and int8 (val-calibrated)."""
     import pandas as pd
 
-    from dfd_lib.modeling.metrics import binary_metrics, tpr_key
     from dfd_lib.scoring.predictor import Predictor
     from dfd_lib.scoring.quantize import ensure_int8_export
+    from dfd_lib.stats.metrics import binary_metrics, tpr_key
 
     weights = demo_run / "weights" / "moe"
     manifest = pd.read_csv(demo_run / "manifest.csv")

@@ -116,8 +116,8 @@ def make_photos(root: Path, count: int) -> None:
 def make_mixture(directory: Path, spec: dict, seed: int = 0) -> Path:
     import torch
 
-    from dfd_lib.modeling.checkpoints import MixtureConfig, save_mixture
-    from dfd_lib.modeling.experts import build_mixture
+    from dfd_lib.models.checkpoints import MixtureConfig, save_mixture
+    from dfd_lib.models.experts import build_mixture
 
     torch.manual_seed(seed)
     model = build_mixture(spec["backbones"])
@@ -143,8 +143,8 @@ def _predictor(task: dict):
 
     torch.set_num_threads(task["threads"])
     if task.get("original"):  # the released architecture, random weights, built here (no 0.8 GB file)
-        from dfd_lib.modeling.checkpoints import MixtureConfig
-        from dfd_lib.modeling.experts import ORIGINAL_BACKBONES, build_mixture
+        from dfd_lib.models.checkpoints import MixtureConfig
+        from dfd_lib.models.experts import ORIGINAL_BACKBONES, build_mixture
 
         torch.manual_seed(0)
         return Predictor(build_mixture(ORIGINAL_BACKBONES), MixtureConfig(backbones=list(ORIGINAL_BACKBONES),

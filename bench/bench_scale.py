@@ -30,7 +30,7 @@ def write_images(folder: Path, count: int, side: int) -> None:
     """``count`` JPEGs of ``side`` px: photo crops under real/, the same with a coloured block under fake/."""
     import numpy as np
 
-    from dfd_lib.data.photos import load_source, random_square_crop
+    from dfd_lib.sources.photos import load_source, random_square_crop
 
     rng = np.random.default_rng(0)
     frames = [load_source(name) for name in ("astronaut", "chelsea", "coffee", "rocket")]
@@ -69,9 +69,10 @@ def run_stage(stage: str, folder: Path, work: Path, image_size: int) -> dict:
         np.save(work / "cache_path.npy", np.array([str(result.cache_path)]))
     elif stage == "map_and_resplits":
         from dfd_lib.data.manifest import Manifest
+        from dfd_lib.data.resplit_table import save_resplits
         from dfd_lib.embed.embeddings import EmbeddingConfig, extract_embeddings
         from dfd_lib.embed.projection import fit_umap
-        from dfd_lib.embed.resplits import build_resplits, save_resplits
+        from dfd_lib.embed.resplits import build_resplits
 
         table = Manifest.load(manifest_path).table
         config = EmbeddingConfig(image_size=image_size, batch_size=128, num_workers=2, device="cpu")

@@ -40,8 +40,8 @@ def free_port() -> int:
 def make_weights(directory: Path, backbones: list[str], image_size: int) -> Path:
     import torch
 
-    from dfd_lib.modeling.checkpoints import MixtureConfig, save_mixture
-    from dfd_lib.modeling.experts import build_mixture
+    from dfd_lib.models.checkpoints import MixtureConfig, save_mixture
+    from dfd_lib.models.experts import build_mixture
 
     torch.manual_seed(0)
     return save_mixture(build_mixture(backbones), directory, MixtureConfig(backbones=backbones, image_size=image_size,

@@ -1,6 +1,6 @@
 """Training throughput of one expert at the demo size, and the data-loading share of a step.
 
-Runs :func:`dfd_lib.modeling.training.train_expert` (the real loop: decode, augment, forward, the three
+Runs :func:`dfd_lib.training.trainer.train_expert` (the real loop: decode, augment, forward, the three
 losses, backward, AdamW, EMA update) on the demo dataset's training images (or, when the
 demo dataset is not built, on 128 px crops of scikit-image's bundled photos) with the
 pretrained ``tf_efficientnet_lite0``. Each variant trains 2 short epochs of ``--steps``
@@ -31,10 +31,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from dfd_lib.modeling.losses import LossConfig  # noqa: E402
-from dfd_lib.modeling.train_config import TrainConfig  # noqa: E402
-from dfd_lib.modeling.training import train_expert  # noqa: E402
-from dfd_lib.paths import DEMO_DATA_DIR  # noqa: E402
+from dfd_lib.core.paths import DEMO_DATA_DIR  # noqa: E402
+from dfd_lib.training.losses import LossConfig  # noqa: E402
+from dfd_lib.training.train_config import TrainConfig  # noqa: E402
+from dfd_lib.training.trainer import train_expert  # noqa: E402
 
 VARIANTS = {
     "all 3 losses, channels_last, workers 0": dict(),
@@ -54,7 +54,7 @@ def demo_or_synthetic_table(folder: Path, count: int, size: int) -> tuple[pd.Dat
         table = Manifest.load(manifest).table
         table = table[table["split"] == "train"].sample(frac=1.0, random_state=0).reset_index(drop=True)
         return table, f"demo dataset ({manifest.relative_to(DEMO_DATA_DIR.parents[1])}, train split)"
-    from dfd_lib.data.photos import write_photo_crops
+    from dfd_lib.sources.photos import write_photo_crops
 
     rows = [{"path": str(path), "label": i % 2} for i, (path, _) in enumerate(write_photo_crops(folder, count, size))]
     return pd.DataFrame(rows), "synthetic 128 px crops of scikit-image photos"
@@ -62,8 +62,8 @@ def demo_or_synthetic_table(folder: Path, count: int, size: int) -> tuple[pd.Dat
 
 def step_only(backbone: str, image_size: int, batch_size: int, steps: int = 4) -> pd.DataFrame:
     """img/s of forward + losses + backward + AdamW on a random batch (fastest of ``steps``)."""
-    from dfd_lib.modeling.experts import Expert
-    from dfd_lib.modeling.losses import MultiLoss
+    from dfd_lib.models.experts import Expert
+    from dfd_lib.training.losses import MultiLoss
 
     x = torch.randn(batch_size, 3, image_size, image_size)
     y = torch.arange(batch_size) % 2

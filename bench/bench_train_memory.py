@@ -27,8 +27,8 @@ def measure(backbone: str, size: int, batch: int, checkpointing: bool) -> dict:
     """One training step in this process; its memory figures."""
     import torch
 
-    from dfd_lib.modeling.experts import Expert
-    from dfd_lib.modeling.losses import MultiLoss
+    from dfd_lib.models.experts import Expert
+    from dfd_lib.training.losses import MultiLoss
 
     torch.set_num_threads(2)
     expert = Expert(backbone, pretrained=False).train()

@@ -62,8 +62,8 @@ def _timed(device: torch.device, fn, repeats: int) -> float:
 
 
 def predictor_rows(device, size: int, batch: int, backbones: list[str], repeats: int) -> list[dict]:
-    from dfd_lib.modeling.checkpoints import MixtureConfig
-    from dfd_lib.modeling.experts import build_mixture
+    from dfd_lib.models.checkpoints import MixtureConfig
+    from dfd_lib.models.experts import build_mixture
     from dfd_lib.scoring.predictor import Predictor
 
     rows = []
@@ -80,8 +80,8 @@ def predictor_rows(device, size: int, batch: int, backbones: list[str], repeats:
 
 
 def training_rows(device, size: int, batch: int, backbones: list[str], repeats: int) -> list[dict]:
-    from dfd_lib.modeling.experts import Expert
-    from dfd_lib.modeling.losses import MultiLoss
+    from dfd_lib.models.experts import Expert
+    from dfd_lib.training.losses import MultiLoss
 
     rows = []
     half = device.type == "cuda"
@@ -136,7 +136,7 @@ def diffusion_row(device, size: int, dry: bool) -> dict:
 
 
 def embedding_row(device, size: int, batch: int, repeats: int) -> dict:
-    from dfd_lib.modeling.backbones import create_backbone
+    from dfd_lib.models.backbones import create_backbone
 
     model = create_backbone("tf_efficientnet_lite0", num_classes=0).to(device).eval()
     x = torch.randn(batch, 3, size, size, device=device)

@@ -1,15 +1,17 @@
 """The ``dfd`` command. Each subcommand lives in the stage it drives: the module named here
 defines ``add_arguments(parser)`` and ``run(args) -> int``; it is imported only when its
-subcommand runs, so ``dfd --help`` stays fast. Messages go through :mod:`dfd_lib.logs`."""
+subcommand runs, so ``dfd --help`` stays fast. Messages go through :mod:`dfd_lib.core.logs`."""
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
 
+from dfd_lib.core.commands import run_command
+
 # subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "build-demo": ("dfd_lib.data.demo", "build the embedded demo dataset offline (data/demo/)"),
+    "build-demo": ("dfd_lib.sources.demo", "build the embedded demo dataset offline (data/demo/)"),
     "manifest": ("dfd_lib.data.readers", "scan a dataset (competition CSV or real/ fake/ folders) into a manifest"),
     "check": ("dfd_lib.pipeline.preflight", "check a profile before running it: data, weights, disk, device, memory"),
     "fetch-weights": ("dfd_lib.pipeline.fetch", "download the backbones and Stable Diffusion checkpoints a profile needs"),
@@ -17,12 +19,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "rerun": ("dfd_lib.pipeline.rerun", "execute a run folder again from what it recorded (profile, overrides, data)"),
     "compare": ("dfd_lib.pipeline.compare", "say whether two run folders agree, file by file and metric by metric"),
     "augment": ("dfd_lib.synth.cli", "generate notebook 03's edited / Stable Diffusion images into a run folder"),
-    "train": ("dfd_lib.modeling.cli", "train an expert, or one per re-split and their mixture, from a config file"),
+    "train": ("dfd_lib.training.cli", "train an expert, or one per re-split and their mixture, from a config file"),
     "predict": ("dfd_lib.scoring.cli", "score images, folders or globs into a CSV"),
     "calibrate": ("dfd_lib.scoring.calibrate_cli", "choose the verdict threshold on labelled images (a target FPR or the EER)"),
-    "convert-weights": ("dfd_lib.modeling.released", "convert the released weight.pth + ema.state into our format"),
+    "convert-weights": ("dfd_lib.models.released", "convert the released weight.pth + ema.state into our format"),
     "serve": ("dfd_lib.serving.cli", "serve the HTTP API and the web page"),
-    "export": ("dfd_lib.scoring.export", "convert a mixture for OpenVINO or ONNX Runtime (cached, exact; int8 as an option)"),
+    "export": ("dfd_lib.scoring.export_cli", "convert a mixture for OpenVINO or ONNX Runtime (cached, exact; int8 as an option)"),
 }
 
 
@@ -46,14 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name, rest = argv[0], argv[1:]
     module_name, text = COMMANDS[name]
-    from dfd_lib.logs import setup_logging
-
-    setup_logging()
-    module = importlib.import_module(module_name)
-    sub = argparse.ArgumentParser(prog=f"dfd {name}", description=text)
-    module.add_arguments(sub)
-    args = sub.parse_args(rest)
-    return int(module.run(args) or 0)
+    return run_command(importlib.import_module(module_name), name, rest, description=text)
 
 
 if __name__ == "__main__":

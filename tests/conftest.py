@@ -15,7 +15,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def smoke_demo(tmp_path_factory):
     """The demo dataset at smoke size, built once per test session."""
-    from dfd_lib.data.demo import DemoConfig, build_demo_dataset
+    from dfd_lib.sources.demo import DemoConfig, build_demo_dataset
 
     out = tmp_path_factory.mktemp("demo") / "demo"
     return build_demo_dataset(DemoConfig.smoke(), out, progress=False)

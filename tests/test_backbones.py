@@ -9,7 +9,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from skimage import data
 
-from dfd_lib.modeling.backbones import (
+from dfd_lib.models.backbones import (
     WeightsMismatchError,
     WeightsUnavailableError,
     backbone_data_config,
@@ -17,7 +17,7 @@ from dfd_lib.modeling.backbones import (
     create_backbone,
     lite0_imagenet_state_dict,
 )
-from dfd_lib.modeling.experts import ORIGINAL_BACKBONES, Expert
+from dfd_lib.models.experts import ORIGINAL_BACKBONES, Expert
 
 CAT_CLASSES = set(range(281, 286))
 COFFEE_CLASSES = {967, 968, 504}  # espresso, cup, coffee mug

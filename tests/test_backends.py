@@ -20,9 +20,9 @@ from test_checkpoints import make_released
 from test_export_rewrites import sensitive_mixture
 
 from dfd_lib.cli import main as dfd_main
-from dfd_lib.modeling.checkpoints import CheckpointError, save_mixture
-from dfd_lib.modeling.experts import build_mixture
-from dfd_lib.modeling.released import load_released
+from dfd_lib.models.checkpoints import CheckpointError, save_mixture
+from dfd_lib.models.experts import build_mixture
+from dfd_lib.models.released import load_released
 from dfd_lib.scoring.backends import BackendUnavailable, require
 
 DEMO_BACKBONE = "tf_efficientnet_lite0"
@@ -58,7 +58,7 @@ def small_mixture(directory: Path, seed: int, backbones=("test_efficientnet",), 
     with torch.no_grad():
         for expert in model.experts:
             expert.baseline_extractor.get_classifier().weight.mul_(0.05)
-    from dfd_lib.modeling.checkpoints import MixtureConfig
+    from dfd_lib.models.checkpoints import MixtureConfig
 
     return save_mixture(model, directory, MixtureConfig(backbones=list(backbones), image_size=size))
 
@@ -196,7 +196,7 @@ def test_rewritten_convnext_experts_score_like_torch(tmp_path, backend):
     (export_rewrites); with affines and layer scales far from their initial values the converted
     mixture still scores real photos within 1e-5 of torch."""
     pytest.importorskip(backend, reason="the openvino extra is not installed (pip install -e .[openvino])")
-    from dfd_lib.modeling.checkpoints import MixtureConfig
+    from dfd_lib.models.checkpoints import MixtureConfig
     from dfd_lib.scoring.predictor import Predictor
 
     backbones = ["convnextv2_tiny", "test_convnext"]

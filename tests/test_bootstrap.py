@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from scipy.stats import norm
 
-from dfd_lib.modeling.bootstrap import (
+from dfd_lib.stats.bootstrap import (
     BETTER,
     INTERVAL_METRICS,
     UNCLEAR,
@@ -20,7 +20,8 @@ from dfd_lib.modeling.bootstrap import (
     resample_counts,
     roc_band,
 )
-from dfd_lib.modeling.metrics import binary_metrics, per_group_metrics, tpr_at_fpr
+from dfd_lib.stats.group_metrics import per_group_metrics
+from dfd_lib.stats.metrics import binary_metrics, tpr_at_fpr
 
 
 def _scores(rng, n_real, n_fake, separation):

@@ -21,8 +21,8 @@ from PIL import Image
 from skimage import data as skdata
 from test_serve import b64, free_port, make_tiny_weights
 
+from dfd_lib.core.paths import PROJECT_ROOT
 from dfd_lib.data.manifest import Manifest
-from dfd_lib.paths import PROJECT_ROOT
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

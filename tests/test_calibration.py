@@ -18,8 +18,9 @@ from test_serve import b64, make_tiny_weights
 
 from dfd_lib.cli import main as dfd_main
 from dfd_lib.data.manifest import Manifest
-from dfd_lib.modeling.checkpoints import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, read_config
+from dfd_lib.models.checkpoints import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, read_config
 from dfd_lib.scoring import calibration as cal
+from dfd_lib.scoring import mixture_calibration
 from dfd_lib.scoring.predictor import Predictor
 from dfd_lib.serving.app import create_app
 
@@ -128,17 +129,18 @@ def test_calibrate_mixture_uses_the_scores_it_is_given_and_the_selection_rows(tm
                           "split": "val", "resplit_0": np.where(np.arange(600) % 2, "val", "train"),
                           "resplit_1": np.where(np.arange(600) % 2, "train", "val")})
     test_rows = table.assign(split="test", resplit_0="test", resplit_1="test").head(10)
-    rows = cal.selection_rows(pd.concat([table, test_rows], ignore_index=True))
+    rows = mixture_calibration.selection_rows(pd.concat([table, test_rows], ignore_index=True))
     assert len(rows) == 600 and set(rows["split"]) == {"val"}  # held out by one re-split or the other, never test
-    assert len(cal.selection_rows(table, resplits=[0])) == 300
+    assert len(mixture_calibration.selection_rows(table, resplits=[0])) == 300
     check_labels, check_scores = overlapping_scores(100, 100, seed=6)
-    calibration = cal.calibrate_mixture(weights, rows, target_fpr=0.02, data="selection", check=(check_labels, check_scores),
-                                        check_data="test split", figures_dir=tmp_path / "figures", figure_prefix="04_calibration")
+    calibration = mixture_calibration.calibrate_mixture(weights, rows, target_fpr=0.02, data="selection",
+                                                        check=(check_labels, check_scores), check_data="test split",
+                                                        figures_dir=tmp_path / "figures", figure_prefix="04_calibration")
     assert calibration.threshold == cal.threshold_at_fpr(labels, scores, 0.02)  # the given scores, not a model's
     assert calibration.check["fpr"] == cal.rates_at(check_labels, check_scores, calibration.threshold)[0]
     assert cal.read_calibration(read_config(weights)) == calibration
     assert {p.name for p in (tmp_path / "figures").iterdir()} == {"04_calibration_roc.png", "04_calibration_reliability.png"}
-    table = cal.summary_table(calibration)
+    table = mixture_calibration.summary_table(calibration)
     assert list(table.index) == ["calibration", "check"] and table.loc["check", "target_fpr"] == 0.02
 
 

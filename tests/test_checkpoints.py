@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from dfd_lib.cli import main as dfd_main
-from dfd_lib.modeling.checkpoints import CheckpointError, MixtureConfig, load_mixture, load_weights, save_mixture
-from dfd_lib.modeling.experts import build_mixture
-from dfd_lib.modeling.released import load_released, save_released
+from dfd_lib.models.checkpoints import CheckpointError, MixtureConfig, load_mixture, save_mixture
+from dfd_lib.models.experts import build_mixture
+from dfd_lib.models.loading import load_weights
+from dfd_lib.models.released import load_released, save_released
 
 TINY = ["test_efficientnet", "tf_efficientnet_lite0"]
 

@@ -10,19 +10,22 @@ import torch
 from PIL import Image
 
 from dfd_lib.cli import main as dfd_main
+from dfd_lib.core import runs
+from dfd_lib.core.paths import PROJECT_ROOT
+from dfd_lib.data import resplit_table
 from dfd_lib.data.manifest import Manifest
 from dfd_lib.embed import resplits
-from dfd_lib.modeling import ablation, comparison, ladder, ladder_results, training_data
-from dfd_lib.modeling.bootstrap import BootstrapConfig
-from dfd_lib.modeling.losses import LossConfig
-from dfd_lib.modeling.metrics import binary_metrics, plot_roc_curves
-from dfd_lib.modeling.mixture_training import train_mixture
-from dfd_lib.modeling.robustness import mixture_robustness
-from dfd_lib.modeling.train_config import TrainConfig
-from dfd_lib.modeling.training_state import PROGRESS_FILE, STATE_DIR
-from dfd_lib.paths import PROJECT_ROOT
-from dfd_lib.pipeline import runs
+from dfd_lib.evaluation import ablation, comparison, ladder, ladder_results
+from dfd_lib.evaluation.robustness import mixture_robustness
 from dfd_lib.scoring.predictor import Predictor
+from dfd_lib.stats.bootstrap import BootstrapConfig
+from dfd_lib.stats.metrics import binary_metrics
+from dfd_lib.stats.roc_plot import plot_roc_curves
+from dfd_lib.training import training_data
+from dfd_lib.training.losses import LossConfig
+from dfd_lib.training.mixture_training import train_mixture
+from dfd_lib.training.train_config import TrainConfig
+from dfd_lib.training.training_state import PROGRESS_FILE, STATE_DIR
 
 LAST_STATE = f"{STATE_DIR}/{PROGRESS_FILE}"  # rewritten after every epoch a run trains
 
@@ -65,7 +68,7 @@ def run(tmp_path_factory):
     Manifest(manifest).save(run.path(runs.MANIFEST))
     trainval = manifest[manifest["split"] != "test"].reset_index(drop=True)
     trainval["cluster"] = [i % 3 for i in range(len(trainval))]
-    resplits.save_resplits(resplits.leave_one_cluster_out(trainval), run.path(runs.RESPLITS))
+    resplit_table.save_resplits(resplits.leave_one_cluster_out(trainval), run.path(runs.RESPLITS))
     augmented = []
     for j, source in enumerate([0, 1, 2, 3, 6, 40]):  # 40 is a test image: no re-split, dropped
         src = manifest.iloc[source]
@@ -200,7 +203,7 @@ def test_robustness_and_recorded_metrics(run, trained, tmp_path):
 
 
 def test_launch_files_hand_trainings_over_to_the_notebook(run, tmp_path):
-    """What `accelerate launch -m dfd_lib.modeling.cli` trains from the launch files, a rerun of the
+    """What `accelerate launch -m dfd_lib.training.cli` trains from the launch files, a rerun of the
     notebook's training call finds finished: same folder, same settings, no step trained again."""
     data = training_data.load_training_data(run, max_experts=1)
     configs = training_data.expert_configs(_base(seed=5), [BACKBONE], [], 1)

@@ -8,8 +8,8 @@ import shlex
 
 import pandas as pd
 
-from dfd_lib.faults import CRASH_ENV
-from dfd_lib.pipeline import runs
+from dfd_lib.core import runs
+from dfd_lib.core.faults import CRASH_ENV
 from dfd_lib.pipeline.chain import run_pipeline
 from dfd_lib.pipeline.compare import compare_runs
 from dfd_lib.pipeline.parameters import parse_overrides

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from dfd_lib.data.demo import DemoConfig, build_demo_dataset, ensure_demo_dataset, read_build_info
+from dfd_lib.sources.demo import DemoConfig, build_demo_dataset, ensure_demo_dataset, read_build_info
 
 
 def test_same_seed_gives_same_content_hashes(smoke_demo, tmp_path):

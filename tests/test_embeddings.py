@@ -8,11 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
+from dfd_lib.core import runs
 from dfd_lib.data.manifest import Manifest
 from dfd_lib.embed.embeddings import EmbeddingConfig, embed_run, extract_embeddings, load_run_embeddings
 from dfd_lib.embed.separability import class_spread, domain_separability
-from dfd_lib.modeling.backbones import create_backbone
-from dfd_lib.pipeline import runs
+from dfd_lib.models.backbones import create_backbone
 
 
 @pytest.fixture(autouse=True)

@@ -11,10 +11,11 @@ import pytest
 from PIL import Image
 from skimage import data
 
+from dfd_lib.data import resplit_table
 from dfd_lib.data.manifest import COLUMNS, Manifest, file_sha1
+from dfd_lib.data.resplit_table import attach_to_resplits
 from dfd_lib.embed import clusters
 from dfd_lib.embed import resplits as resplit_lib
-from dfd_lib.embed.resplits import attach_to_resplits
 from dfd_lib.synth.config import EnrichmentConfig
 from dfd_lib.synth.enrichment import enrich_dataset, save_augmented_manifest
 from dfd_lib.synth.factory import ALL_FAMILIES
@@ -156,13 +157,13 @@ def resplit_world(tmp_path):
     trainval = (table["split"] != "test").to_numpy()
     ids = clusters.cluster_embeddings(np.array(embeddings)[trainval], k=3, seed=0)
     resplits = resplit_lib.leave_one_cluster_out(clusters.assign_groups_to_clusters(table[trainval].reset_index(drop=True), ids))
-    path = resplit_lib.save_resplits(resplits, tmp_path / "run" / "resplits.csv")
-    return table, resplit_lib.load_resplits(path)
+    path = resplit_table.save_resplits(resplits, tmp_path / "run" / "resplits.csv")
+    return table, resplit_table.load_resplits(path)
 
 
 def test_augmented_images_land_on_their_source_side_of_every_resplit(resplit_world, tmp_path, caplog):
     table, resplits = resplit_world
-    columns = resplit_lib.resplit_columns(resplits)
+    columns = resplit_table.resplit_columns(resplits)
     assert len(columns) == 3 and set(resplits["resplit_0"]) == {"train", "val"}
     # draw from the whole table, test rows included, to prove attach drops what 02 never clustered
     config = EnrichmentConfig(families=("splice", "sd_inpaint", "degraded"), images_per_family=12, seed=2,
@@ -193,7 +194,7 @@ def test_augmented_images_land_on_their_source_side_of_every_resplit(resplit_wor
         assert not set(train["group"]) & test_groups  # no test source feeds training
         augmented_train = train[train["path"].isin(attached["path"])]
         assert len(augmented_train) and (augmented_train["parent"].map(source_side[column]) == "train").all()
-    resplit_lib.check_no_group_leakage(combined)
+    resplit_table.check_no_group_leakage(combined)
 
     # the manifest 04 reads: relative paths, read back by Manifest.load
     path = save_augmented_manifest(attached, tmp_path / "run" / "augmented_manifest.csv")
@@ -210,10 +211,10 @@ def test_attach_refuses_a_resplit_table_that_leaks(resplit_world, tmp_path):
     broken = resplits.copy()
     broken.loc[broken.index[0], "resplit_0"] = "val" if broken.loc[broken.index[0], "resplit_0"] == "train" else "train"
     rows = pd.DataFrame([{**table.iloc[0].to_dict(), "path": str(tmp_path / "x.png"), "hash": "h", "parent": table.iloc[0]["path"]}])
-    with pytest.raises(resplit_lib.LeakageError, match="several clusters or sides"):
+    with pytest.raises(resplit_table.LeakageError, match="several clusters or sides"):
         attach_to_resplits(broken, rows)
     with pytest.raises(ValueError, match="re-split table"):
-        attach_to_resplits(resplits.drop(columns=resplit_lib.resplit_columns(resplits)), rows)
+        attach_to_resplits(resplits.drop(columns=resplit_table.resplit_columns(resplits)), rows)
 
 
 def test_given_masks_are_used_and_a_wrong_size_one_fails_alone(source_table, tmp_path, caplog):
@@ -266,7 +267,7 @@ def test_the_command_takes_every_option_of_the_notebook():
 
     import papermill
 
-    from dfd_lib.paths import NOTEBOOKS_DIR
+    from dfd_lib.core.paths import NOTEBOOKS_DIR
     from dfd_lib.synth import cli
 
     parser = argparse.ArgumentParser()

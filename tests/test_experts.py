@@ -6,8 +6,8 @@ import timm
 import torch
 from timm.utils import ModelEmaV3
 
-from dfd_lib.modeling.backbones import canonical_backbone_name
-from dfd_lib.modeling.experts import ORIGINAL_BACKBONES, Expert, MixtureOfExperts, build_mixture, create_ema
+from dfd_lib.models.backbones import canonical_backbone_name
+from dfd_lib.models.experts import ORIGINAL_BACKBONES, Expert, MixtureOfExperts, build_mixture, create_ema
 
 TINY = ["test_efficientnet", "resnet10t"]
 

@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 from skimage import data as skdata
 
-from dfd_lib.modeling.checkpoints import MixtureConfig
-from dfd_lib.modeling.experts import build_mixture
+from dfd_lib.models.checkpoints import MixtureConfig
+from dfd_lib.models.experts import build_mixture
 from dfd_lib.scoring import explain
 from dfd_lib.scoring.predictor import Predictor
 

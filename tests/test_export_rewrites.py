@@ -12,7 +12,7 @@ from timm.layers.norm import LayerNorm2d
 from timm.models.convnext import ConvNeXtBlock
 
 from dfd_lib.data.preprocess import InputTransform
-from dfd_lib.modeling.experts import build_mixture
+from dfd_lib.models.experts import build_mixture
 from dfd_lib.scoring import export_rewrites
 from dfd_lib.scoring.export_rewrites import ChannelsFirstConvNeXtBlock, ChannelsFirstLayerNorm, rewrite, rewrite_verified
 

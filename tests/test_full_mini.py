@@ -10,9 +10,9 @@ import pytest
 from hub_cache import cache_timm_weights, cached_revision, use_hub_cache
 
 from dfd_lib.cli import main as dfd_main
-from dfd_lib.modeling.backbones import canonical_backbone_name
-from dfd_lib.modeling.experts import ORIGINAL_BACKBONES
-from dfd_lib.pipeline import runs
+from dfd_lib.core import runs
+from dfd_lib.models.backbones import canonical_backbone_name
+from dfd_lib.models.experts import ORIGINAL_BACKBONES
 
 
 @pytest.mark.slow

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 
-from dfd_lib.paths import PROJECT_ROOT
+from dfd_lib.core.paths import PROJECT_ROOT
 
 
 def test_the_gpu_check_runs_dry(tmp_path, capsys):

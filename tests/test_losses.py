@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from dfd_lib.modeling.losses import (
+from dfd_lib.training.losses import (
     LossConfig,
     MultiLoss,
     add_noise,

@@ -7,16 +7,11 @@ import pytest
 from PIL import Image
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
-from dfd_lib.modeling.metrics import (
-    binary_metrics,
-    equal_error_rate,
-    per_group_metrics,
-    plot_roc_curves,
-    roc_curve_points,
-    tpr_at_fpr,
-)
-from dfd_lib.modeling.robustness import plot_robustness, robustness_table
+from dfd_lib.evaluation.robustness import plot_robustness, robustness_table
 from dfd_lib.scoring.calibration import threshold_at_fpr
+from dfd_lib.stats.group_metrics import per_group_metrics
+from dfd_lib.stats.metrics import binary_metrics, equal_error_rate, roc_curve_points, tpr_at_fpr
+from dfd_lib.stats.roc_plot import plot_roc_curves
 
 Y = [0, 0, 1, 1]
 S = [0.1, 0.4, 0.35, 0.8]

@@ -9,9 +9,10 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from dfd_lib.pipeline.chain import PipelineError, discover_steps, run_pipeline, select_steps
+from dfd_lib.pipeline.chain import run_pipeline
 from dfd_lib.pipeline.cli import add_arguments
 from dfd_lib.pipeline.parameters import ParameterError, merge_parameters, parse_overrides
+from dfd_lib.pipeline.steps import PipelineError, discover_steps, select_steps
 
 
 def _notebook(path: Path, params: str, body: str) -> None:

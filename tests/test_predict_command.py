@@ -11,8 +11,8 @@ from skimage import data as skdata
 from test_checkpoints import TINY, make_released
 
 from dfd_lib.cli import main as dfd_main
-from dfd_lib.modeling.checkpoints import save_mixture
-from dfd_lib.modeling.released import load_released
+from dfd_lib.models.checkpoints import save_mixture
+from dfd_lib.models.released import load_released
 
 
 @pytest.fixture(scope="module")

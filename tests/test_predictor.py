@@ -14,7 +14,7 @@ from skimage import data as skdata
 from test_checkpoints import TINY, make_released
 from torchvision import transforms
 
-from dfd_lib.modeling.released import load_released
+from dfd_lib.models.released import load_released
 from dfd_lib.scoring.predictor import Predictor, tune_malloc
 
 SIZE = 64  # the tiny experts run at 64 px; the format and the code path are the same as at 512

@@ -9,7 +9,7 @@ import yaml
 from hub_cache import cache_folder, cache_timm_weights, use_hub_cache
 
 from dfd_lib.cli import main as dfd_main
-from dfd_lib.modeling.experts import ORIGINAL_BACKBONES
+from dfd_lib.models.experts import ORIGINAL_BACKBONES
 from dfd_lib.synth import diffusion
 
 TINY_SD = "dfd-tests/tiny-stable-diffusion"
@@ -85,7 +85,8 @@ def test_stable_diffusion_loads_by_hub_id_from_the_cache(full_cache):
 
 
 def test_the_pipeline_checks_before_its_first_step(empty_cache, tmp_path, caplog):
-    from dfd_lib.pipeline.chain import PipelineError, run_pipeline
+    from dfd_lib.pipeline.chain import run_pipeline
+    from dfd_lib.pipeline.steps import PipelineError
 
     profile = _profile(tmp_path)
     with pytest.raises(PipelineError, match="not in the Hugging Face cache"):

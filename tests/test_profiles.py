@@ -6,8 +6,10 @@ import json
 
 import pytest
 
-from dfd_lib.paths import NOTEBOOKS_DIR, PIPELINES_DIR
-from dfd_lib.pipeline.chain import discover_steps, load_profile, run_pipeline
+from dfd_lib.core.paths import NOTEBOOKS_DIR, PIPELINES_DIR
+from dfd_lib.pipeline.chain import run_pipeline
+from dfd_lib.pipeline.profiles import load_profile
+from dfd_lib.pipeline.steps import discover_steps
 
 
 @pytest.mark.parametrize("profile", ["smoke", "demo", "full"])

@@ -5,7 +5,7 @@ import json
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from dfd_lib.pipeline import runs
+from dfd_lib.core import runs
 from dfd_lib.pipeline.report import write_report
 
 

@@ -8,10 +8,11 @@ import shutil
 import pytest
 
 from dfd_lib.cli import main as dfd
-from dfd_lib.pipeline import runs
-from dfd_lib.pipeline.chain import PipelineError, run_pipeline
+from dfd_lib.core import runs
+from dfd_lib.pipeline.chain import run_pipeline
 from dfd_lib.pipeline.compare import compare_runs
 from dfd_lib.pipeline.rerun import rerun
+from dfd_lib.pipeline.steps import PipelineError
 
 
 @pytest.fixture(scope="module")

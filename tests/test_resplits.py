@@ -5,7 +5,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dfd_lib.data.run_dataset import official_split
+from dfd_lib.data.resplit_table import (
+    LeakageError,
+    check_no_group_leakage,
+    load_resplits,
+    resplit_column,
+    resplit_index,
+    resplit_indices,
+    save_resplits,
+)
 from dfd_lib.embed.clusters import (
     assign_groups_to_clusters,
     cluster_embeddings,
@@ -14,16 +22,8 @@ from dfd_lib.embed.clusters import (
     silhouette_sweep,
     single_class_clusters,
 )
-from dfd_lib.embed.resplits import (
-    LeakageError,
-    check_no_group_leakage,
-    leave_one_cluster_out,
-    load_resplits,
-    resplit_column,
-    resplit_index,
-    resplit_indices,
-    save_resplits,
-)
+from dfd_lib.embed.resplits import leave_one_cluster_out
+from dfd_lib.sources.run_dataset import official_split
 
 
 def _blobs(n_per: int = 60, centres: int = 4, seed: int = 0):
@@ -157,8 +157,9 @@ def test_build_resplits_end_to_end_keeps_groups_together():
     import numpy as np
     import pandas as pd
 
+    from dfd_lib.data.resplit_table import resplit_columns
     from dfd_lib.embed.clusters import best_k
-    from dfd_lib.embed.resplits import build_resplits, resplit_columns
+    from dfd_lib.embed.resplits import build_resplits
 
     rng = np.random.default_rng(0)
     centres = np.array([[0, 0], [8, 0], [0, 8]], dtype=float)

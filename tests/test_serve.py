@@ -26,8 +26,8 @@ from skimage import data as skdata
 
 from dfd_lib.cli import main as dfd_main
 from dfd_lib.data.images import load_rgb
-from dfd_lib.modeling.checkpoints import MixtureConfig, save_mixture
-from dfd_lib.modeling.experts import build_mixture
+from dfd_lib.models.checkpoints import MixtureConfig, save_mixture
+from dfd_lib.models.experts import build_mixture
 from dfd_lib.scoring.predictor import Predictor
 from dfd_lib.serving.app import create_app
 from dfd_lib.serving.worker import ModelWorker

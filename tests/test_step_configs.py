@@ -11,9 +11,10 @@ import re
 import papermill
 import pytest
 
-from dfd_lib.paths import NOTEBOOKS_DIR
-from dfd_lib.pipeline.chain import discover_steps, load_profile, notebook_defaults
+from dfd_lib.core.paths import NOTEBOOKS_DIR
 from dfd_lib.pipeline.parameters import merge_parameters
+from dfd_lib.pipeline.profiles import load_profile, notebook_defaults
+from dfd_lib.pipeline.steps import discover_steps
 
 PROFILES = ("smoke", "demo", "full")
 # Config fields a notebook does not expose (library settings, or given another way: notebook 04's
@@ -98,8 +99,8 @@ def test_every_profile_builds_valid_configs(profile, tmp_path, monkeypatch):
 
 
 def test_unknown_keys_in_a_config_file_are_refused():
-    from dfd_lib.modeling.train_config import TrainConfig
     from dfd_lib.synth.config import EnrichmentConfig
+    from dfd_lib.training.train_config import TrainConfig
 
     with pytest.raises(ValueError, match="unknown TrainConfig keys: learning_rate"):
         TrainConfig.from_dict({"learning_rate": 0.1})

@@ -10,12 +10,12 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from dfd_lib.cli import main as dfd_main
-from dfd_lib.modeling.checkpoints import load_expert, load_mixture
-from dfd_lib.modeling.losses import LossConfig
-from dfd_lib.modeling.mixture_training import train_mixture
-from dfd_lib.modeling.train_config import TrainConfig
-from dfd_lib.modeling.training import BEST_WEIGHTS, CURVES_FILE, HISTORY_FILE, train_expert
-from dfd_lib.modeling.training_state import STATE_DIR, read_training_state
+from dfd_lib.models.checkpoints import load_expert, load_mixture
+from dfd_lib.training.losses import LossConfig
+from dfd_lib.training.mixture_training import train_mixture
+from dfd_lib.training.train_config import TrainConfig
+from dfd_lib.training.trainer import BEST_WEIGHTS, CURVES_FILE, HISTORY_FILE, train_expert
+from dfd_lib.training.training_state import STATE_DIR, read_training_state
 
 BACKBONE = "test_efficientnet"
 
@@ -99,7 +99,7 @@ def test_every_step_logs_its_losses_and_learning_rate_to_csv_and_tensorboard(ima
 
 
 def test_curves_figure_draws_every_training(images, tmp_path):
-    from dfd_lib.modeling.curves import plot_training_curves, read_curves
+    from dfd_lib.training.curves import plot_training_curves, read_curves
 
     for name, seed in (("expert_0", 1), ("expert_1", 2)):
         train_expert(images.iloc[:16], images.iloc[16:], _config(epochs=2, seed=seed, log_with=""), tmp_path / name)
@@ -258,8 +258,8 @@ def test_dataset_augmentation_is_seeded_per_epoch_and_sample(images):
 def test_frozen_stages_keep_their_weights_and_statistics(images, tmp_path):
     from accelerate.utils import set_seed
 
-    from dfd_lib.modeling.experts import Expert
-    from dfd_lib.modeling.freezing import backbone_stage_groups, freeze_backbone_stages
+    from dfd_lib.models.experts import Expert
+    from dfd_lib.training.freezing import backbone_stage_groups, freeze_backbone_stages
 
     config = _config(epochs=1, freeze_stages=3)
     result = train_expert(images.iloc[:16], images.iloc[16:], config, tmp_path / "frozen")
@@ -338,7 +338,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(images, tmp_pat
     tables = ["--train-table", str(train_csv), "--val-table", str(val_csv)]
     assert dfd_main(["train", "--config", str(tmp_path / "one.json"), *tables, "--out-dir", str(tmp_path / "one")]) == 0
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "dfd_lib.modeling.cli",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "dfd_lib.training.cli",
               "--config", str(tmp_path / "two.json"), *tables, "--out-dir", str(tmp_path / "two")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(launch, capture_output=True, text=True, timeout=300, env=env)

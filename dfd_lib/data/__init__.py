@@ -1,2 +1,2 @@
-"""Data: decoding images, manifests and the readers that build them, the dataset of a run,
-model inputs and training datasets, the real photos that ship in packages and the demo dataset."""
+"""Data formats and readers (notebook 01 and every later step): decoding images, the manifest and the
+readers that build it from datasets on disk, the re-split table, model inputs and training datasets."""

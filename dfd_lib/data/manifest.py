@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from dfd_lib.atomic import atomic_write
+from dfd_lib.core.atomic import atomic_write
 
 COLUMNS = ["path", "label", "family", "source", "group", "width", "height", "hash", "split", "cluster"]
 SKIPPED_COLUMNS = ["path", "reason"]

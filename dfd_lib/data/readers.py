@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from dfd_lib.core.logs import progress_bar
 from dfd_lib.data.images import ImageLoadError, is_image_path, load_rgb
 from dfd_lib.data.manifest import (
     FAKE,
@@ -26,7 +27,6 @@ from dfd_lib.data.manifest import (
     file_sha1,
     skipped_path,
 )
-from dfd_lib.logs import progress_bar
 
 log = logging.getLogger(__name__)
 

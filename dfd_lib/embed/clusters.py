@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 
 def cluster_embeddings(emb: np.ndarray, k: int, seed: int = 0, minibatch_above: int = MINIBATCH_ABOVE) -> np.ndarray:
     """k-means cluster ids (0..k-1) of the rows of ``emb``; MiniBatchKMeans for large inputs."""
-    from sklearn.cluster import KMeans, MiniBatchKMeans
+    from sklearn.cluster import KMeans, MiniBatchKMeans  # deferred: scikit-learn is slow to import
 
     if not 2 <= k <= len(emb):
         raise ValueError(f"k must be between 2 and the number of rows ({len(emb)}), got {k}")
@@ -29,7 +29,7 @@ def cluster_embeddings(emb: np.ndarray, k: int, seed: int = 0, minibatch_above: 
 
 def silhouette_sweep(emb: np.ndarray, ks=range(2, 11), sample_size: int | None = 5000, seed: int = 0) -> pd.DataFrame:
     """Silhouette score (on a sample of rows) and inertia for each k, to help choose K."""
-    from sklearn.metrics import silhouette_score
+    from sklearn.metrics import silhouette_score  # deferred: scikit-learn is slow to import
 
     x = np.asarray(emb, dtype=np.float32)
     rows = []

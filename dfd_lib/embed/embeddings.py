@@ -2,7 +2,7 @@
 notebook 02 from the run folder.
 
 :func:`extract_embeddings` encodes every row of a manifest table with a backbone (a timm
-name built by :func:`dfd_lib.modeling.backbones.create_backbone`, or any module such as a trained
+name built by :func:`dfd_lib.models.backbones.create_backbone`, or any module such as a trained
 expert), decoding in DataLoader workers and writing each batch straight into a memory-mapped
 ``.npy`` file, so a dataset of any size never sits in memory as one tensor. The cache key
 covers the manifest's content, the backbone's identity and the preprocessing, so a rerun
@@ -24,16 +24,16 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from dfd_lib.atomic import atomic_write
-from dfd_lib.config import StepConfig
+from dfd_lib.core import runs
+from dfd_lib.core.atomic import atomic_write
+from dfd_lib.core.config import StepConfig
+from dfd_lib.core.faults import crash_point
+from dfd_lib.core.logs import progress_bar
+from dfd_lib.core.paths import cache_dir as default_cache_dir
+from dfd_lib.core.paths import resolve
 from dfd_lib.data.images import load_rgb
 from dfd_lib.data.manifest import Manifest
-from dfd_lib.faults import crash_point
-from dfd_lib.logs import progress_bar
-from dfd_lib.modeling.backbones import backbone_data_config, backbone_transform, create_backbone
-from dfd_lib.paths import cache_dir as default_cache_dir
-from dfd_lib.paths import resolve
-from dfd_lib.pipeline import runs
+from dfd_lib.models.backbones import backbone_data_config, backbone_transform, create_backbone
 
 CACHE_FORMAT = 1  # bump when the file layout or the meaning of a key changes
 
@@ -70,7 +70,7 @@ class EmbeddingResult:
     failed: pd.DataFrame
     cache_path: Path
     from_cache: bool
-    weights_source: str = ""  # where the backbone's weights came from (dfd_lib.modeling.backbones)
+    weights_source: str = ""  # where the backbone's weights came from (dfd_lib.models.backbones)
 
     @property
     def paths(self) -> list[str]:

@@ -16,9 +16,9 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
+from dfd_lib.core.figures import save_figure  # noqa: I001 - first: it picks the headless matplotlib backend
 from dfd_lib.data.manifest import CLASS_NAMES, TRAIN, VAL
-from dfd_lib.embed.resplits import resplit_columns
-from dfd_lib.figures import save_figure  # noqa: I001 - first: it picks the headless matplotlib backend
+from dfd_lib.data.resplit_table import resplit_columns
 
 CLASS_COLOURS = {"real": "#1f77b4", "fake": "#d62728"}
 CLASS_MARKERS = {"real": "o", "fake": "X"}

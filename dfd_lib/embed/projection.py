@@ -17,8 +17,8 @@ def fit_umap(emb: np.ndarray, n_neighbors: int = 15, min_dist: float = 0.1, seed
     ``init`` left as None follow umap-learn (spectral start; 500 epochs up to 10k rows, 200
     above) up to ``LARGE_MAP_ROWS`` rows, and beyond it use 100 epochs and a PCA start, which
     keeps 100k rows under ~1.5 min on 2 cores (bench/RESULTS.md)."""
-    import umap
-    from sklearn.decomposition import PCA
+    import umap  # deferred: umap-learn compiles with numba on import (seconds)
+    from sklearn.decomposition import PCA  # deferred: scikit-learn is slow to import
 
     x = np.asarray(emb, dtype=np.float32)
     if x.ndim != 2 or len(x) < 4:

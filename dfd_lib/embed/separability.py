@@ -12,7 +12,7 @@ from dfd_lib.embed.embeddings import EmbeddingResult
 def _subsample(n: int, max_points: int | None, seed: int, strata: np.ndarray | None = None) -> np.ndarray:
     if max_points is None or n <= max_points:
         return np.arange(n)
-    from sklearn.model_selection import train_test_split
+    from sklearn.model_selection import train_test_split  # deferred: scikit-learn is slow to import
 
     keep, _ = train_test_split(np.arange(n), train_size=max_points, random_state=seed, stratify=strata)
     return np.sort(keep)
@@ -22,9 +22,9 @@ def domain_separability(emb: np.ndarray, is_val: np.ndarray, k: int = 10, folds:
                         seed: int = 0, max_points: int | None = 20000) -> float:
     """Cross-validated ROC AUC of a k-NN classifier telling val rows from train rows:
     about 0.5 when the two sets overlap, near 1.0 when they are separate domains."""
-    from sklearn.metrics import roc_auc_score
-    from sklearn.model_selection import StratifiedKFold, cross_val_predict
-    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.metrics import roc_auc_score  # deferred: scikit-learn is slow to import
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict  # deferred: scikit-learn is slow to import
+    from sklearn.neighbors import KNeighborsClassifier  # deferred: scikit-learn is slow to import
 
     is_val = np.asarray(is_val).astype(bool)
     if len(is_val) != len(emb):
@@ -48,8 +48,8 @@ def class_spread(emb: np.ndarray, labels: np.ndarray, n_clusters: int = 20, cove
     to the class centroid, mean pairwise distance, and, over ``n_clusters`` k-means clusters of
     all rows, how many clusters the class occupies (holding >= ``min_share`` of it) and how
     many it needs to cover ``coverage`` of its rows."""
-    from sklearn.cluster import MiniBatchKMeans
-    from sklearn.metrics import pairwise_distances
+    from sklearn.cluster import MiniBatchKMeans  # deferred: scikit-learn is slow to import
+    from sklearn.metrics import pairwise_distances  # deferred: scikit-learn is slow to import
 
     labels = np.asarray(labels)
     if len(labels) != len(emb):

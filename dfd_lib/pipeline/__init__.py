@@ -1,2 +1,3 @@
-"""Runs: the run folder and the names of its files, the papermill chain of the numbered notebooks,
-what a profile needs and its preflight (``dfd check``, ``dfd fetch-weights``), and the run report."""
+"""Runs: the numbered notebooks as steps, profiles and parameter precedence, the papermill chain, what a
+profile needs and its preflight (``dfd check``, ``dfd fetch-weights``), the environment record, the run
+report, ``dfd rerun`` and ``dfd compare``."""

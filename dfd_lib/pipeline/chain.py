@@ -22,33 +22,21 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
+import papermill
+from traitlets.config import Config
 
-from dfd_lib.atomic import atomic_write
-from dfd_lib.logs import PIPELINE_STEP_ENV
-from dfd_lib.paths import NOTEBOOKS_DIR, PIPELINES_DIR, PROJECT_ROOT, REPORTS_DIR, resolve
-from dfd_lib.pipeline import runs
+from dfd_lib.core import runs
+from dfd_lib.core.atomic import atomic_write
+from dfd_lib.core.logs import PIPELINE_STEP_ENV
+from dfd_lib.core.paths import NOTEBOOKS_DIR, PIPELINES_DIR, PROJECT_ROOT, REPORTS_DIR
 from dfd_lib.pipeline.environment import snapshot_keeping
-from dfd_lib.pipeline.parameters import ParameterError, merge_parameters, relative_to_project
-
-DEFAULT_PROFILE = "demo"
+from dfd_lib.pipeline.parameters import relative_to_project
+from dfd_lib.pipeline.preflight import check_profile
+from dfd_lib.pipeline.profiles import DEFAULT_PROFILE, declared_parameters, load_profile, merge_step_parameters
+from dfd_lib.pipeline.report import write_report as write_index
+from dfd_lib.pipeline.steps import PipelineError, Step, discover_steps, select_steps
 
 log = logging.getLogger(__name__)
-
-
-class PipelineError(RuntimeError):
-    """A pipeline that cannot start (bad profile, unknown step or parameter) or a failed step."""
-
-
-@dataclass(frozen=True)
-class Step:
-    key: str  # "01"
-    name: str  # "01_features_umap"
-    path: Path
-
-    def matches(self, token: str) -> bool:
-        token = token.strip()
-        return token in (self.key, self.name, self.name[3:], self.path.name)
 
 
 @dataclass
@@ -71,74 +59,6 @@ class PipelineResult:
         return all(s.status != "failed" for s in self.steps)
 
 
-def discover_steps(notebooks_dir: Path = NOTEBOOKS_DIR) -> list[Step]:
-    steps = [Step(p.name[:2], p.stem, p) for p in sorted(Path(notebooks_dir).glob("[0-9][0-9]_*.ipynb"))]
-    if not steps:
-        raise PipelineError(f"no numbered notebooks (NN_name.ipynb) in {notebooks_dir}")
-    return steps
-
-
-def select_steps(steps: list[Step], only: str | list[str] | None = None, start: str | None = None) -> list[Step]:
-    """``only``: comma-separated steps ("01,02" or names); ``start``: this step and all after."""
-    def find(token: str) -> int:
-        for i, step in enumerate(steps):
-            if step.matches(token):
-                return i
-        raise PipelineError(f"unknown step {token!r}; steps are {', '.join(s.name for s in steps)}")
-
-    chosen = steps
-    if start:
-        chosen = steps[find(start):]
-    if only:
-        tokens = only.split(",") if isinstance(only, str) else list(only)
-        wanted = {steps[find(t)].name for t in tokens if t.strip()}
-        chosen = [s for s in chosen if s.name in wanted]
-    if not chosen:
-        raise PipelineError("no step selected (check --only and --from)")
-    return chosen
-
-
-def load_profile(profile: str, pipelines_dir: Path = PIPELINES_DIR) -> dict:
-    path = Path(profile) if profile.endswith((".yaml", ".yml")) else Path(pipelines_dir) / f"{profile}.yaml"
-    path = resolve(path)
-    if not path.is_file():
-        known = sorted(p.stem for p in Path(pipelines_dir).glob("*.yaml"))
-        raise PipelineError(f"profile {profile!r} not found ({path}); known profiles: {', '.join(known)}")
-    data = yaml.safe_load(path.read_text()) or {}
-    unknown = set(data) - {"description", "run", "params", "steps"}
-    if unknown:
-        raise PipelineError(f"{path.name}: unknown top-level key(s) {sorted(unknown)}; use description, run, params, steps")
-    data.setdefault("params", {})
-    data.setdefault("steps", {})
-    data["path"] = str(path)
-    return data
-
-
-def declared_parameters(step: Step) -> dict:
-    import papermill
-
-    return papermill.inspect_notebook(str(step.path))
-
-
-def notebook_defaults(step: Step) -> dict:
-    """The values of ``step``'s parameters cell, as its notebook declares them."""
-    import ast
-
-    return {name: ast.literal_eval(info["default"]) for name, info in declared_parameters(step).items()}
-
-
-def step_values(profile: str, overrides: dict | None = None, only: str | None = None, start: str | None = None,
-                notebooks_dir: Path = NOTEBOOKS_DIR, pipelines_dir: Path = PIPELINES_DIR,
-                recorded: dict | None = None) -> dict[str, dict]:
-    """Every parameter value each selected step of ``profile`` will run with: its notebook's default,
-    unless the profile or an override sets it (what ``dfd check`` and ``dfd fetch-weights`` look at).
-    ``recorded``: what each step of a resumed run folder ran with (see :func:`merge_parameters`)."""
-    steps = select_steps(discover_steps(notebooks_dir), only, start)
-    declared = {s.name: declared_parameters(s) for s in discover_steps(notebooks_dir)}
-    merged = _merge(steps, load_profile(profile, pipelines_dir), overrides or {}, declared, recorded or {})
-    return {step.name: {**notebook_defaults(step), **merged[step.name]} for step in steps}
-
-
 def _describe_failure(exc: Exception) -> str:
     ename, evalue = getattr(exc, "ename", type(exc).__name__), getattr(exc, "evalue", str(exc))
     cell = getattr(exc, "exec_count", None)
@@ -148,8 +68,6 @@ def _describe_failure(exc: Exception) -> str:
 
 
 def _preflight(plan: RunPlan, only: str | None, start: str | None, notebooks_dir: Path, pipelines_dir: Path) -> None:
-    from dfd_lib.pipeline.preflight import check_profile
-
     report = check_profile(plan.profile, plan.overrides, only, start, notebooks_dir=notebooks_dir,
                            pipelines_dir=pipelines_dir, recorded=plan.recorded)
     for note in report.notes:
@@ -212,7 +130,7 @@ def run_pipeline(profile: str | None = None, only: str | None = None, start: str
     for step in steps:
         if "run_dir" not in declared[step.name]:
             raise PipelineError(f"{step.path.name} must declare run_dir in its parameters cell")
-    params = _merge(steps, plan.profile_data, plan.overrides, declared, plan.recorded)
+    params = merge_step_parameters(steps, plan.profile_data, plan.overrides, declared, plan.recorded)
     if check and not prepare_only:
         _preflight(plan, only, start, notebooks_dir, pipelines_dir)
     with _disk_errors(plan.run_dir, "starting the run"):
@@ -235,17 +153,8 @@ def run_pipeline(profile: str | None = None, only: str | None = None, start: str
     with _disk_errors(plan.run_dir, "recording the timings"):
         _write_timings(plan.run_dir, result)
     if write_report and not prepare_only:
-        from dfd_lib.pipeline.report import write_report as write_index
-
         log.info("report: %s", write_index(plan.run_dir))
     return result
-
-
-def _merge(steps, profile_data: dict, overrides: dict, declared: dict, recorded: dict) -> dict[str, dict]:
-    try:
-        return merge_parameters(steps, profile_data, overrides, declared, recorded)
-    except ParameterError as exc:
-        raise PipelineError(str(exc)) from None
 
 
 def _start_record(plan: RunPlan) -> dict:
@@ -270,9 +179,6 @@ def _execute(step: Step, step_params: dict, run_dir: Path, prepare_only: bool, k
              progress: bool) -> StepResult:
     """Run one notebook with papermill: its library messages and progress lines reach this process's
     stderr (``progress``), over an IPC kernel connection (no TCP port, no TCP warning)."""
-    import papermill
-    from traitlets.config import Config
-
     output = run_dir / runs.NOTEBOOKS_DIR / step.path.name
     log.info("[%s] %s -> %s", step.name, "preparing" if prepare_only else "running", output)
     started = time.perf_counter()
@@ -295,7 +201,7 @@ def _execute(step: Step, step_params: dict, run_dir: Path, prepare_only: bool, k
 @contextlib.contextmanager
 def _step_environment(step_name: str):
     """Tell the kernel (it inherits this environment) that it runs headless as ``step_name``, so the
-    library reports progress as log lines (:func:`dfd_lib.logs.progress_bar`)."""
+    library reports progress as log lines (:func:`dfd_lib.core.logs.progress_bar`)."""
     before = os.environ.get(PIPELINE_STEP_ENV)
     os.environ[PIPELINE_STEP_ENV] = step_name
     try:

@@ -4,8 +4,10 @@ from __future__ import annotations
 import argparse
 import logging
 
-from dfd_lib.pipeline.chain import DEFAULT_PROFILE, PipelineError, PipelineResult, run_pipeline
+from dfd_lib.pipeline.chain import PipelineResult, run_pipeline
 from dfd_lib.pipeline.parameters import ParameterError, parse_overrides
+from dfd_lib.pipeline.profiles import DEFAULT_PROFILE
+from dfd_lib.pipeline.steps import PipelineError
 
 log = logging.getLogger(__name__)
 

@@ -24,9 +24,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from safetensors.numpy import load_file
 
-from dfd_lib.paths import PROJECT_ROOT, resolve
-from dfd_lib.pipeline import runs
+from dfd_lib.core import runs
+from dfd_lib.core.paths import PROJECT_ROOT, resolve
 
 log = logging.getLogger(__name__)
 COMPARED = ("*.csv", f"{runs.TABLES_DIR}/**/*", f"{runs.AUGMENTED_DIR}/**/*", runs.UMAP_COORDS,
@@ -210,8 +211,6 @@ def _array_difference(x: np.ndarray, y: np.ndarray) -> tuple[float, str]:
 
 
 def _weights_difference(path_a: Path, path_b: Path) -> tuple[float, str]:
-    from safetensors.numpy import load_file
-
     tensors_a, tensors_b = load_file(str(path_a)), load_file(str(path_b))
     if set(tensors_a) != set(tensors_b):
         return math.inf, "different tensors"

@@ -16,7 +16,9 @@ import platform
 import subprocess
 import sys
 
-from dfd_lib.paths import PROJECT_ROOT
+import torch
+
+from dfd_lib.core.paths import PROJECT_ROOT
 
 # shown first in the report; the full list is under "pip_freeze"
 KEY_PACKAGES = ("torch", "torchvision", "timm", "diffusers", "transformers", "accelerate", "scikit-learn",
@@ -48,8 +50,6 @@ def git_state(root=PROJECT_ROOT) -> tuple[str | None, bool | None]:
 
 
 def torch_versions() -> dict:
-    import torch
-
     cuda = torch.cuda.is_available()
     cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
     devices = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else []

@@ -6,15 +6,19 @@ from __future__ import annotations
 import argparse
 import logging
 
+from huggingface_hub import constants
+
+from dfd_lib.models.backbones import hf_home
 from dfd_lib.pipeline import needs
+from dfd_lib.pipeline.parameters import ParameterError, parse_overrides
+from dfd_lib.pipeline.profiles import step_values
+from dfd_lib.pipeline.steps import PipelineError
 
 log = logging.getLogger(__name__)
 
 
 def fetch_weights(profile: str, overrides: dict | None = None) -> list[tuple[str, needs.Resolved]]:
     """``(what, resolved)`` for every weight the profile needs, fetched into the cache where needed."""
-    from dfd_lib.pipeline.chain import step_values
-
     values = step_values(profile, overrides)
     done = [(f"{b.step} backbone {b.name}", needs.resolve_backbone(b, fetch=True)) for b in needs.backbones(values)]
     done += [(f"03 Stable Diffusion ({c.task}) {c.checkpoint}", needs.resolve_diffusion(c, fetch=True))
@@ -29,12 +33,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from huggingface_hub import constants
-
-    from dfd_lib.modeling.backbones import hf_home
-    from dfd_lib.pipeline.chain import PipelineError
-    from dfd_lib.pipeline.parameters import ParameterError, parse_overrides
-
     try:
         done = fetch_weights(args.profile, parse_overrides(args.param))
     except (PipelineError, ParameterError) as exc:

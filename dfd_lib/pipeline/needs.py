@@ -5,7 +5,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dfd_lib.paths import resolve
+from huggingface_hub import constants, file_exists
+
+from dfd_lib.core.paths import resolve
+from dfd_lib.models.backbones import (
+    HUB_WEIGHT_FILES,
+    WeightsUnavailableError,
+    cached_hub_weights,
+    canonical_backbone_name,
+    hub_repo,
+    hub_weights_file,
+    packaged_source,
+)
+from dfd_lib.synth.diffusion import DiffusionUnavailableError, locate_checkpoint
 
 DEMO_DATASETS = ("demo", "demo-smoke")
 EMBED_STEP, SYNTH_STEP, TRAIN_STEP = "01_features_umap", "03_sd_augment", "04_train_moe"
@@ -92,14 +104,6 @@ def diffusion_checkpoints(values: dict[str, dict]) -> list[Diffusion]:
 def resolve_backbone(backbone: Backbone, fetch: bool = False) -> Resolved:
     """Where ``backbone``'s weights come from here, without building it. The Hugging Face cache is
     read, and written only with ``fetch`` (offline, ``HF_HUB_OFFLINE=1``, it is only read)."""
-    from dfd_lib.modeling.backbones import (
-        WeightsUnavailableError,
-        cached_hub_weights,
-        canonical_backbone_name,
-        hub_weights_file,
-        packaged_source,
-    )
-
     try:
         name = canonical_backbone_name(backbone.name)
     except ValueError as exc:
@@ -121,9 +125,6 @@ def resolve_backbone(backbone: Backbone, fetch: bool = False) -> Resolved:
 
 def _downloadable(name: str) -> Resolved | None:
     """Online, weights missing from the cache are fine when the hub has them (they download on first use)."""
-    from huggingface_hub import constants, file_exists
-
-    from dfd_lib.modeling.backbones import HUB_WEIGHT_FILES, WeightsUnavailableError, hub_repo
 
     if constants.HF_HUB_OFFLINE:
         return None
@@ -139,8 +140,6 @@ def _downloadable(name: str) -> Resolved | None:
 def resolve_diffusion(checkpoint: Diffusion, fetch: bool = False) -> Resolved:
     """A local diffusers folder or single file, or a hub id found in (or, with ``fetch``, downloaded
     into) the Hugging Face cache."""
-    from dfd_lib.synth.diffusion import DiffusionUnavailableError, locate_checkpoint
-
     try:
         return Resolved(True, locate_checkpoint(checkpoint.checkpoint, fetch=fetch))
     except DiffusionUnavailableError as exc:

@@ -16,8 +16,17 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dfd_lib.paths import REPORTS_DIR, resolve
+import pandas as pd
+import torch
+
+from dfd_lib.core.paths import REPORTS_DIR, resolve
+from dfd_lib.data.images import ImageLoadError, is_image_path, load_rgb
+from dfd_lib.data.manifest import Manifest, ManifestError
+from dfd_lib.models.experts import Expert
 from dfd_lib.pipeline import needs
+from dfd_lib.pipeline.parameters import ParameterError, parse_overrides
+from dfd_lib.pipeline.profiles import step_values
+from dfd_lib.pipeline.steps import PipelineError
 
 SAMPLE_IMAGES = 8  # images decoded per dataset
 PNG_BYTES_PER_PIXEL = 1.6  # a PNG of a photo: about half of its 3 raw bytes per pixel
@@ -40,9 +49,7 @@ class Report:
 def check_profile(profile: str, overrides: dict | None = None, only: str | None = None, start: str | None = None,
                   **dirs) -> Report:
     """Every check of the selected steps of ``profile`` with ``overrides`` (``dirs``: notebooks_dir,
-    pipelines_dir, recorded, as for :func:`dfd_lib.pipeline.chain.step_values`)."""
-    from dfd_lib.pipeline.chain import step_values
-
+    pipelines_dir, recorded, as for :func:`dfd_lib.pipeline.profiles.step_values`)."""
     values = step_values(profile, overrides, only, start, **dirs)
     report = Report()
     for dataset in needs.datasets(values):
@@ -66,8 +73,6 @@ def _record(report: Report, ok: bool, line: str) -> None:
 
 
 def _check_dataset(dataset: needs.Dataset, report: Report) -> None:
-    from dfd_lib.data.images import ImageLoadError, is_image_path, load_rgb
-
     path = resolve(dataset.path)
     if not path.exists():
         report.problems.append(f"{dataset.role} not found: {path}")
@@ -102,8 +107,6 @@ def _walk(folder: Path):
 
 
 def _competition_names(labels_csv: Path, role: str, report: Report) -> list[str]:
-    import pandas as pd
-
     if not labels_csv.is_file():
         report.problems.append(f"{role} labels not found: {labels_csv}")
         return []
@@ -122,8 +125,6 @@ def _competition_names(labels_csv: Path, role: str, report: Report) -> list[str]
 
 
 def _manifest_sample(path: Path, role: str, report: Report) -> list[Path]:
-    from dfd_lib.data.manifest import Manifest, ManifestError
-
     try:
         table = Manifest.load(path).table
     except (ManifestError, ValueError) as exc:
@@ -136,8 +137,6 @@ def _manifest_sample(path: Path, role: str, report: Report) -> list[Path]:
 
 
 def _check_device_and_memory(values: dict[str, dict], report: Report) -> None:
-    import torch
-
     params = values.get(needs.TRAIN_STEP)
     gpu = torch.cuda.is_available()
     if gpu:
@@ -171,10 +170,6 @@ def training_memory(backbone: str, params: dict, half: bool = False) -> float:
     noisy copies); ``half``: autocast keeps activations in 16 bits. Within about 15 % below the peak
     measured on a CPU at 512 px (bench/RESULTS.md). Gradient checkpointing is not modelled: with it the
     figure is an upper bound (it measured 2.5-4x lower)."""
-    import torch
-
-    from dfd_lib.modeling.experts import Expert
-
     expert = Expert(backbone, pretrained=False)
     weights = sum(p.numel() for p in expert.parameters()) * 4
     storages: dict[int, int] = {}  # one tensor is often saved by several operations: count its memory once
@@ -204,10 +199,6 @@ def _check_disk(values: dict[str, dict], report: Report) -> None:
         side = int(synth.get("sd_image_size") or 512)
         need += int(synth["images_per_family"]) * len(synth["families"]) * side * side * PNG_BYTES_PER_PIXEL
     if train:
-        import torch
-
-        from dfd_lib.modeling.experts import Expert
-
         with torch.device("meta"):
             sizes = {name: sum(p.numel() for p in Expert(name).parameters()) * 4 for name in dict.fromkeys(train["backbones"])}
         experts = max(len(train["backbones"]), int(train.get("max_experts") or 0)) + 1 + (3 if train.get("run_ablation") else 0)
@@ -232,9 +223,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dfd_lib.pipeline.chain import PipelineError
-    from dfd_lib.pipeline.parameters import ParameterError, parse_overrides
-
     try:
         report = check_profile(args.profile, parse_overrides(args.param), args.only, args.start)
     except (PipelineError, ParameterError) as exc:

@@ -1,4 +1,4 @@
-"""One page per run: ``reports/<run>/index.html`` (:data:`dfd_lib.pipeline.runs.REPORT_PAGE`).
+"""One page per run: ``reports/<run>/index.html`` (:data:`dfd_lib.core.runs.REPORT_PAGE`).
 
 It gathers what the steps left in the run folder — parameters, environment, per-step times,
 each step's key numbers (``metrics.json``), tables (``tables/NN_*.csv``) and figures
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from dfd_lib.atomic import atomic_write
-from dfd_lib.pipeline import runs
+from dfd_lib.core import runs
+from dfd_lib.core.atomic import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def _table_html(frame: pd.DataFrame, max_rows: int = 40) -> str:
 
 def notebooks_to_html(run_dir: Path) -> list[Path]:
     """Render every executed notebook of the run to HTML beside it (errors are reported, not raised)."""
-    from nbconvert import HTMLExporter
+    from nbconvert import HTMLExporter  # deferred: nbconvert takes seconds to import
 
     exporter = HTMLExporter()
     written = []

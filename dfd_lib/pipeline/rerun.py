@@ -15,11 +15,14 @@ import json
 import logging
 from pathlib import Path
 
-from dfd_lib.paths import NOTEBOOKS_DIR, PIPELINES_DIR, REPORTS_DIR, resolve
-from dfd_lib.pipeline import runs
-from dfd_lib.pipeline.chain import PipelineError, PipelineResult, discover_steps, run_pipeline
+from dfd_lib.core import runs
+from dfd_lib.core.paths import NOTEBOOKS_DIR, PIPELINES_DIR, REPORTS_DIR, resolve
+from dfd_lib.pipeline.chain import PipelineResult, run_pipeline
+from dfd_lib.pipeline.cli import print_steps
 from dfd_lib.pipeline.environment import differences, environment_snapshot
 from dfd_lib.pipeline.parameters import ParameterError, parse_overrides
+from dfd_lib.pipeline.report import write_report
+from dfd_lib.pipeline.steps import PipelineError, discover_steps
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +58,6 @@ def rerun(run_dir: str | Path, new_run: str, overrides: dict | None = None, forc
                          **{**settings, "write_report": settings.get("write_report", True) and len(steps) == 1})
     if not first.ok or len(steps) == 1:
         if not first.ok and len(steps) > 1 and settings.get("write_report", True):
-            from dfd_lib.pipeline.report import write_report
-
             write_report(first.run_dir)
         return first
     _check_inputs(recorded_environment.get("inputs", {}), first.run_dir, force)
@@ -92,8 +93,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dfd_lib.pipeline.cli import print_steps
-
     try:
         result = rerun(args.run_dir, args.run, parse_overrides(args.param), force=args.force,
                        progress=not args.quiet, check=not args.no_check)

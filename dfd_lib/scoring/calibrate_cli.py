@@ -16,9 +16,10 @@ import pandas as pd
 
 from dfd_lib.data.manifest import TEST, ManifestError
 from dfd_lib.data.readers import read_dataset
-from dfd_lib.modeling.checkpoints import PREPROCESS_MODES, CheckpointError, is_mixture_dir
-from dfd_lib.scoring.calibration import DEFAULT_TARGET_FPR, RULES, calibrate_mixture, selection_rows, summary_table
+from dfd_lib.models.checkpoints import PREPROCESS_MODES, CheckpointError, is_mixture_dir
+from dfd_lib.scoring.calibration import DEFAULT_TARGET_FPR, RULES
 from dfd_lib.scoring.default_weights import WeightsNotFound, find_weights
+from dfd_lib.scoring.mixture_calibration import calibrate_mixture, selection_rows, summary_table
 from dfd_lib.scoring.predictor import Predictor
 
 log = logging.getLogger(__name__)

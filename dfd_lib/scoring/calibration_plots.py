@@ -11,8 +11,8 @@ import numpy as np
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import roc_curve
 
+from dfd_lib.core.figures import save_figure
 from dfd_lib.data.manifest import FAKE, REAL
-from dfd_lib.figures import save_figure
 
 
 def plot_roc_with_threshold(labels, scores, calibration, path: str | Path | None = None):

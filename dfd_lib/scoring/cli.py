@@ -12,7 +12,7 @@ import dataclasses
 import logging
 from pathlib import Path
 
-from dfd_lib.modeling.checkpoints import PREPROCESS_MODES, CheckpointError
+from dfd_lib.models.checkpoints import PREPROCESS_MODES, CheckpointError
 from dfd_lib.scoring.backends import BackendUnavailable, add_backend_arguments
 from dfd_lib.scoring.calibration import resolve_threshold
 from dfd_lib.scoring.default_weights import WeightsNotFound, find_weights

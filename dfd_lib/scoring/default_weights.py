@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from dfd_lib.paths import PROJECT_ROOT, REPORTS_DIR, WEIGHTS_DIR
+from dfd_lib.core.paths import PROJECT_ROOT, REPORTS_DIR, WEIGHTS_DIR
 
 DEFAULT_WEIGHTS_DIR = WEIGHTS_DIR / "moe"
 MIXTURE_FILES = ("config.json", "weight.pth")  # ours, or the released checkpoint

@@ -25,10 +25,10 @@ from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
+from dfd_lib.core.figures import save_figure
 from dfd_lib.data.images import ImageSource, load_rgb
-from dfd_lib.figures import save_figure
-from dfd_lib.modeling.checkpoints import MixtureConfig
-from dfd_lib.modeling.experts import FAKE_CLASS, Expert, MixtureOfExperts
+from dfd_lib.models.checkpoints import MixtureConfig
+from dfd_lib.models.experts import FAKE_CLASS, Expert, MixtureOfExperts
 from dfd_lib.scoring.predictor import Predictor
 
 DEFAULT_ALPHA = 0.45  # weight of the heatmap over the image
@@ -174,7 +174,7 @@ def gradcam_overlay(
 def plot_heatmaps(predictor: Predictor, images: Sequence[ImageSource], path=None, columns: int = 4, max_side: int = 256):
     """Grad-CAM overlays of ``images`` in a grid, titled with the mixture's and each expert's
     fake probability; saved to ``path`` when given."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: pyplot is slow to import
 
     count = max(len(images), 1)
     width = min(columns, count)

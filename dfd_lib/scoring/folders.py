@@ -17,12 +17,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from dfd_lib.core.figures import save_figure
 from dfd_lib.data.manifest import FAKE, REAL, Manifest
-from dfd_lib.figures import save_figure
-from dfd_lib.modeling.metrics import binary_metrics
 from dfd_lib.scoring.calibration import VerdictThreshold
 from dfd_lib.scoring.inputs import expand_inputs, label_from_path
 from dfd_lib.scoring.predictor import Predictor
+from dfd_lib.stats.metrics import binary_metrics
 
 
 def add_verdicts(table: pd.DataFrame, threshold: float | VerdictThreshold) -> pd.DataFrame:

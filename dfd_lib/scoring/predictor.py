@@ -40,14 +40,16 @@ import numpy as np
 import pandas as pd
 import torch
 
+from dfd_lib.core.logs import progress_bar
 from dfd_lib.data.images import ImageLoadError, ImageSource
 from dfd_lib.data.preprocess import InputTransform
-from dfd_lib.logs import progress_bar
-from dfd_lib.modeling.checkpoints import PREPROCESS_MODES, MixtureConfig, load_weights
-from dfd_lib.modeling.experts import MixtureOfExperts
+from dfd_lib.models.checkpoints import PREPROCESS_MODES, MixtureConfig
+from dfd_lib.models.experts import MixtureOfExperts
+from dfd_lib.models.loading import load_weights
 from dfd_lib.scoring.backends import ConvertedMixture
 from dfd_lib.scoring.default_weights import find_weights
 from dfd_lib.scoring.file_crops import decode_rgb
+from dfd_lib.scoring.runtime import load_runtime
 
 # glibc mallopt parameters (malloc.h): the same as
 # GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=100000000000
@@ -184,8 +186,6 @@ class Predictor:
                 raise ValueError(f"threads must be >= 1, got {threads}")
             torch.set_num_threads(threads)
         if backend != "torch" or int8:
-            from dfd_lib.scoring.export import load_runtime
-
             runtime, config = load_runtime(weights_dir, backend, threads, backbones, int8, export_dir)
             predictor = cls(None, config, device or "cpu", batch_size, preprocess, bf16, channels_last, compile, runtime)
             if malloc_tuning:

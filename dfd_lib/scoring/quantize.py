@@ -20,7 +20,7 @@ import numpy as np
 
 from dfd_lib.data.images import ImageLoadError, is_image_path
 from dfd_lib.data.preprocess import InputTransform
-from dfd_lib.modeling.checkpoints import CheckpointError, MixtureConfig
+from dfd_lib.models.checkpoints import CheckpointError, MixtureConfig
 from dfd_lib.scoring.backends import require
 from dfd_lib.scoring.export import (
     Export,

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from dfd_lib.logs import progress_bar
+from dfd_lib.core.logs import progress_bar
 from dfd_lib.scoring.calibration import VerdictThreshold
 from dfd_lib.scoring.faces import FaceOptions, faces_text, summarise_faces
 from dfd_lib.scoring.file_crops import FileCrops, ScoringFiles, as_is, worker_init

@@ -12,6 +12,7 @@ import math
 import os
 from pathlib import Path
 
+import imageio_ffmpeg
 import numpy as np
 
 from dfd_lib.data.images import ImageLoadError
@@ -47,8 +48,6 @@ def sample_frames(path: str | os.PathLike, count: int = DEFAULT_FRAMES) -> list[
     """``(frame index, HxWx3 uint8 RGB)`` for ``count`` frames spread evenly over the video.
     The frame count comes from the container's duration x fps; frames are decoded in order
     and only the sampled ones are kept, so memory holds at most ``count`` frames."""
-    import imageio_ffmpeg
-
     path = Path(path)
     if not path.is_file():
         raise VideoLoadError("no such file", str(path))
@@ -88,8 +87,6 @@ def sample_frames(path: str | os.PathLike, count: int = DEFAULT_FRAMES) -> list[
 def write_video(path: str | os.PathLike, frames: list[np.ndarray], fps: float = 10.0) -> Path:
     """Write HxWx3 uint8 RGB frames as an H.264 mp4 (even sides) with imageio-ffmpeg; for
     tests, benchmarks and examples."""
-    import imageio_ffmpeg
-
     path = Path(path)
     height, width = frames[0].shape[:2]
     writer = imageio_ffmpeg.write_frames(str(path), (width, height), fps=fps, macro_block_size=2,

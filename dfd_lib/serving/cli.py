@@ -10,9 +10,10 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import uvicorn
 from fastapi import FastAPI
 
-from dfd_lib.modeling.checkpoints import PREPROCESS_MODES, CheckpointError
+from dfd_lib.models.checkpoints import PREPROCESS_MODES, CheckpointError
 from dfd_lib.scoring.backends import EXPORT_FORMAT, BackendUnavailable, add_backend_arguments
 from dfd_lib.scoring.default_weights import DEFAULT_WEIGHTS_DIR, WeightsNotFound, find_weights
 from dfd_lib.scoring.export import ensure_export
@@ -153,8 +154,6 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
 
 
 def run(args: argparse.Namespace) -> int:
-    import uvicorn
-
     token = args.token or os.environ.get(TOKEN_ENV) or None
     if args.token:
         log.warning("dfd serve: a token given with --token is visible to every user of this machine (`ps`); "

@@ -1,2 +1,3 @@
 """Made images (notebook 03): image edits, Stable Diffusion regeneration, the one fake factory that
-both the enrichment and the demo builder use, and the enrichment driver with its command."""
+both the enrichment and the demo dataset (:mod:`dfd_lib.sources.demo`) use, and the enrichment driver
+with its command."""

@@ -10,8 +10,16 @@ import argparse
 import logging
 import sys
 
-from dfd_lib import config as configs
+from accelerate import PartialState
+
+from dfd_lib.core import config as configs
+from dfd_lib.core import runs
+from dfd_lib.core.commands import run_command
+from dfd_lib.core.paths import resolve
+from dfd_lib.data.resplit_table import load_resplits
 from dfd_lib.synth.config import EnrichmentConfig
+from dfd_lib.synth.enrichment import enrich_dataset
+from dfd_lib.synth.summary import family_counts
 
 log = logging.getLogger(__name__)
 
@@ -23,12 +31,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dfd_lib.embed.resplits import load_resplits
-    from dfd_lib.paths import resolve
-    from dfd_lib.pipeline import runs
-    from dfd_lib.synth.enrichment import enrich_dataset
-    from dfd_lib.synth.summary import family_counts
-
     try:
         run_dir = runs.open_run(args.run_dir)
         config = EnrichmentConfig.from_params(vars(args))
@@ -38,7 +40,6 @@ def run(args: argparse.Namespace) -> int:
         return 2
     out = resolve(args.out_dir) if args.out_dir else run_dir.path(runs.AUGMENTED_DIR)
     rows, failures = enrich_dataset(resplits, config, out)
-    from accelerate import PartialState
 
     state = PartialState()
     if state.is_main_process:
@@ -50,6 +51,4 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    from dfd_lib.cli import main
-
-    sys.exit(main(["augment", *sys.argv[1:]]))
+    sys.exit(run_command(sys.modules[__name__], "augment", sys.argv[1:]))

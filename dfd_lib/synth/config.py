@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from dfd_lib.config import StepConfig
+from dfd_lib.core.config import StepConfig
+from dfd_lib.core.paths import resolve
 from dfd_lib.data.manifest import TRAIN, VAL
-from dfd_lib.paths import resolve
 from dfd_lib.synth.diffusion import TINY_PREFIX, is_hub_id
 from dfd_lib.synth.factory import ALL_FAMILIES, SD_FAMILIES, DiffusionSettings, check_families
 

@@ -9,6 +9,7 @@ photographs, but they pass through the very code a real checkpoint uses.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
@@ -19,7 +20,11 @@ from typing import Literal
 
 import numpy as np
 import torch
+from huggingface_hub import snapshot_download
 from PIL import Image, ImageDraw, ImageFilter
+from tokenizers.pre_tokenizers import ByteLevel
+
+from dfd_lib.core.paths import resolve
 
 Task = Literal["img2img", "inpaint"]
 TASKS: tuple[str, ...] = ("img2img", "inpaint")
@@ -77,8 +82,6 @@ def random_inpaint_mask(size: tuple[int, int], rng: np.random.Generator) -> Imag
 def _write_byte_level_tokenizer(folder: Path) -> None:
     """vocab.json + merges.txt of a CLIP BPE with no merges: every byte is a token (alone or
     word-final with ``</w>``), plus the start/end tokens CLIP expects."""
-    from tokenizers.pre_tokenizers import ByteLevel
-
     chars = sorted(ByteLevel.alphabet())  # the 256 characters byte-level BPE maps bytes to
     tokens = ["<|startoftext|>", "<|endoftext|>"] + chars + [c + "</w>" for c in chars]
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}), encoding="utf-8")
@@ -89,14 +92,14 @@ def build_tiny_pipeline(task: Task = "img2img", seed: int = 0):
     """A Stable Diffusion img2img or inpainting pipeline at toy size with random weights,
     built offline and deterministically from ``seed`` (128 px native, about 0.15 s per
     image for 4 steps on a 2-core CPU). The global torch RNG is left untouched."""
-    from diffusers import (
+    from diffusers import (  # deferred: diffusers takes seconds to import
         AutoencoderKL,
         PNDMScheduler,
         StableDiffusionImg2ImgPipeline,
         StableDiffusionInpaintPipeline,
         UNet2DConditionModel,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # deferred: transformers and diffusers are slow to import
 
     _check_task(task)
     with tempfile.TemporaryDirectory(prefix="dfd_tokenizer_") as folder:
@@ -183,8 +186,6 @@ def load_pipeline(task: Task = "img2img", path: str | os.PathLike | None = None,
 def tiny_folder(checkpoint: str | os.PathLike | None) -> Path | None:
     """The folder of a ``tiny:<folder>`` checkpoint (the tiny random-weight pipeline as a real diffusers
     folder, for runs that exercise folder loading on a CPU), written on first use; None for any other value."""
-    from dfd_lib.paths import resolve
-
     text = str(checkpoint or "")
     if not text.startswith(TINY_PREFIX):
         return None
@@ -199,8 +200,6 @@ def tiny_folder(checkpoint: str | os.PathLike | None) -> Path | None:
 def is_hub_id(checkpoint: str | os.PathLike | None) -> bool:
     """Whether ``checkpoint`` names a Hugging Face hub repo (``org/name``) rather than a local path:
     it has that shape and no such file or folder exists (relative paths count from the project root)."""
-    from dfd_lib.paths import resolve
-
     text = str(checkpoint or "")
     return bool(_HUB_ID.fullmatch(text)) and not resolve(text).exists() and not Path(text).expanduser().exists()
 
@@ -209,8 +208,6 @@ def locate_checkpoint(checkpoint: str, fetch: bool = False) -> str:
     """Where ``checkpoint`` comes from here: ``file:<path>`` for a local folder or file, or
     ``hub:<repo>@<revision>`` for a hub id found in the Hugging Face cache (with ``fetch``: downloaded
     into it first, the files a pipeline needs, as diffusers' ``DiffusionPipeline.download`` picks them)."""
-    from dfd_lib.paths import resolve
-
     folder = tiny_folder(checkpoint)
     if folder is not None:
         return f"file:{folder} (the tiny random-weight pipeline, written with save_pretrained)"
@@ -222,12 +219,10 @@ def locate_checkpoint(checkpoint: str, fetch: bool = False) -> str:
                                         "a .safetensors file, or a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5)")
     try:
         if fetch:
-            from diffusers import DiffusionPipeline
+            from diffusers import DiffusionPipeline  # deferred: transformers and diffusers are slow to import
 
             folder = Path(DiffusionPipeline.download(checkpoint))
         else:
-            from huggingface_hub import snapshot_download
-
             folder = Path(snapshot_download(checkpoint, local_files_only=True))
     except Exception as exc:  # noqa: BLE001 - not cached, no network, no such repo: all mean "cannot be had"
         raise DiffusionUnavailableError(
@@ -239,7 +234,10 @@ def locate_checkpoint(checkpoint: str, fetch: bool = False) -> str:
 
 
 def _load_hub_pipeline(task: str, repo: str, dtype: torch.dtype) -> object:
-    from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
+    from diffusers import (  # deferred: diffusers takes seconds to import
+        AutoPipelineForImage2Image,
+        AutoPipelineForInpainting,
+    )
 
     auto_class = AutoPipelineForInpainting if task == "inpaint" else AutoPipelineForImage2Image
     try:
@@ -252,7 +250,7 @@ def _load_hub_pipeline(task: str, repo: str, dtype: torch.dtype) -> object:
 
 
 def _load_local_pipeline(task: str, path: Path, dtype: torch.dtype, single_file_config) -> object:
-    from diffusers import (
+    from diffusers import (  # deferred: diffusers takes seconds to import
         AutoPipelineForImage2Image,
         AutoPipelineForInpainting,
         StableDiffusionImg2ImgPipeline,
@@ -356,6 +354,4 @@ def generate(pipe, images: list[Image.Image], prompts: list[str], seeds: list[in
 
 
 def _call_parameters(pipe) -> set[str]:
-    import inspect
-
     return set(inspect.signature(pipe.__call__).parameters)

@@ -175,7 +175,7 @@ def detect_face_box(image: Image.Image) -> Box | None:
     global _MTCNN
     try:
         if _MTCNN is None:
-            from facenet_pytorch import MTCNN
+            from facenet_pytorch import MTCNN  # deferred: optional package, used when installed
 
             _MTCNN = MTCNN(keep_all=True, device="cpu")
         boxes, probs = _MTCNN.detect(_rgb(image))

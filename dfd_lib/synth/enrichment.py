@@ -2,7 +2,7 @@
 
 :func:`enrich_dataset` runs the work list of :mod:`dfd_lib.synth.plan` through the one fake
 factory (:mod:`dfd_lib.synth.factory`) and returns one manifest row per written image. Each new
-image inherits its source's ``group``, ``split`` and ``cluster``; :func:`dfd_lib.embed.resplits.attach_to_resplits`
+image inherits its source's ``group``, ``split`` and ``cluster``; :func:`dfd_lib.data.resplit_table.attach_to_resplits`
 then puts it on its source's side of every re-split.
 
 Output goes to ``out_dir/<family>/<id>.png`` with a ``<id>.json`` sidecar holding its row:
@@ -21,13 +21,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object
 from PIL import Image
 
-from dfd_lib.atomic import atomic_write
+from dfd_lib.core.atomic import atomic_write
+from dfd_lib.core.faults import crash_point
+from dfd_lib.core.logs import progress_bar
 from dfd_lib.data.images import ImageLoadError, load_rgb
 from dfd_lib.data.manifest import COLUMNS, FAKE, Manifest, file_sha1
-from dfd_lib.faults import crash_point
-from dfd_lib.logs import progress_bar
 from dfd_lib.synth import diffusion, factory
 from dfd_lib.synth.config import EnrichmentConfig
 from dfd_lib.synth.plan import MASK_COLUMN, Job, is_missing, plan_jobs, text_or_none
@@ -46,8 +48,6 @@ def enrich_dataset(table: pd.DataFrame, config: EnrichmentConfig, out_dir: str |
     for this plan (made now or by an earlier run), with the extra columns ``parent``,
     ``seed`` and ``params`` (JSON); and one row per image that failed, with its reason.
     """
-    from accelerate import PartialState
-
     missing = [c for c in ("path", "label") if c not in table.columns]
     if missing:
         raise ValueError(f"source table lacks column(s) {missing}")
@@ -67,8 +67,6 @@ def enrich_dataset(table: pd.DataFrame, config: EnrichmentConfig, out_dir: str |
     finally:
         torch.set_num_threads(threads)
     if state.num_processes > 1:
-        from accelerate.utils import gather_object
-
         rows, failures = gather_object(rows), gather_object(failures)
     new_rows = pd.DataFrame(rows, columns=ROW_COLUMNS).sort_values("path", kind="stable").reset_index(drop=True)
     return new_rows, pd.DataFrame(failures, columns=FAILURE_COLUMNS)

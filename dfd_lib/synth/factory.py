@@ -1,5 +1,5 @@
 """The one fake factory: every family of made images, used by notebook 03's enrichment
-(:mod:`dfd_lib.synth.enrichment`) and by the demo dataset builder (:mod:`dfd_lib.data.demo`).
+(:mod:`dfd_lib.synth.enrichment`) and by the demo dataset builder (:mod:`dfd_lib.sources.demo`).
 
 A family is an edit of :mod:`dfd_lib.synth.edits` (``splice``, ``colour_background``,
 ``resample``, ``self_blend``), a Stable Diffusion regeneration of :mod:`dfd_lib.synth.diffusion`

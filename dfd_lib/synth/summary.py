@@ -7,8 +7,10 @@ import os
 import numpy as np
 import pandas as pd
 
+from dfd_lib.core.figures import save_figure
+from dfd_lib.data.images import try_load_rgb
 from dfd_lib.data.manifest import CLASS_NAMES, TRAIN, VAL
-from dfd_lib.embed.resplits import resplit_columns
+from dfd_lib.data.resplit_table import resplit_columns
 
 
 def family_counts(rows: pd.DataFrame, failures: pd.DataFrame | None = None) -> pd.DataFrame:
@@ -35,10 +37,7 @@ def resplit_side_counts(table: pd.DataFrame) -> pd.DataFrame:
 def plot_enrichment_grid(rows: pd.DataFrame, path: str | os.PathLike | None = None, per_family: int = 2):
     """One row per family: ``per_family`` examples, each as source | augmented image |
     absolute difference (bright = changed). Saved to ``path`` when given; returns the figure."""
-    import matplotlib.pyplot as plt
-
-    from dfd_lib.data.images import try_load_rgb
-    from dfd_lib.figures import save_figure
+    import matplotlib.pyplot as plt  # deferred: pyplot is slow to import
 
     families = sorted(rows["family"].unique()) if len(rows) else []
     if not families:

@@ -1,0 +1,168 @@
+"""The run directory: where one pipeline run keeps everything it makes.
+
+Steps hand data to each other only through files here. The names of those files are
+defined once, below, so notebooks, the pipeline and the report agree on them.
+
+```
+reports/<run>/
+  params.json, environment.json      written by the pipeline (and timings.json, index.html)
+  notebooks/NN_name.ipynb (.html)    executed copies
+  manifest.csv                       01: the dataset of this run (split: train / val / test)
+  embeddings/, umap.npy              01: cached embeddings (embeddings/run.json: the entry the map used), their 2-D map
+  resplits.csv                       02: manifest + cluster + resplit_<i> columns
+  augmented/, augmented_manifest.csv 03: generated images and their rows
+  experts/, weights/moe/             04: every training (expert_<i>/, official_split/, launch/), the mixture (our format)
+  figures/*.png                      every figure, also shown in the notebooks
+  metrics.json                       every step's key numbers, by step
+```
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from dfd_lib.core.atomic import atomic_write
+from dfd_lib.core.logs import setup_logging
+from dfd_lib.core.paths import REPORTS_DIR, resolve
+
+PARAMS = "params.json"
+ENVIRONMENT = "environment.json"
+TIMINGS = "timings.json"
+REPORT_PAGE = "index.html"
+MANIFEST = "manifest.csv"
+EMBEDDINGS_DIR = "embeddings"
+EMBEDDINGS_INDEX = "embeddings/run.json"
+UMAP_COORDS = "umap.npy"
+RESPLITS = "resplits.csv"
+AUGMENTED_DIR = "augmented"
+AUGMENTED_MANIFEST = "augmented_manifest.csv"
+MOE_WEIGHTS = "weights/moe"
+EXPERTS_DIR = "experts"
+FIGURES_DIR = "figures"
+METRICS = "metrics.json"
+TABLES_DIR = "tables"
+NOTEBOOKS_DIR = "notebooks"
+
+
+def read_params(run_dir: str | os.PathLike) -> dict:
+    """The run's record (``params.json``: profile, overrides, each step's values), ``{}`` when it never ran."""
+    path = Path(run_dir) / PARAMS
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def write_params(run_dir: str | os.PathLike, record: dict) -> Path:
+    path = Path(run_dir) / PARAMS
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(record, indent=2, default=str)))
+    return path
+
+
+# what a killed process leaves behind: atomic_write's temporary files, the embedding cache's partial array
+TEMPORARY_PATTERNS = (".*.tmp", "*.partial.npy")
+
+
+def remove_temporaries(run_dir: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files a killed run left in ``run_dir`` (never read: a file becomes an
+    artefact only by its final rename), so a resumed run starts clean; the paths deleted."""
+    found = [p for pattern in TEMPORARY_PATTERNS for p in Path(run_dir).rglob(pattern) if p.is_file()]
+    for path in found:
+        path.unlink(missing_ok=True)
+    return found
+
+
+class MissingArtefactError(FileNotFoundError):
+    """A step needs a file an earlier step writes; the message says which step."""
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """A run folder with helpers for the files the steps exchange."""
+
+    root: Path
+
+    def path(self, name: str) -> Path:
+        return self.root / name
+
+    def require(self, name: str, made_by: str) -> Path:
+        """The path of an artefact of an earlier step, or a clear error naming that step."""
+        path = self.path(name)
+        if not path.exists():
+            raise MissingArtefactError(
+                f"{path} is missing: run step {made_by} first (dfd pipeline --run {self.root.name} --only {made_by[:2]})"
+            )
+        return path
+
+    def figure(self, name: str) -> Path:
+        path = self.root / FIGURES_DIR / (name if name.endswith(".png") else f"{name}.png")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def table(self, name: str) -> Path:
+        path = self.root / TABLES_DIR / (name if name.endswith(".csv") else f"{name}.csv")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def save_table(self, frame: pd.DataFrame, name: str, index: bool = True) -> Path:
+        path = self.table(name)
+        frame.to_csv(path, index=index)
+        return path
+
+    def record_metrics(self, step: str, values: dict) -> dict:
+        """Merge ``values`` into ``metrics.json`` under ``step`` (atomic write); returns all metrics."""
+        path = self.root / METRICS
+        metrics = json.loads(path.read_text()) if path.is_file() else {}
+        metrics.setdefault(step, {}).update(_jsonable(values))
+        atomic_write(path, lambda tmp: tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True)))
+        return metrics
+
+    def record_weights(self, step: str, sources: dict[str, str]) -> dict:
+        """Merge where each model's starting weights came from (``name -> file:/package:/hub:/random``,
+        see :mod:`dfd_lib.models.backbones`) into ``environment.json`` under ``weights`` / ``step``."""
+        path = self.root / ENVIRONMENT
+        environment = json.loads(path.read_text()) if path.is_file() else {}
+        environment.setdefault("weights", {}).setdefault(step, {}).update({str(k): str(v) for k, v in sources.items()})
+        atomic_write(path, lambda tmp: tmp.write_text(json.dumps(environment, indent=2)))
+        return environment["weights"]
+
+    def record_input(self, name: str, digest: str) -> dict:
+        """Merge the content digest of an input dataset (:func:`dfd_lib.data.manifest.content_digest`)
+        into ``environment.json`` under ``inputs``: what ``dfd rerun`` checks a rerun reads again."""
+        path = self.root / ENVIRONMENT
+        environment = json.loads(path.read_text()) if path.is_file() else {}
+        environment.setdefault("inputs", {})[str(name)] = digest
+        atomic_write(path, lambda tmp: tmp.write_text(json.dumps(environment, indent=2)))
+        return environment["inputs"]
+
+    def metrics(self) -> dict:
+        path = self.root / METRICS
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, pd.DataFrame):
+        return json.loads(value.to_json(orient="split"))
+    if hasattr(value, "item") and callable(value.item):
+        try:
+            return value.item()
+        except (TypeError, ValueError):
+            pass
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def open_run(run_dir: str | os.PathLike = "", default_name: str = "interactive") -> RunDir:
+    """The run folder ``run_dir`` (relative paths are under the project root), or
+    ``reports/<default_name>`` when it is empty, as when a notebook is opened by hand. Every
+    notebook starts here, so this also shows the library's messages (:func:`dfd_lib.core.logs.setup_logging`)."""
+    setup_logging()
+    root = resolve(run_dir) if str(run_dir) else REPORTS_DIR / default_name
+    root.mkdir(parents=True, exist_ok=True)
+    return RunDir(root.resolve())

@@ -1,0 +1,110 @@
+"""Notebook 04's loss ablation: one expert trained again with CE only, CE + NCE, CE + KL and all
+three, and its table on the test split."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from dfd_lib.evaluation.comparison import metric_columns, metrics_row, score_experts
+from dfd_lib.stats.bootstrap import BootstrapConfig
+from dfd_lib.training.losses import LOSS_NAMES, LossConfig
+from dfd_lib.training.mixture_training import MixtureTrainResult, train_on_resplit
+from dfd_lib.training.train_config import TrainConfig
+from dfd_lib.training.trainer import TrainResult
+
+ALL_LOSSES = "CE + NCE + KL"
+ABLATION_VARIANTS: dict[str, tuple[str, ...]] = {  # variant -> the losses it switches on
+    "CE only": ("ce",),
+    "CE + NCE": ("ce", "nce"),
+    "CE + KL": ("ce", "kl"),
+    ALL_LOSSES: ("ce", "nce", "kl"),
+}
+
+
+@dataclass
+class AblationResult:
+    resplit: int
+    results: dict[str, TrainResult]  # variant -> its training
+    reused: str | None  # the variant taken from the experts' training instead of trained again
+    seconds: float  # training time of the variants trained here
+
+    def weights(self) -> dict[str, Path]:
+        return {name: result.best_weights for name, result in self.results.items()}
+
+
+def ablation_config(config: TrainConfig, losses: Sequence[str], max_steps_per_epoch: int = 0) -> TrainConfig:
+    """``config`` with only ``losses`` switched on (at their configured weight, or the default
+    weight where ``config`` has them off) and, if > 0, a cap on the steps per epoch."""
+    defaults = LossConfig()
+    weights = {f"{name}_weight": (getattr(config.loss, f"{name}_weight") or getattr(defaults, f"{name}_weight"))
+               if name in losses else 0.0 for name in LOSS_NAMES}
+    steps = config.max_steps_per_epoch  # 0 = whole epochs
+    if max_steps_per_epoch > 0:
+        steps = min(max_steps_per_epoch, steps) if steps else max_steps_per_epoch
+    return dataclasses.replace(config, loss=dataclasses.replace(config.loss, **weights), max_steps_per_epoch=steps)
+
+
+def loss_ablation(
+    trainval: pd.DataFrame,
+    experts: MixtureTrainResult,
+    out_dir: str | os.PathLike,
+    resplit: int | None = None,
+    max_steps_per_epoch: int = 0,
+    resume: bool = True,
+    enabled: bool = True,
+) -> AblationResult:
+    """The expert of re-split ``resplit`` (default: the first trained) again with each loss
+    combination of :data:`ABLATION_VARIANTS`, its own config otherwise. The experts' run of
+    that re-split is reused for the all-three variant when it is that variant, i.e. when
+    ``max_steps_per_epoch`` does not shorten the ablation; otherwise all four are trained at
+    the same budget. ``enabled=False`` trains nothing and returns an empty result."""
+    resplits = [int(i) for i in experts.summary["resplit"]]
+    resplit = resplits[0] if resplit is None else int(resplit)
+    if resplit not in resplits:
+        raise ValueError(f"re-split {resplit} has no expert; the experts cover re-splits {resplits}")
+    if not enabled:
+        return AblationResult(resplit=resplit, results={}, reused=None, seconds=0.0)
+    own = experts.experts[resplits.index(resplit)]
+    out_dir = Path(out_dir)
+    results: dict[str, TrainResult] = {}
+    reused = None
+    started = time.perf_counter()
+    for name, losses in ABLATION_VARIANTS.items():
+        variant = ablation_config(own.config, losses, max_steps_per_epoch)
+        if own.config == variant:
+            results[name], reused = own, name
+            continue
+        slug = "_".join(losses)
+        results[name] = train_on_resplit(trainval, resplit, variant, out_dir / f"ablation_{resplit}_{slug}", resume=resume)
+    return AblationResult(resplit=resplit, results=results, reused=reused, seconds=time.perf_counter() - started)
+
+
+def ablation_table(ablation: AblationResult, test: pd.DataFrame, batch_size: int = 64, device: str | None = None,
+                   progress: bool = True, bootstrap: BootstrapConfig | None = None) -> pd.DataFrame:
+    """Each loss combination of the ablation: its weights, optimiser steps, validation AUC on
+    the held-out cluster and its metrics on the test split with their ``bootstrap`` intervals
+    (empty when the ablation did not run)."""
+    columns = ["ce_weight", "nce_weight", "kl_weight", "epochs", "steps", "val_auc", *metric_columns(), "train_seconds", "reused"]
+    if not ablation.results:
+        return pd.DataFrame(columns=columns).rename_axis("losses")
+    scores = score_experts(ablation.weights(), test, batch_size=batch_size, device=device, progress=progress)
+    readable = scores.notna().all(axis=1).to_numpy()
+    labels = test["label"].to_numpy().astype(int)[readable]
+    rows = {}
+    for name, result in ablation.results.items():
+        loss, history = result.config.loss, result.history
+        steps_per_epoch = int(np.ceil(history["train_images"] / result.config.batch_size).max()) if len(history) else 0
+        rows[name] = {"ce_weight": loss.ce_weight, "nce_weight": loss.nce_weight, "kl_weight": loss.kl_weight,
+                      "epochs": result.config.epochs, "steps": steps_per_epoch * result.config.epochs,
+                      "val_auc": result.best_val_auc, **metrics_row(labels, scores.loc[readable, name].to_numpy(), bootstrap),
+                      "train_seconds": float(history["train_seconds"].sum()) if len(history) else math.nan,
+                      "reused": name == ablation.reused}
+    return pd.DataFrame.from_dict(rows, orient="index")[columns].rename_axis("losses")

@@ -1,0 +1,270 @@
+"""Notebook 04's comparison, after the authors' motivation figure: (a) one model trained and
+selected on the official split, (b) one expert per cluster re-split, (c) their mixture, all
+scored on the cross-domain test split (the loss ablation is :mod:`dfd_lib.evaluation.ablation`, the
+robustness :mod:`dfd_lib.evaluation.robustness`).
+
+Every model here sees the same images (the train/val rows of the manifest plus the augmented
+rows of notebook 03) with the same losses and schedule: the official-split model differs
+from the experts only in how its images are split into training and validation, which is the
+variable the authors' figure is about. The mixture's score is the mean of its experts'
+softmax fake-probabilities, exactly what :class:`dfd_lib.models.experts.MixtureOfExperts` computes,
+so it is taken from the experts' scores without a second pass over the images.
+
+Every test-split figure comes with its stratified bootstrap interval (:mod:`dfd_lib.stats.bootstrap`):
+``test_auc_lo`` / ``test_auc_hi`` beside ``test_auc``, and so on for AP, EER and the TPR at an FPR of
+1 % and 0.1 % (whose thresholds are columns too).
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from dfd_lib.data.manifest import TRAIN, VAL
+from dfd_lib.data.resplit_table import resplit_column
+from dfd_lib.evaluation.robustness import RobustnessResult
+from dfd_lib.models.checkpoints import load_expert, mixture_from_experts
+from dfd_lib.scoring.predictor import Predictor
+from dfd_lib.stats.bootstrap import INTERVAL_METRICS, BootstrapConfig, intervals
+from dfd_lib.stats.group_metrics import per_group_metrics
+from dfd_lib.stats.metrics import LOW_FPRS, binary_metrics, threshold_key, tpr_key
+from dfd_lib.training.mixture_training import MixtureTrainResult
+from dfd_lib.training.train_config import TrainConfig
+from dfd_lib.training.trainer import TrainResult, train_expert
+from dfd_lib.training.training_data import TrainingData
+
+# The authors' AUCs on their cross-domain test (docs/method.md): their data, not ours.
+AUTHORS_AUC = {"official split": 0.877, "cluster expert (best two)": (0.968, 0.964), "mixture of experts": 0.980}
+OFFICIAL, EXPERT, MIXTURE = "official split", "cluster expert", "mixture"
+METRICS = ("auc", "ap", "eer", *(tpr_key(max_fpr) for max_fpr in LOW_FPRS), "acc_at_0.5", "acc_at_eer")
+THRESHOLDS = tuple(threshold_key(max_fpr) for max_fpr in LOW_FPRS)
+NO_INTERVALS = BootstrapConfig(bootstrap_resamples=0)
+
+
+def train_official_split(trainval: pd.DataFrame, config: TrainConfig, out_dir: str | os.PathLike, resume: bool = True) -> TrainResult:
+    """Model (a): trained on the rows whose official ``split`` is ``train``, its best epoch
+    chosen on those whose ``split`` is ``val`` — the selection the authors started from."""
+    sides = trainval["split"].astype(str)
+    return train_expert(trainval[sides == TRAIN], trainval[sides == VAL], config, out_dir, resume=resume)
+
+
+def score_experts(
+    weights: Mapping[str, str | os.PathLike],
+    table: pd.DataFrame,
+    batch_size: int = 64,
+    device: str | None = None,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Fake-probabilities of each expert (``name -> best_ema.safetensors``) on the images of
+    ``table``: one column per name, aligned with ``table``'s rows (NaN where an image cannot
+    be read). Experts that share their preprocessing run together, so each image is decoded
+    once, through the :class:`dfd_lib.scoring.predictor.Predictor` that ``dfd predict`` uses."""
+    if not weights:
+        raise ValueError("no experts to score")
+    by_preprocessing: dict[tuple, list[str]] = {}
+    for name, path in weights.items():
+        meta = load_expert(path)[1]
+        key = (meta["image_size"], tuple(meta["mean"]), tuple(meta["std"]))
+        by_preprocessing.setdefault(key, []).append(name)
+    scores = pd.DataFrame(index=table.index, columns=list(weights), dtype=float)
+    paths = [str(p) for p in table["path"]]
+    for names in by_preprocessing.values():
+        model, config = mixture_from_experts([weights[name] for name in names])
+        predictor = Predictor(model, config, device=device, batch_size=batch_size)
+        predictions = predictor.predict(paths, progress=progress)
+        probs = np.array([p.expert_probs if p.ok else [math.nan] * len(names) for p in predictions], dtype=np.float64)
+        for j, name in enumerate(names):
+            scores[name] = probs[:, j]
+    return scores
+
+
+def metric_columns(prefix: str = "test_") -> list[str]:
+    """The columns :func:`metrics_row` writes, in order: each metric, then its interval if it has one, then the thresholds."""
+    columns = []
+    for k in METRICS:
+        columns += [k, f"{k}_lo", f"{k}_hi"] if k in INTERVAL_METRICS else [k]
+    return [f"{prefix}{k}" for k in [*columns, *THRESHOLDS]]
+
+
+def metrics_row(labels: np.ndarray, scores: np.ndarray, bootstrap: BootstrapConfig | None = None, prefix: str = "test_") -> dict:
+    """:func:`~dfd_lib.stats.metrics.binary_metrics` and, with ``bootstrap``, its intervals (NaN
+    without), as the columns of :func:`metric_columns`."""
+    values = {**binary_metrics(labels, scores), **intervals(labels, scores, bootstrap or NO_INTERVALS)}
+    return {column: values[column[len(prefix):]] for column in metric_columns(prefix)}
+
+
+@dataclass
+class Headline:
+    """The headline comparison on the test split."""
+
+    table: pd.DataFrame  # one row per model: role, validation AUC (its selection set), test AUC, AP, EER, accuracies
+    scores: pd.DataFrame  # one column of fake-probabilities per model, rows of the test table that could be read
+    rows: pd.DataFrame  # those test rows, aligned with ``scores``
+    unreadable: int  # test images that could not be scored (left out of every metric)
+    seconds: float
+    weights: dict[str, Path] = field(default_factory=dict)  # model -> its weights file (the mixture has none)
+
+    def curves(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """``name -> (labels, scores)`` for :func:`dfd_lib.stats.roc_plot.plot_roc_curves`."""
+        return {name: (self.labels, self.scores[name].to_numpy()) for name in self.scores.columns}
+
+    @property
+    def main_models(self) -> list[str]:
+        """The official-split model and the mixture: the two curves the comparison is about."""
+        return list(self.table.index[self.table["role"].isin([OFFICIAL, MIXTURE])])
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.rows["label"].to_numpy().astype(int)
+
+
+def expert_names(experts: MixtureTrainResult) -> list[str]:
+    return [f"expert {i} (cluster {i} held out)" for i in experts.summary["resplit"]]
+
+
+def headline_comparison(
+    test: pd.DataFrame,
+    official: TrainResult,
+    experts: MixtureTrainResult,
+    batch_size: int = 64,
+    device: str | None = None,
+    progress: bool = True,
+    bootstrap: BootstrapConfig | None = None,
+) -> Headline:
+    """Score (a) the official-split model, (b) every expert and (c) their mixture on ``test``,
+    each figure with its ``bootstrap`` interval."""
+    started = time.perf_counter()
+    names = expert_names(experts)
+    weights = {OFFICIAL: official.best_weights, **{n: r.best_weights for n, r in zip(names, experts.experts)}}
+    scores = score_experts(weights, test, batch_size=batch_size, device=device, progress=progress)
+    mixture_name = f"mixture of {len(names)} experts"
+    scores[mixture_name] = scores[names].mean(axis=1)  # MixtureOfExperts: mean of the softmax fake-probabilities
+    readable = scores.notna().all(axis=1).to_numpy()
+    scores = scores[readable].reset_index(drop=True)
+    rows_scored = test[readable].reset_index(drop=True)
+    labels = rows_scored["label"].to_numpy().astype(int)
+    rows = []
+    trainings = [(OFFICIAL, OFFICIAL, "official val", official)]
+    trainings += [(n, EXPERT, f"held-out cluster {i}", r) for n, i, r in zip(names, experts.summary["resplit"], experts.experts)]
+    for name, role, val_set, result in trainings:
+        rows.append({"model": name, "role": role, "backbone": result.config.backbone, "validated on": val_set,
+                     "val_auc": result.best_val_auc, "best_epoch": result.best_epoch + 1,
+                     **metrics_row(labels, scores[name].to_numpy(), bootstrap)})
+    rows.append({"model": mixture_name, "role": MIXTURE, "backbone": "+".join(sorted(set(experts.summary["backbone"]))),
+                 "validated on": "—", "val_auc": math.nan, "best_epoch": math.nan,
+                 **metrics_row(labels, scores[mixture_name].to_numpy(), bootstrap)})
+    table = pd.DataFrame(rows).set_index("model")
+    table["n_test"] = int(readable.sum())
+    return Headline(table=table, scores=scores, rows=rows_scored, unreadable=int((~readable).sum()),
+                    seconds=time.perf_counter() - started, weights={name: Path(path) for name, path in weights.items()})
+
+
+def per_group_table(headline: Headline, by: str = "family", bootstrap: BootstrapConfig | None = None) -> pd.DataFrame:
+    """Every model's test metrics per value of ``by`` in the test rows, one row per (group, model)
+    (a fake family is scored against all the reals: :func:`dfd_lib.stats.group_metrics.per_group_metrics`),
+    with the group's image count and its intervals; a group of reals alone has no AUC and no row."""
+    rows = headline.rows
+    if by not in rows.columns:
+        raise ValueError(f"the test table has no column {by!r}")
+    images = rows.groupby(by).size()
+    classes = rows.groupby(by)["label"].agg(lambda s: "+".join(sorted({"real" if v == 0 else "fake" for v in s})))
+    parts = []
+    for name in headline.scores.columns:
+        table = per_group_metrics(rows, headline.scores[name].to_numpy(), by=by, bootstrap=bootstrap or NO_INTERVALS)
+        table = table[table[by].map(classes).fillna("real+fake") != "real"]
+        parts.append(pd.DataFrame({by: table[by], "model": name,
+                                   "images": table[by].map(images).fillna(len(rows)).astype(int).to_numpy(),
+                                   "classes": table[by].map(classes).fillna("real+fake").to_numpy(),
+                                   **{c: table[c[len("test_"):]].to_numpy() for c in metric_columns()}}))
+    result = pd.concat(parts, ignore_index=True)
+    position = {group: i for i, group in enumerate(parts[0][by])}  # groups in per_group_metrics' order, "(all)" last
+    result = result.iloc[np.argsort(result[by].map(position).to_numpy(), kind="stable")]
+    return result.set_index([by, "model"])
+
+
+PER_CLUSTER_TEST_COLUMNS = {"test AUC": "auc", "test AUC low": "auc_lo", "test AUC high": "auc_hi",
+                            **{f"test TPR@{m * 100:g}% FPR": tpr_key(m) for m in LOW_FPRS}}
+
+
+def per_cluster_table(data: TrainingData, experts: MixtureTrainResult, headline: Headline) -> pd.DataFrame:
+    """Per re-split: its held-out cluster (images, reals, fakes), its expert's AUC there
+    (the best validation epoch) and on the cross-domain test. The test split has no clusters
+    (it was never clustered), so it appears as one column."""
+    names = expert_names(experts)
+    rows = []
+    for name, i, result in zip(names, experts.summary["resplit"], experts.experts):
+        side = data.trainval[resplit_column(i)]
+        val, train = data.trainval[side == VAL], data.trainval[side == TRAIN]
+        families = val[val["label"] == 1]["family"].value_counts()
+        rows.append({"resplit": int(i), "held-out cluster": int(i), "train images": len(train), "val images": len(val),
+                     "val real": int((val["label"] == 0).sum()), "val fake": int((val["label"] == 1).sum()),
+                     "val fake families": ", ".join(f"{f} {n}" for f, n in families.items()),
+                     "held-out AUC": result.best_val_auc,
+                     **{column: headline.table.loc[name, f"test_{key}"] for column, key in PER_CLUSTER_TEST_COLUMNS.items()}})
+    return pd.DataFrame(rows).set_index("resplit")
+
+
+def weights_sources(official: TrainResult, experts: MixtureTrainResult) -> dict[str, str]:
+    """Where each trained model's backbone started from (``file:``, ``package:``, ``hub:<repo>@<revision>``)."""
+    names = [OFFICIAL, *expert_names(experts)]
+    return {name: result.weights_source for name, result in zip(names, [official, *experts.experts])}
+
+
+def summary_metrics(
+    headline: Headline,
+    official: TrainResult,
+    experts: MixtureTrainResult,
+    ablation: pd.DataFrame | None = None,
+    robustness: RobustnessResult | None = None,
+    ladder=None,
+) -> dict:
+    """The key numbers of notebook 04 for ``run.record_metrics``; ``ladder`` is a
+    :class:`dfd_lib.evaluation.ladder_results.Ladder`."""
+    table = headline.table
+    values = {
+        "test_auc": table["test_auc"].round(4).to_dict(),
+        "test_auc_interval": {name: [round(r.test_auc_lo, 4), round(r.test_auc_hi, 4)] for name, r in
+                              zip(table.index, table[["test_auc_lo", "test_auc_hi"]].itertuples())},
+        **{f"test_{tpr_key(m)}": table[f"test_{tpr_key(m)}"].round(4).to_dict() for m in LOW_FPRS},
+        "official_split_test_auc": float(table.loc[table["role"] == OFFICIAL, "test_auc"].iloc[0]),
+        "expert_test_auc": table.loc[table["role"] == EXPERT, "test_auc"].round(4).tolist(),
+        "mixture_test_auc": float(table.loc[table["role"] == MIXTURE, "test_auc"].iloc[0]),
+        "official_split_val_auc": official.best_val_auc,
+        "expert_val_auc": [float(r.best_val_auc) for r in experts.experts],
+        "n_test": int(table["n_test"].iloc[0]),
+        "seconds": {"official_split": official.seconds, "experts": experts.seconds,
+                    "per_expert": [float(r.seconds) for r in experts.experts], "scoring": headline.seconds},
+        "authors_auc_their_data": AUTHORS_AUC,
+        "train_images_per_s": float(np.nanmean([r.history["images_per_s"].mean() for r in [official, *experts.experts]])),
+    }
+    if ablation is not None and len(ablation):
+        values["ablation_test_auc"] = ablation["test_auc"].round(4).to_dict()
+        values["ablation_val_auc"] = ablation["val_auc"].round(4).to_dict()
+        values["seconds"]["ablation"] = float(ablation.loc[~ablation["reused"], "train_seconds"].sum())
+    if robustness is not None and len(robustness.table):
+        rob = robustness.table
+        values["robustness_auc"] = {"none" if r.perturbation == "none" else f"{r.perturbation} {r.level:g}": r.auc
+                                    for r in rob.itertuples()}
+        values["seconds"]["robustness"] = robustness.seconds
+    if ladder is not None and len(ladder.table):
+        values["ladder"] = ladder_summary(ladder.table)
+        values["seconds"]["ladder"] = {"training": ladder.training_seconds, "scoring": ladder.seconds}
+    return values
+
+
+def ladder_summary(table: pd.DataFrame) -> dict:
+    """``"<rung> <model>" -> {metric: value, its interval, seed mean and sd, verdict, from}`` for ``metrics.json``."""
+    keys = [c for c in table.columns if c.startswith("test_") or c.startswith("delta_")]
+    return {f"{rung} {row['model']}": {**{k.removeprefix("test_"): _rounded(row[k]) for k in keys},
+                                       "verdict": row["verdict"], "from": row["from"], "n_seeds": int(row["n_seeds"])}
+            for rung, row in table.iterrows()}
+
+
+def _rounded(value) -> float:
+    return round(float(value), 4) if np.isfinite(value) else math.nan

@@ -1,0 +1,209 @@
+"""The component ladder: what each ingredient of the method adds, one rung per ingredient, all on
+the same cross-domain test split and at the same training budget (the experts' schedule).
+
+1. official split, no enrichment, CE only: the naive baseline;
+2. + the enrichment of notebook 03 (its images in training and validation);
+3. + selection on a held-out cluster: one cluster expert instead of the official-split model;
+4. + the NCE and KL losses: that expert as the method trains it;
+5. + the mixture of the K cluster experts.
+
+No model is trained twice: a rung takes a training the run already has when one exists with the
+same training rows and the same settings (rung 3 is the loss ablation's CE-only run of the same
+re-split when the ablation ran at the experts' schedule, rung 4 that re-split's expert, rung 5 the
+mixture); only what is missing (at least rungs 1 and 2) is trained here, in ``out_dir``. With
+``seeds`` > 1 every rung is trained again with the seeds after the run's (the mixture's K experts
+included), and the spread across seeds is reported beside the bootstrap interval: the interval is
+the test split's sampling noise for the run's own models, the spread the training's randomness.
+Scoring and the figure are :mod:`dfd_lib.evaluation.ladder_results`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from dfd_lib.data.resplit_table import resplit_column
+from dfd_lib.evaluation.ablation import AblationResult, ablation_config
+from dfd_lib.evaluation.comparison import expert_names, train_official_split
+from dfd_lib.training.losses import LOSS_NAMES
+from dfd_lib.training.mixture_training import MixtureTrainResult, train_on_resplit
+from dfd_lib.training.train_config import TrainConfig
+from dfd_lib.training.trainer import TrainResult
+from dfd_lib.training.training_data import TrainingData
+
+OFFICIAL_ROWS = "official"
+
+
+@dataclass(frozen=True)
+class Rung:
+    number: int
+    name: str  # what the model of this rung is, cumulatively
+    adds: str  # what it adds over the rung below
+
+
+RUNGS = (
+    Rung(1, "official split, CE only, no enrichment", "the naive baseline"),
+    Rung(2, "+ enrichment", "notebook 03's edited and generated images in training and validation"),
+    Rung(3, "+ held-out-cluster selection", "one cluster expert: trained without its cluster, its epoch chosen on it"),
+    Rung(4, "+ NCE and KL", "the contrastive and noise-consistency losses"),
+    Rung(5, "+ mixture", "the mean of the cluster experts' fake-probabilities"),
+)
+
+
+@dataclass
+class Training:
+    """What decides a training: its rows, with or without notebook 03's images, and its settings."""
+
+    rows: str  # OFFICIAL_ROWS (official train, selected on official val) or a re-split column: resplit_<i>
+    enriched: bool  # with notebook 03's augmented rows
+    config: TrainConfig
+
+    def same_as(self, other: Training) -> bool:
+        return (self.rows, self.enriched) == (other.rows, other.enriched) and self.config.same_run_as(other.config.to_dict())
+
+    @property
+    def folder(self) -> str:
+        losses = "_".join(name for name in LOSS_NAMES if self.config.loss.weights[name] > 0)
+        return f"{self.rows}_{losses}" + ("" if self.enriched else "_no_enrichment")
+
+
+@dataclass
+class Known:
+    training: Training
+    result: TrainResult
+    label: str  # which model of the run it is, or "trained for the ladder"
+
+
+@dataclass
+class LadderTrainings:
+    """The trainings behind every rung, for each seed."""
+
+    resplit: int  # the re-split whose expert stands on rungs 3 and 4
+    seeds: list[int]
+    rungs: list[dict[int, list[TrainResult]]]  # per seed: rung number -> its training(s) (the mixture: K)
+    sources: list[dict[int, str]]  # per seed: rung number -> where its training(s) came from
+    trained: list[TrainResult]  # the trainings made here (all others were the run's)
+    seconds: float
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.seeds)
+
+    def summary(self) -> pd.DataFrame:
+        """One row per (seed, rung): the model and where its training came from."""
+        rows = [{"seed": seed, "rung": rung.number, "model": rung.name, "trainings": len(models[rung.number]),
+                 "from": sources[rung.number]}
+                for seed, models, sources in zip(self.seeds, self.rungs, self.sources) for rung in RUNGS]
+        return pd.DataFrame(rows, columns=["seed", "rung", "model", "trainings", "from"])
+
+    def weights_sources(self) -> dict[str, str]:
+        """Where the backbone of each training made here started from, by its folder."""
+        return {f"ladder {result.out_dir.parent.name}/{result.out_dir.name}": result.weights_source for result in self.trained}
+
+
+def ce_only(config: TrainConfig) -> TrainConfig:
+    """``config`` with only the cross-entropy loss, at the same schedule (the loss ablation's CE-only variant)."""
+    return ablation_config(config, ("ce",))
+
+
+def rung_trainings(configs: Sequence[TrainConfig], resplits: Sequence[int], resplit: int, seed: int,
+                   enriched: bool) -> dict[int, list[Training]]:
+    """Rung number -> the trainings it needs at ``seed``: ``configs`` are the experts' (one per
+    re-split of ``resplits``); the expert of ``resplit`` sets rungs 1-4's settings."""
+    configs = [dataclasses.replace(c, seed=seed) for c in configs]
+    own = configs[list(resplits).index(resplit)]
+    column = resplit_column(resplit)
+    return {
+        1: [Training(OFFICIAL_ROWS, False, ce_only(own))],
+        2: [Training(OFFICIAL_ROWS, enriched, ce_only(own))],
+        3: [Training(column, enriched, ce_only(own))],
+        4: [Training(column, enriched, own)],
+        5: [Training(resplit_column(i), enriched, c) for i, c in zip(resplits, configs)],
+    }
+
+
+def known_trainings(data: TrainingData, official: TrainResult, experts: MixtureTrainResult,
+                    ablated: AblationResult | None) -> list[Known]:
+    """The trainings the run already has, described as :class:`Training` s."""
+    enriched = data.augmented > 0
+    known = [Known(Training(OFFICIAL_ROWS, enriched, official.config), official, "the official-split model")]
+    for name, i, result in zip(expert_names(experts), experts.summary["resplit"], experts.experts):
+        known.append(Known(Training(resplit_column(int(i)), enriched, result.config), result, name))
+    for variant, result in (ablated.results.items() if ablated is not None else ()):
+        known.append(Known(Training(resplit_column(ablated.resplit), enriched, result.config), result,
+                           f"loss ablation: {variant}"))
+    return known
+
+
+def _train(data: TrainingData, training: Training, out_dir: Path, resume: bool) -> TrainResult:
+    table = data.trainval if training.enriched else data.trainval[~data.trainval["augmented"].astype(bool)]
+    if training.rows == OFFICIAL_ROWS:
+        return train_official_split(table, training.config, out_dir, resume=resume)
+    resplit = int(training.rows.removeprefix("resplit_"))
+    return train_on_resplit(table, resplit, training.config, out_dir, resume=resume)
+
+
+def train_ladder(
+    data: TrainingData,
+    configs: Sequence[TrainConfig],
+    official: TrainResult,
+    experts: MixtureTrainResult,
+    ablated: AblationResult | None,
+    out_dir: str | Path,
+    resplit: int | None = None,
+    seeds: int = 1,
+    resume: bool = True,
+) -> LadderTrainings:
+    """Every rung's trainings for ``seeds`` seeds (the experts' seed, then the next ones), reusing
+    the run's trainings (``official``, ``experts`` trained with ``configs``, the ``ablated``
+    variants) and training only what is missing, in ``out_dir/seed_<s>/<rows>_<losses>``.
+    ``resplit`` (default: the first expert's) is the re-split of rungs 3 and 4. ``seeds=0`` trains
+    nothing and returns an empty ladder."""
+    resplits = [int(i) for i in experts.summary["resplit"]]
+    resplit = resplits[0] if resplit is None else int(resplit)
+    if resplit not in resplits:
+        raise ValueError(f"re-split {resplit} has no expert; the experts cover re-splits {resplits}")
+    if not isinstance(seeds, int) or isinstance(seeds, bool) or seeds < 0:
+        raise ValueError(f"ladder seeds must be an int >= 0 (0 skips the ladder), got {seeds!r}")
+    if len(configs) != len(resplits):
+        raise ValueError(f"{len(configs)} configs for {len(resplits)} experts")
+    started = time.perf_counter()
+    known = known_trainings(data, official, experts, ablated)
+    first = configs[0].seed
+    result = LadderTrainings(resplit=resplit, seeds=[first + k for k in range(seeds)], rungs=[], sources=[], trained=[],
+                             seconds=0.0)
+    for seed in result.seeds:
+        models, sources = {}, {}
+        for number, needed in rung_trainings(configs, resplits, resplit, seed, data.augmented > 0).items():
+            found = [_find_or_train(data, training, known, Path(out_dir) / f"seed_{seed}", resume, result.trained)
+                     for training in needed]
+            models[number] = [k.result for k in found]
+            sources[number] = _describe(found)
+        result.rungs.append(models)
+        result.sources.append(sources)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _find_or_train(data: TrainingData, training: Training, known: list[Known], out_dir: Path, resume: bool,
+                   trained: list[TrainResult]) -> Known:
+    for candidate in known:
+        if candidate.training.same_as(training):
+            return candidate
+    fresh = Known(training, _train(data, training, out_dir / training.folder, resume), "trained for the ladder")
+    known.append(fresh)
+    trained.append(fresh.result)
+    return fresh
+
+
+def _describe(found: list[Known]) -> str:
+    labels = [k.label for k in found]
+    if len(labels) == 1:
+        return labels[0]
+    new = labels.count("trained for the ladder")
+    return {0: f"the run's {len(labels)} experts", len(labels): f"{new} experts trained for the ladder"}.get(
+        new, f"{len(labels) - new} of the run's experts, {new} trained for the ladder")

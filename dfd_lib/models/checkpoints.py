@@ -1,0 +1,197 @@
+"""Our checkpoints: a mixture of experts (read and write), one expert's best EMA weights, the
+mixture assembled from experts (:func:`dfd_lib.models.loading.load_weights` reads either our format or the
+released one, :mod:`dfd_lib.models.released`).
+
+Our format: a directory with ``model.safetensors`` (keys ``experts.<i>.baseline_extractor.*``,
+EMA already folded) and ``config.json`` (:class:`MixtureConfig`). Writes are atomic, so a
+training run stopped mid-save never leaves a half-written checkpoint. An expert's weights are one
+``best_ema.safetensors`` whose metadata holds its backbone and preprocessing.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from dfd_lib.core.atomic import atomic_write
+from dfd_lib.core.config import StepConfig
+from dfd_lib.data.preprocess import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS
+from dfd_lib.models.backbones import canonical_backbone_name
+from dfd_lib.models.experts import Expert, MixtureOfExperts, build_mixture
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+FORMAT_VERSION = 1
+PREPROCESS_MODES = ("default", "compat")  # decoding of files: Pillow, or OpenCV as the release did (scoring.predictor)
+_EXPERT_META = "dfd_expert"  # safetensors metadata key of an expert's weights file
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message says why in one line."""
+
+
+@dataclass
+class MixtureConfig(StepConfig):
+    """What a mixture checkpoint needs besides its tensors: the experts and the preprocessing."""
+
+    backbones: list[str]
+    image_size: int = 512
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bilinear"
+    antialias: bool = True
+    preprocess: str = "compat"  # how files are decoded (see dfd_lib.scoring.predictor)
+    ema_folded: bool = True
+    provenance: dict[str, str] = field(default_factory=dict)
+    # the verdict threshold chosen by `dfd calibrate` with its ROC point (dfd_lib.scoring.calibration); empty: not calibrated
+    calibration: dict = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self):
+        if isinstance(self.backbones, str) or not self.backbones:
+            raise ValueError("MixtureConfig.backbones must be a non-empty list of timm model names")
+        self.backbones = [canonical_backbone_name(str(name)) for name in self.backbones]
+        if not isinstance(self.image_size, int) or self.image_size < 8:
+            raise ValueError(f"MixtureConfig.image_size must be an int >= 8, got {self.image_size!r}")
+        for name in ("mean", "std"):
+            values = tuple(float(v) for v in getattr(self, name))
+            if len(values) != 3:
+                raise ValueError(f"MixtureConfig.{name} needs 3 values (R, G, B), got {values}")
+            setattr(self, name, values)
+        if min(self.std) <= 0:
+            raise ValueError(f"MixtureConfig.std must be positive, got {self.std}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"MixtureConfig.interpolation must be one of {INTERPOLATIONS}, got {self.interpolation!r}")
+        if self.preprocess not in PREPROCESS_MODES:
+            raise ValueError(f"MixtureConfig.preprocess must be one of {PREPROCESS_MODES}, got {self.preprocess!r}")
+        if self.format_version > FORMAT_VERSION:
+            raise ValueError(f"checkpoint format {self.format_version} is newer than this dfd-kit reads ({FORMAT_VERSION})")
+        self.provenance = {str(k): str(v) for k, v in dict(self.provenance).items()}
+        self.calibration = dict(self.calibration or {})
+        threshold = self.calibration.get("threshold") if self.calibration else 0.0
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"MixtureConfig.calibration needs a threshold in [0, 1], got {threshold!r}")
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def save_mixture(model: MixtureOfExperts, directory: str | os.PathLike, config: MixtureConfig) -> Path:
+    """Write ``model`` (EMA already folded / the weights to serve) and ``config`` to ``directory``."""
+    directory = Path(directory)
+    if list(config.backbones) != model.backbones:
+        raise ValueError(f"config names backbones {config.backbones} but the model has {model.backbones}")
+    tensors = {key: value.detach().to("cpu").contiguous() for key, value in model.state_dict().items()}
+    metadata = {"format": "pt", "dfd_format_version": str(FORMAT_VERSION)}
+    atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    atomic_write(directory / CONFIG_FILE, lambda tmp: tmp.write_text(config.to_json() + "\n", encoding="utf-8"))
+    return directory
+
+
+# --------------------------------------------------------------------------- reading ours
+
+
+def is_mixture_dir(path: str | os.PathLike) -> bool:
+    path = Path(path)
+    return (path / WEIGHTS_FILE).is_file() and (path / CONFIG_FILE).is_file()
+
+
+def read_config(directory: str | os.PathLike) -> MixtureConfig:
+    path = Path(directory) / CONFIG_FILE
+    try:
+        return MixtureConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing (not a dfd-kit checkpoint directory)") from None
+    except (json.JSONDecodeError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: invalid mixture config: {exc}") from None
+
+
+def build_on_meta(backbones: Sequence[str]) -> MixtureOfExperts:
+    # No memory and no random init for weights that are about to be replaced.
+    with torch.device("meta"):
+        return build_mixture(backbones)
+
+
+def assign_state(model: MixtureOfExperts, state: Mapping[str, torch.Tensor], released_layout: bool, source: str):
+    target = model.experts if released_layout else model
+    expected = target.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{source}: keys do not match the experts {model.backbones}: "
+            f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
+        )
+    for key, value in state.items():
+        if tuple(value.shape) != tuple(expected[key].shape):
+            raise CheckpointError(
+                f"{source}: {key} has shape {tuple(value.shape)}, the model expects {tuple(expected[key].shape)}"
+            )
+    target.load_state_dict(state, strict=True, assign=True)
+    left = [name for name, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise CheckpointError(f"{source}: tensors not provided by the checkpoint: {left[:5]}")
+    for param in model.parameters():
+        param.requires_grad_(False)
+    model.eval()
+
+
+def load_mixture(directory: str | os.PathLike) -> tuple[MixtureOfExperts, MixtureConfig]:
+    """Our format: ``(model in eval mode on the CPU, config)``."""
+    directory = Path(directory)
+    config = read_config(directory)
+    weights = directory / WEIGHTS_FILE
+    if not weights.is_file():
+        raise CheckpointError(f"{weights}: missing")
+    try:
+        state = load_file(str(weights), device="cpu")
+    except Exception as exc:  # safetensors raises its own error types for damaged files
+        raise CheckpointError(f"{weights}: cannot read safetensors file: {exc}") from None
+    model = build_on_meta(config.backbones)
+    assign_state(model, state, released_layout=False, source=str(weights))
+    return model, config
+
+
+# --------------------------------------------------------------------------- one expert
+
+
+def save_expert_weights(path: str | os.PathLike, expert: Expert, meta: Mapping) -> Path:
+    """An expert's weights and ``meta`` (backbone, image_size, mean, std, ...) as one safetensors file, atomically."""
+    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in expert.state_dict().items()}
+    metadata = {"format": "pt", _EXPERT_META: json.dumps({"backbone": expert.backbone_name, **meta})}
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+def load_expert(weights_path: str | os.PathLike) -> tuple[Expert, dict]:
+    """An expert from its weights file (``best_ema.safetensors``) and the metadata stored with it."""
+    with safe_open(str(weights_path), framework="pt", device="cpu") as handle:
+        meta = json.loads(handle.metadata()[_EXPERT_META])
+        state = {key: handle.get_tensor(key) for key in handle.keys()}
+    expert = Expert(meta["backbone"], pretrained=False)
+    expert.load_state_dict(state, strict=True)
+    return expert.eval(), meta
+
+
+def mixture_from_experts(weights_paths: Sequence[str | os.PathLike],
+                         provenance: dict | None = None) -> tuple[MixtureOfExperts, MixtureConfig]:
+    """The experts' weights files as one mixture and its config (our checkpoint format)."""
+    experts, metas = zip(*(load_expert(path) for path in weights_paths))
+    first = metas[0]
+    for meta in metas[1:]:
+        if (meta["image_size"], meta["mean"], meta["std"]) != (first["image_size"], first["mean"], first["std"]):
+            raise ValueError("the experts differ in image size or normalisation; a mixture shares one preprocessing")
+    config = MixtureConfig(
+        backbones=[e.backbone_name for e in experts], image_size=first["image_size"], mean=first["mean"], std=first["std"],
+        interpolation="bilinear", antialias=True, preprocess="default", ema_folded=True, provenance=provenance or {},
+    )
+    return MixtureOfExperts(list(experts)), config

@@ -1,0 +1,291 @@
+"""The embedded demo dataset, built offline and deterministically from a seed.
+
+Reals are random crops of real photographs and video frames shipped inside registry
+packages (:mod:`dfd_lib.sources.photos`). Fakes are made from those reals by the kit's one fake
+factory (:mod:`dfd_lib.synth.factory`), the code notebook 03's enrichment runs: its edits and its
+Stable Diffusion regenerations (here with a small pipeline with random weights built in-process;
+the same code runs a real checkpoint in notebook 03). Every fake names its family and its parent
+real image, and shares the parent's ``group``.
+
+Like the competition, the dataset has an "official" random train/val split, and a ``test``
+set built like the hidden test: its reals come from sources and its fakes from families that
+train/val never contain, so it measures cross-domain generalisation.
+
+These fakes are ours, not real deepfakes: figures on the demo show the method's mechanics,
+never accuracy on real deepfakes.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+from dfd_lib.core.logs import progress_bar
+from dfd_lib.core.paths import DEMO_DATA_DIR, resolve
+from dfd_lib.data.manifest import CLASS_NAMES, FAKE, REAL, TEST, TRAIN, VAL, Manifest
+from dfd_lib.sources.photos import available_sources, load_source, random_square_crop
+from dfd_lib.synth import diffusion, factory
+
+SMOKE_SIZE = 200
+log = logging.getLogger(__name__)
+# Bump when the generators change what a given config produces, so older builds are rebuilt.
+GENERATOR_VERSION = 2
+BUILD_INFO = "build_info.json"
+
+
+@dataclass
+class DemoConfig:
+    """What the demo dataset holds; the same config and seed give the same files."""
+
+    n_images: int = 2000  # total images, reals and fakes, all splits
+    image_size: int = 128  # side of the square images
+    seed: int = 0  # fixes every crop, edit and generation
+    fake_fraction: float = 0.5  # share of fakes in every split
+    val_fraction: float = 0.2  # share of train/val groups put in the official val split
+    test_fraction: float = 0.2  # share of all images in the cross-domain test set
+    sd_steps: int = 4  # denoising steps of the Stable Diffusion families
+    sd_strength: float = 0.7  # img2img / inpainting strength
+    trainval_sources: tuple[str, ...] = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle_left", "china",
+                                         "hubble_deep_field", "carphone")
+    test_sources: tuple[str, ...] = ("grace_hopper", "flower", "motorcycle_right", "immunohistochemistry", "bikes")
+    trainval_families: tuple[str, ...] = ("splice", "colour_background", "resample", "sd_img2img")
+    test_families: tuple[str, ...] = ("self_blend", "sd_inpaint")
+    notes: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.trainval_sources, self.test_sources = tuple(self.trainval_sources), tuple(self.test_sources)
+        self.trainval_families, self.test_families = tuple(self.trainval_families), tuple(self.test_families)
+        if self.n_images < 20:
+            raise ValueError(f"n_images must be at least 20, got {self.n_images}")
+        if not 32 <= self.image_size <= 1024:
+            raise ValueError(f"image_size must be in [32, 1024], got {self.image_size}")
+        for name in ("fake_fraction", "val_fraction", "test_fraction"):
+            value = getattr(self, name)
+            if not 0.0 < value < 1.0:
+                raise ValueError(f"{name} must be strictly between 0 and 1, got {value}")
+        factory.check_families(self.trainval_families, known=factory.FAKE_FAMILIES)
+        factory.check_families(self.test_families, known=factory.FAKE_FAMILIES)
+        if set(self.trainval_families) & set(self.test_families):
+            raise ValueError("test families must differ from train/val families (the test set is cross-domain)")
+        if set(self.trainval_sources) & set(self.test_sources):
+            raise ValueError("test sources must differ from train/val sources (the test set is cross-domain)")
+        if not self.trainval_families or not self.test_families:
+            raise ValueError("both train/val and test need at least one fake family")
+
+    @classmethod
+    def smoke(cls, **overrides) -> DemoConfig:
+        return cls(n_images=SMOKE_SIZE, **overrides)
+
+    def identity(self) -> dict:
+        """What decides the content (everything but notes)."""
+        data = asdict(self)
+        data.pop("notes")
+        data["generator_version"] = GENERATOR_VERSION
+        return json.loads(json.dumps(data))
+
+
+@dataclass
+class _Item:
+    id: str
+    image: Image.Image
+    label: int
+    family: str
+    source: str
+    group: str
+    split: str
+    parent: str = ""
+    params: dict = field(default_factory=dict)
+
+
+def _make_reals(sources: list[str], count: int, split_name: str, config: DemoConfig,
+                rng: np.random.Generator, start: int) -> list[_Item]:
+    items = []
+    for i in range(count):
+        source = sources[i % len(sources)]
+        image, params = random_square_crop(load_source(source), config.image_size, rng)
+        item_id = f"r{start + i:05d}"
+        items.append(_Item(item_id, image, REAL, CLASS_NAMES[REAL], source, item_id, split_name, params=params))
+    return items
+
+
+def _make_fakes(reals: list[_Item], families: tuple[str, ...], count: int, config: DemoConfig,
+                rng: np.random.Generator, start: int) -> list[_Item]:
+    plan = [families[i % len(families)] for i in range(count)]
+    fakes: list[_Item | None] = [None] * count
+    regenerations: dict[str, list[tuple[int, _Item, factory.DiffusionRequest]]] = {f: [] for f in factory.SD_FAMILIES}
+    for i, family in enumerate(plan):
+        parent = reals[int(rng.integers(len(reals)))]
+        if family in factory.SD_FAMILIES:
+            seed = int(rng.integers(2**31 - 1))
+            regenerations[family].append((i, parent, factory.diffusion_request(family, parent.image, rng, seed)))
+            continue
+        donor = reals[int(rng.integers(len(reals)))].image
+        image, params = factory.make_edit(family, parent.image, rng, donor=donor)
+        fakes[i] = _Item(f"f{start + i:05d}", image, FAKE, family, parent.source, parent.group, parent.split, parent.id, params)
+    settings = factory.DiffusionSettings(strength=config.sd_strength, steps=config.sd_steps)
+    for family, jobs in regenerations.items():
+        if not jobs:
+            continue
+        task = factory.SD_FAMILIES[family]
+        pipe = diffusion.load_pipeline(task, None, device="cpu", seed=config.seed)  # the tiny random-weight pipeline
+        requests = [request for _i, _parent, request in jobs]
+        for index, image in factory.generate_batches(pipe, requests, settings, batch_size=16):
+            if isinstance(image, Exception):
+                raise image  # our own images and pipeline: a failure here is a bug, not bad input
+            i, parent, request = jobs[index]
+            params = factory.diffusion_params(family, request, f"tiny-random-{task}", settings)
+            fakes[i] = _Item(f"f{start + i:05d}", image, FAKE, family, parent.source, parent.group, parent.split,
+                             parent.id, params)
+    return [f for f in fakes if f is not None]
+
+
+def _official_split(reals: list[_Item], val_fraction: float, rng: np.random.Generator) -> None:
+    """Random train/val split by group, as the competition's split was random."""
+    order = rng.permutation(len(reals))
+    n_val = max(1, int(round(len(reals) * val_fraction)))
+    for rank, index in enumerate(order):
+        reals[index].split = VAL if rank < n_val else TRAIN
+
+
+def _encode_png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", optimize=False, compress_level=6)
+    return buffer.getvalue()
+
+
+def build_demo_dataset(config: DemoConfig | None = None, out_dir: str | os.PathLike = DEMO_DATA_DIR,
+                       progress: bool = True) -> Manifest:
+    """Build the demo dataset into ``out_dir`` (``images/`` + ``manifest.csv`` + ``build_info.json``).
+
+    The new dataset is written beside ``out_dir`` and moved into place only when complete,
+    so a failed build leaves an earlier dataset intact.
+    """
+    config = config or DemoConfig()
+    out_dir = resolve(out_dir)
+    started = time.perf_counter()
+    rng = np.random.default_rng(config.seed)
+    trainval_sources = available_sources(list(config.trainval_sources))
+    test_sources = available_sources(list(config.test_sources))
+    if not trainval_sources or not test_sources:
+        raise RuntimeError("no real photo source could be read from the installed packages")
+    n_test = int(round(config.n_images * config.test_fraction))
+    n_trainval = config.n_images - n_test
+    threads = torch.get_num_threads()
+    # one thread: the same float reductions (so the same pixels) on every machine, and the
+    # tiny pipeline's small kernels run faster on one thread than on two
+    torch.set_num_threads(1)
+    try:
+        items: list[_Item] = []
+        for split_name, n_part, sources, families, start in (
+            ("trainval", n_trainval, trainval_sources, config.trainval_families, 0),
+            (TEST, n_test, test_sources, config.test_families, n_trainval),
+        ):
+            n_fake = int(round(n_part * config.fake_fraction))
+            reals = _make_reals(sources, n_part - n_fake, TEST, config, rng, start)
+            if split_name == "trainval":
+                _official_split(reals, config.val_fraction, rng)
+            fakes = _make_fakes(reals, families, n_fake, config, rng, start)
+            items += reals + fakes
+            if progress:
+                log.info("demo: %s: %d reals from %s, %d fakes of %s", split_name, len(reals), sources, len(fakes),
+                         list(families))
+    finally:
+        torch.set_num_threads(threads)
+
+    staging = out_dir.with_name(f".{out_dir.name}.building")
+    shutil.rmtree(staging, ignore_errors=True)
+    rows = []
+    for item in progress_bar(items, desc="write demo images", disable=not progress):
+        data = _encode_png(item.image)
+        relative = Path("images") / item.split / item.family / f"{item.id}.png"
+        target = staging / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+        rows.append({
+            "path": str(target), "label": item.label, "family": item.family, "source": item.source,
+            "group": item.group, "width": item.image.width, "height": item.image.height,
+            "hash": hashlib.sha1(data).hexdigest(), "split": item.split, "cluster": pd.NA,
+            "parent": item.parent, "params": json.dumps(item.params, sort_keys=True),
+        })
+    manifest = Manifest(pd.DataFrame(rows))
+    manifest.save(staging / "manifest.csv")
+    elapsed = time.perf_counter() - started
+    counts = manifest.table.groupby(["split", "family"]).size()
+    info = {
+        "config": config.identity(),
+        "images": len(manifest),
+        "content_digest": hashlib.sha1("".join(manifest.table["hash"]).encode()).hexdigest(),
+        "counts": {f"{s}/{f}": int(n) for (s, f), n in counts.items()},
+        "build_seconds": round(elapsed, 1),
+        "note": "fakes made by dfd-kit's own generators over real photos: mechanics only, not real deepfakes",
+    }
+    (staging / BUILD_INFO).write_text(json.dumps(info, indent=2))
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        out_dir.rename(old)
+        staging.rename(out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging.rename(out_dir)
+    return Manifest.load(out_dir / "manifest.csv")
+
+
+def demo_dir_for(n_images: int) -> Path:
+    """``data/demo`` for the default size, ``data/demo-<n>`` for any other, so sizes never overwrite each other."""
+    return DEMO_DATA_DIR if n_images == DemoConfig.n_images else DEMO_DATA_DIR.with_name(f"demo-{n_images}")
+
+
+def read_build_info(out_dir: str | os.PathLike = DEMO_DATA_DIR) -> dict | None:
+    path = resolve(out_dir) / BUILD_INFO
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def ensure_demo_dataset(config: DemoConfig | None = None, out_dir: str | os.PathLike = DEMO_DATA_DIR,
+                        progress: bool = True) -> Manifest:
+    """The demo dataset in ``out_dir``, built only if absent or built with another config."""
+    config = config or DemoConfig()
+    info = read_build_info(out_dir)
+    manifest_path = resolve(out_dir) / "manifest.csv"
+    if info is not None and info.get("config") == config.identity() and manifest_path.is_file():
+        return Manifest.load(manifest_path)
+    return build_demo_dataset(config, out_dir, progress=progress)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--size", type=int, default=DemoConfig.n_images, help="number of images (default 2000)")
+    parser.add_argument("--smoke", action="store_true", help=f"the small test size ({SMOKE_SIZE} images)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (same seed -> same files)")
+    parser.add_argument("--image-size", type=int, default=DemoConfig.image_size, help="image side in pixels")
+    parser.add_argument("--out", help="output folder (default data/demo, or data/demo-<size> for other sizes)")
+    parser.add_argument("--force", action="store_true", help="rebuild even if an identical build exists")
+
+
+def run(args: argparse.Namespace) -> int:
+    config = DemoConfig(n_images=SMOKE_SIZE if args.smoke else args.size, seed=args.seed, image_size=args.image_size)
+    args.out = args.out or str(demo_dir_for(config.n_images))
+    started = time.perf_counter()
+    if args.force:
+        manifest = build_demo_dataset(config, args.out)
+    else:
+        manifest = ensure_demo_dataset(config, args.out)
+    info = read_build_info(args.out) or {}
+    print(manifest.summary().to_string())
+    print(f"\n{len(manifest)} images in {resolve(args.out)} ({time.perf_counter() - started:.1f} s this call, "
+          f"{info.get('build_seconds', '?')} s to build); content digest {info.get('content_digest', '?')}")
+    print("Note: the demo's fakes are made by dfd-kit's own generators over real photos; figures on it show the"
+          " method's mechanics, never accuracy on real deepfakes.")
+    return 0

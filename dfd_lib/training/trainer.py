@@ -1,0 +1,367 @@
+"""Training one expert: the loop.
+
+AdamW (timm's parameter groups), linear warm-up then cosine decay per step, the weighted CE / NCE /
+KL losses (:mod:`dfd_lib.training.losses`), an EMA of the weights validated every epoch, the best
+epoch kept by validation AUC. ``accelerate`` runs it on one CPU process, one GPU (with bf16/fp16
+autocast) or several (``accelerate launch -m dfd_lib.training.cli ...``) without code changes.
+
+Resume: after every epoch the whole training state is saved with accelerate's ``save_state``
+(:mod:`dfd_lib.training.training_state`). A killed run started again with the same arguments
+continues after the last finished epoch and ends with the same weights as an uninterrupted run:
+the data order and the augmentation of each epoch derive from ``(seed, epoch)``, and the RNG states
+(noise of the KL term, dropout) are restored.
+
+Curves: every optimiser step's total loss, each loss part and the learning rate (the main process's
+batches), and every epoch's validation metrics, go to accelerate's trackers (``TrainConfig.log_with``,
+TensorBoard by default: ``tensorboard --logdir reports/<run>/experts``) and to ``curves.csv``, which
+the kit's own figures read (:mod:`dfd_lib.training.curves`); see :mod:`dfd_lib.training.training_log`.
+
+Files in ``out_dir``: ``state/`` (training state), ``best_ema.safetensors`` (EMA weights of the
+best epoch, with its metadata), ``history.csv`` (one row per epoch), ``curves.csv`` (one row per
+step), ``tensorboard/`` (the tracker's files), ``train_config.json``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from timm.data import resolve_model_data_config
+from timm.optim import create_optimizer_v2
+from torch.optim.lr_scheduler import LambdaLR
+
+from dfd_lib.core.atomic import atomic_write
+from dfd_lib.core.faults import crash_point
+from dfd_lib.core.logs import progress_bar
+from dfd_lib.data.datasets import ManifestDataset, make_loader
+from dfd_lib.models.checkpoints import save_expert_weights
+from dfd_lib.models.experts import Expert, create_ema
+from dfd_lib.stats.metrics import binary_metrics
+from dfd_lib.training.freezing import freeze_backbone_stages, train_mode
+from dfd_lib.training.losses import LOSS_NAMES, MultiLoss
+from dfd_lib.training.train_config import TrainConfig
+from dfd_lib.training.training_log import CURVES_FILE, TRACKER_PROJECT, log_epoch, log_step, read_curves, tracker_config, trackers
+from dfd_lib.training.training_state import Progress, find_state, load_training_state, read_progress, save_training_state
+
+BEST_WEIGHTS = "best_ema.safetensors"
+HISTORY_FILE = "history.csv"
+CONFIG_FILE = "train_config.json"
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    """The outcome of :func:`train_expert`."""
+
+    out_dir: Path
+    best_weights: Path  # EMA weights of the best epoch (safetensors, Expert state dict)
+    best_epoch: int  # 0-based
+    best_val_auc: float
+    selection: str  # "val_auc", or "val_loss" when the validation set has one class only
+    history: pd.DataFrame  # one row per epoch: lr, train_<loss> means, val metrics, throughput
+    config: TrainConfig
+    skipped: pd.DataFrame  # unreadable images (path, reason), never fatal
+    seconds: float = math.nan  # wall time of the call: training, validation and checkpoints
+    weights_source: str = ""  # where the backbone's starting weights came from (modeling.backbones)
+
+
+@dataclass
+class _Loop:
+    """What every piece of one expert's training shares."""
+
+    config: TrainConfig
+    accelerator: Any
+    model: torch.nn.Module
+    optimizer: Any  # accelerate's wrapper of the torch optimiser
+    scheduler: LambdaLR
+    ema: Any  # timm ModelEmaV3
+    loss_fn: MultiLoss
+    train_loader: Any
+    val_loader: Any
+    steps_per_epoch: int
+    frozen: list
+    mean: tuple
+    std: tuple
+    name: str  # the run folder's name, for messages
+    selection: str  # "val_auc" or "val_loss"
+    weights_source: str  # where the backbone's starting weights came from
+    on_step: Callable[[int, int, int], None] | None = None
+    skipped: dict[str, str] = field(default_factory=dict)
+    curves: list[dict] = field(default_factory=list)  # one row per optimiser step (main process)
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.config.channels_last else torch.contiguous_format
+
+    @property
+    def show(self) -> bool:
+        return self.config.progress and self.accelerator.is_local_main_process
+
+
+def train_expert(
+    train_table: pd.DataFrame,
+    val_table: pd.DataFrame,
+    config: TrainConfig,
+    out_dir: str | os.PathLike,
+    resume: bool = True,
+    on_step: Callable[[int, int, int], None] | None = None,
+) -> TrainResult:
+    """Train one expert on ``train_table``, validating its EMA weights on ``val_table`` each
+    epoch. With ``resume`` and a saved state in ``out_dir`` from the same config, the run
+    continues after its last finished epoch. ``on_step(epoch, step_in_epoch, global_step)`` is
+    called after every optimiser step (progress hooks, tests)."""
+    out_dir = Path(out_dir)
+    if len(train_table) < 2 or len(val_table) < 1:
+        raise ValueError(f"need >= 2 training and >= 1 validation rows, got {len(train_table)} and {len(val_table)}")
+    started = time.perf_counter()
+    loop = _build_loop(train_table, val_table, config, out_dir, on_step)
+    progress = _resume(loop, out_dir) if resume else Progress()
+    progress.config = config.to_dict()
+    loop.curves = read_curves(out_dir, progress.global_step) if progress.epoch >= 0 else []
+    if loop.accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(out_dir / CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(config.to_dict(), indent=2) + "\n"))
+    try:
+        for epoch in range(progress.epoch + 1, config.epochs):
+            row = _run_epoch(loop, epoch, progress.global_step)
+            progress.global_step = row.pop("global_step")
+            improved = progress.record(row, -row["val_loss"] if loop.selection == "val_loss" else row["val_auc"])
+            log_epoch(loop.accelerator, row, progress.global_step)
+            if loop.accelerator.is_main_process:
+                if improved:
+                    save_expert_weights(out_dir / BEST_WEIGHTS, loop.ema.module, _best_meta(loop, row))
+                atomic_write(out_dir / HISTORY_FILE, lambda tmp: pd.DataFrame(progress.history).to_csv(tmp, index=False))
+                atomic_write(out_dir / CURVES_FILE, lambda tmp: pd.DataFrame(loop.curves).to_csv(tmp, index=False))
+            save_training_state(loop.accelerator, out_dir, progress)
+            if loop.show:
+                log.info(_epoch_summary(loop, row, improved))
+    finally:
+        for tracker in loop.accelerator.trackers:  # not end_training(): that would end the process group too
+            tracker.finish()
+    loop.accelerator.wait_for_everyone()
+    return _result(loop, out_dir, progress, time.perf_counter() - started)
+
+
+def _build_loop(train_table: pd.DataFrame, val_table: pd.DataFrame, config: TrainConfig, out_dir: Path,
+                on_step: Callable | None) -> _Loop:
+    """Seed, build the expert, its data, optimiser, schedule, EMA and losses, prepared by accelerate."""
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    accelerator = _accelerator(config, out_dir)
+    set_seed(config.seed)
+    weights = config.weights_path or None
+    model = Expert(config.backbone, pretrained=config.pretrained, weights_path=weights, drop_rate=config.drop_rate)
+    frozen = freeze_backbone_stages(model, config.freeze_stages)
+    if config.grad_checkpointing:
+        model.baseline_extractor.set_grad_checkpointing(True)  # timm: recompute activations in the backward pass
+    data_config = resolve_model_data_config(model.baseline_extractor)
+    mean, std = tuple(data_config["mean"]), tuple(data_config["std"])
+    model = model.to(memory_format=torch.channels_last if config.channels_last else torch.contiguous_format)
+    batch_size = min(config.batch_size, len(train_table))
+    micro_batch = max(1, batch_size // config.grad_accum_steps)  # the effective batch stays batch_size
+    train_set = ManifestDataset(train_table, config.image_size, train=True, mean=mean, std=std, augment=config.augment, seed=config.seed)
+    val_set = ManifestDataset(val_table, config.image_size, train=False, mean=mean, std=std)
+    train_loader = make_loader(train_set, micro_batch, shuffle=True, seed=config.seed, num_workers=config.num_workers, drop_last=True)
+    val_loader = make_loader(val_set, batch_size * 2, shuffle=False, num_workers=config.num_workers)
+    # timm's AdamW groups: no weight decay on biases and norm weights; frozen parameters left out
+    optimizer = create_optimizer_v2(model, "adamw", lr=config.lr, weight_decay=config.weight_decay)
+    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+    steps = len(train_loader) // config.grad_accum_steps  # optimiser steps
+    steps = min(steps, config.max_steps_per_epoch) if config.max_steps_per_epoch else steps
+    # stepped once per optimiser step, so it is registered for checkpointing rather than prepared
+    # (accelerate's wrapper would step it once per process)
+    inner = getattr(optimizer, "optimizer", optimizer)
+    scheduler = LambdaLR(inner, _warmup_cosine(round(config.warmup_epochs * steps), steps * config.epochs, config.min_lr_ratio))
+    ema = create_ema(accelerator.unwrap_model(model), config.ema_decay, use_warmup=config.ema_warmup)
+    accelerator.register_for_checkpointing(ema, scheduler)
+    selection = "val_loss" if val_table["label"].nunique() < 2 else "val_auc"
+    if selection == "val_loss":
+        log.warning("the validation set holds one class only: AUC is undefined, the best epoch is chosen by validation loss")
+    if accelerator.log_with:
+        accelerator.init_trackers(TRACKER_PROJECT, config=tracker_config(config))
+    return _Loop(config, accelerator, model, optimizer, scheduler, ema, MultiLoss(config.loss), train_loader, val_loader,
+                 steps, frozen, mean, std, out_dir.name, selection, accelerator.unwrap_model(model).weights_source, on_step)
+
+
+def _accelerator(config: TrainConfig, out_dir: Path):
+    use_gpu = config.device != "cpu" and torch.cuda.is_available()
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("TrainConfig.device is 'cuda' but no GPU is visible")
+    precision = config.mixed_precision
+    if precision != "no" and not use_gpu:
+        log.warning("mixed_precision=%r applies on a GPU only; training in float32 on the CPU", precision)
+        precision = "no"
+    # rng_types=[]: the data order comes from (seed, epoch), nothing to synchronise
+    chosen = trackers(config)
+    return Accelerator(cpu=not use_gpu, mixed_precision=precision, rng_types=[], log_with=chosen or None,
+                       project_dir=str(out_dir) if chosen else None)
+
+
+def _warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def _resume(loop: _Loop, out_dir: Path) -> Progress:
+    """The progress of a saved state of the same run in ``out_dir`` (restored into ``loop``), or a fresh start."""
+    state = find_state(out_dir)
+    if state is None:
+        return Progress()
+    if not loop.config.same_run_as(read_progress(state).config):
+        raise ValueError(f"{state} was written by a run with a different config; use another out_dir or resume=False")
+    progress = load_training_state(loop.accelerator, state, loop.optimizer)
+    if loop.accelerator.is_main_process:
+        log.info("resuming %s after epoch %d of %d", out_dir.name, progress.epoch + 1, loop.config.epochs)
+    return progress
+
+
+def _run_epoch(loop: _Loop, epoch: int, global_step: int) -> dict:
+    """Train one epoch, validate the EMA weights; the epoch's history row (with the new ``global_step``)."""
+    loop.train_loader.set_epoch(epoch)  # the order and augmentation of this epoch: from (seed, epoch)
+    loop.train_loader.dataset.set_epoch(epoch)
+    lr = loop.optimizer.param_groups[0]["lr"]  # at the epoch's first step
+    started = time.perf_counter()
+    seen, sums, data_seconds, global_step = _train_epoch(loop, epoch, global_step)
+    seconds = time.perf_counter() - started
+    accelerator = loop.accelerator
+    totals = accelerator.reduce(torch.tensor([seen, *sums.values()], dtype=torch.float64, device=accelerator.device), "sum")
+    images = max(1.0, float(totals[0]))
+    labels, probs, losses = _predict(loop)
+    metrics = binary_metrics(labels, probs) if len(labels) else {"auc": math.nan, "ap": math.nan, "eer": math.nan, "acc_at_0.5": math.nan}
+    return {
+        "epoch": epoch, "lr": lr,
+        **{f"train_{name}": float(totals[i + 1]) / images for i, name in enumerate(sums)},
+        "val_auc": metrics["auc"], "val_ap": metrics["ap"], "val_eer": metrics["eer"],
+        "val_acc": metrics["acc_at_0.5"], "val_loss": float(losses.mean()) if len(losses) else math.nan,
+        "train_images": int(totals[0]), "train_seconds": seconds,
+        "images_per_s": float(totals[0]) / seconds,  # all processes together
+        "data_share": data_seconds / seconds if seconds > 0 else math.nan,
+        "global_step": global_step,
+    }
+
+
+def _train_epoch(loop: _Loop, epoch: int, global_step: int) -> tuple[int, dict[str, float], float, int]:
+    """One epoch of optimiser steps; (images seen, loss sums, seconds waiting for data, global step)."""
+    config, accelerator = loop.config, loop.accelerator
+    train_mode(loop.model, loop.frozen)
+    sums = {loss: 0.0 for loss in ("overall", *LOSS_NAMES)}
+    seen, data_seconds = 0, 0.0
+    bar = progress_bar(total=loop.steps_per_epoch, desc=f"{loop.name} epoch {epoch + 1}/{config.epochs}", unit="step",
+                       disable=not loop.show, leave=False)
+    batches = iter(loop.train_loader)
+    for step in range(loop.steps_per_epoch):
+        loop.optimizer.zero_grad(set_to_none=True)
+        learned, step_sums = 0, dict.fromkeys(sums, 0.0)
+        for micro in range(config.grad_accum_steps):
+            waited = time.perf_counter()
+            batch = next(batches)
+            data_seconds += time.perf_counter() - waited
+            _note_skipped(loop, batch["skipped"])
+            images, labels = batch["image"], batch["label"]
+            # A batch left with < 2 readable images teaches nothing (and breaks BatchNorm). Under
+            # several processes a skipped step would desynchronise them; unreadable files are rare.
+            if images.shape[0] < 2:
+                continue
+            last = micro == config.grad_accum_steps - 1
+            with nullcontext() if last else accelerator.no_sync(loop.model):  # gradients meet once per step
+                losses = loop.loss_fn(loop.model, images.contiguous(memory_format=loop.memory_format), labels)
+                overall = losses["overall"] / config.grad_accum_steps if config.grad_accum_steps > 1 else losses["overall"]
+                accelerator.backward(overall)
+            learned += images.shape[0]
+            for loss in sums:
+                step_sums[loss] += float(losses[loss].detach()) * images.shape[0]
+        if not learned:
+            continue
+        for loss in sums:
+            sums[loss] += step_sums[loss]
+        log_step(loop.accelerator, loop.curves, epoch, global_step + 1, loop.optimizer.param_groups[0]["lr"],
+                 {loss: value / learned for loss, value in step_sums.items()})
+        if config.grad_clip:
+            accelerator.clip_grad_norm_(loop.model.parameters(), config.grad_clip)
+        loop.optimizer.step()
+        loop.scheduler.step()
+        global_step += 1
+        loop.ema.update(accelerator.unwrap_model(loop.model), step=global_step)
+        seen += learned
+        bar.update(1)
+        bar.set_postfix({loss: f"{value / seen:.3f}" for loss, value in sums.items()})
+        if loop.on_step is not None:
+            loop.on_step(epoch, step, global_step)
+        crash_point("training.step")
+    bar.close()
+    batches.close()  # we stop after `steps`: let accelerate forget this iteration
+    if hasattr(loop.train_loader, "end"):
+        loop.train_loader.end()
+    return seen, sums, data_seconds, global_step
+
+
+def _note_skipped(loop: _Loop, skipped: list[tuple[str, str]]) -> None:
+    for path, reason in skipped:
+        if path not in loop.skipped and loop.show:
+            log.warning("skipped unreadable image %s: %s", path, reason)
+        loop.skipped[path] = reason
+
+
+@torch.no_grad()
+def _predict(loop: _Loop) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Labels, fake-probabilities and cross-entropies of the EMA weights on every readable validation image, gathered."""
+    model, accelerator = loop.ema.module, loop.accelerator
+    model.eval()
+    labels, probs, losses = [], [], []
+    for batch in loop.val_loader:
+        _note_skipped(loop, batch["skipped"])
+        images = batch["image"]
+        if images.numel() == 0:
+            continue
+        with accelerator.autocast():
+            logits = model(images.contiguous(memory_format=loop.memory_format))["logits"].float()
+        ce = torch.nn.functional.cross_entropy(logits, batch["label"], reduction="none")
+        y, p, c = accelerator.gather_for_metrics((batch["label"], logits.softmax(-1)[:, 1], ce))
+        labels.append(y.cpu())
+        probs.append(p.cpu())
+        losses.append(c.cpu())
+    if not labels:
+        return np.zeros(0, int), np.zeros(0), np.zeros(0)
+    return torch.cat(labels).numpy(), torch.cat(probs).numpy(), torch.cat(losses).numpy()
+
+
+def _best_meta(loop: _Loop, row: dict) -> dict:
+    return {"image_size": loop.config.image_size, "mean": list(loop.mean), "std": list(loop.std),
+            "epoch": row["epoch"], "val_auc": row["val_auc"], "val_loss": row["val_loss"],
+            "initial_weights": loop.weights_source}
+
+
+def _epoch_summary(loop: _Loop, row: dict, improved: bool) -> str:
+    parts = " ".join(f"{name} {row[f'train_{name}']:.4f}" for name in LOSS_NAMES if loop.config.loss.weights[name] > 0)
+    return (f"{loop.name} epoch {row['epoch'] + 1}/{loop.config.epochs}: loss {row['train_overall']:.4f} {parts}"
+            f" | val AUC {row['val_auc']:.4f} loss {row['val_loss']:.4f} | {row['images_per_s']:.1f} img/s"
+            + (" *best*" if improved else ""))
+
+
+def _result(loop: _Loop, out_dir: Path, progress: Progress, seconds: float) -> TrainResult:
+    history = pd.DataFrame(progress.history)
+    best = progress.best_epoch
+    best_auc = float(history.loc[history["epoch"] == best, "val_auc"].iloc[0]) if best >= 0 else math.nan
+    return TrainResult(
+        out_dir=out_dir, best_weights=out_dir / BEST_WEIGHTS, best_epoch=best, best_val_auc=best_auc,
+        selection=loop.selection, history=history, config=loop.config,
+        skipped=pd.DataFrame(sorted(loop.skipped.items()), columns=["path", "reason"]), seconds=seconds,
+        weights_source=loop.weights_source,
+    )
