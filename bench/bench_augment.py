@@ -27,9 +27,9 @@ import torch  # noqa: E402
 
 from dfd_lib.data.manifest import file_sha1  # noqa: E402
 from dfd_lib.sources.photos import write_photo_crops  # noqa: E402
+from dfd_lib.synth import factory  # noqa: E402
 from dfd_lib.synth.config import EnrichmentConfig  # noqa: E402
 from dfd_lib.synth.enrichment import enrich_dataset  # noqa: E402
-from dfd_lib.synth.factory import ALL_FAMILIES  # noqa: E402
 
 
 def make_sources(folder: Path, count: int, size: int) -> pd.DataFrame:
@@ -44,14 +44,14 @@ def make_sources(folder: Path, count: int, size: int) -> pd.DataFrame:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=64, help="images per edit/degradation family")
-    parser.add_argument("--sd-images", type=int, default=16, help="images per Stable Diffusion family")
+    parser.add_argument("--sd-images", type=int, default=16, help="images per Stable Diffusion (model-backed) family")
     parser.add_argument("--repeats", type=int, default=3, help="runs per family; the fastest counts")
     parser.add_argument("--size", type=int, default=128, help="side of the square source images (px)")
     parser.add_argument("--steps", type=int, default=4, help="SD denoising steps (before strength)")
     parser.add_argument("--strength", type=float, default=0.6, help="SD strength")
     parser.add_argument("--batch-size", type=int, default=8, help="SD images per call")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch CPU thread counts to compare")
-    parser.add_argument("--families", nargs="+", default=list(ALL_FAMILIES), help="families to time")
+    parser.add_argument("--families", nargs="+", default=list(factory.BUILTIN_FAMILIES), help="families to time")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="bench_augment_") as tmp:
@@ -63,10 +63,11 @@ def main() -> None:
         enrich_dataset(table, EnrichmentConfig(families=tuple(args.families), images_per_family=2, **common),
                         tmp / "warmup", progress=False)
         results = []
+        model_backed = {family.name for family in factory.model_families(args.families)}
         load_before = os.getloadavg()[0]
         for threads in args.threads:
             for family in args.families:
-                n = args.sd_images if family.startswith("sd_") else args.images
+                n = args.sd_images if family in model_backed else args.images
                 config = EnrichmentConfig(families=(family,), images_per_family=n, seed=1, torch_threads=threads, **common)
                 times = []
                 for repeat in range(args.repeats):

@@ -8,7 +8,9 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from dfd_lib.synth import edits
+from dfd_lib.synth import edits, factory
+
+EDIT_FAMILIES = [name for name in factory.family_names() if factory.get_family(name).kind == factory.EDIT.name]
 
 
 @pytest.fixture(scope="module")
@@ -25,16 +27,25 @@ def _diff(a: Image.Image, b: Image.Image) -> np.ndarray:
     return np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).sum(axis=-1)
 
 
-@pytest.mark.parametrize("family", sorted(edits.EDIT_FAMILIES))
+def _make(name: str, photo: Image.Image, seed: int, donor: Image.Image | None = None):
+    family = factory.get_family(name)
+    return factory.kind_of(family).make(family, photo, np.random.default_rng(seed), donor=donor)
+
+
+def test_the_edit_families_are_registered():
+    assert EDIT_FAMILIES == ["splice", "colour_background", "resample", "self_blend"]
+
+
+@pytest.mark.parametrize("family", EDIT_FAMILIES)
 def test_edit_is_deterministic_keeps_size_and_changes_pixels(family, photo, donor):
     for seed in range(6):
-        out, params = edits.apply_edit(family, photo, np.random.default_rng(seed), donor=donor)
-        again, params_again = edits.apply_edit(family, photo, np.random.default_rng(seed), donor=donor)
+        out, params = _make(family, photo, seed, donor=donor)
+        again, params_again = _make(family, photo, seed, donor=donor)
         assert out.size == photo.size and out.mode == "RGB"
         assert np.array_equal(np.asarray(out), np.asarray(again)) and params == params_again
         assert json.loads(json.dumps(params)) == params  # JSON-able as stored in the manifest
         assert _diff(out, photo).max() > 0
-    other, _ = edits.apply_edit(family, photo, np.random.default_rng(99), donor=donor)
+    other, _ = _make(family, photo, 99, donor=donor)
     assert not np.array_equal(np.asarray(other), np.asarray(out))
 
 
@@ -127,6 +138,6 @@ def test_degrade_chain_is_deterministic_and_recorded(photo):
         assert {step["op"] for step in params["chain"]} <= {"jpeg", "resize", "blur", "noise"}
 
 
-def test_unknown_edit_family_is_a_clear_error(photo):
-    with pytest.raises(ValueError, match="unknown edit family 'warp'"):
-        edits.apply_edit("warp", photo, np.random.default_rng(0))
+def test_unknown_family_is_a_clear_error(photo):
+    with pytest.raises(ValueError, match="unknown family 'warp'"):
+        _make("warp", photo, 0)

@@ -18,7 +18,7 @@ from dfd_lib.embed import clusters
 from dfd_lib.embed import resplits as resplit_lib
 from dfd_lib.synth.config import EnrichmentConfig
 from dfd_lib.synth.enrichment import enrich_dataset, save_augmented_manifest
-from dfd_lib.synth.factory import ALL_FAMILIES
+from dfd_lib.synth.factory import BUILTIN_FAMILIES
 from dfd_lib.synth.summary import family_counts, plot_enrichment_grid, resplit_side_counts
 
 ALL_SPLITS = ()  # source_splits that draws from every split (the config's default is train and val only)
@@ -59,7 +59,7 @@ def test_rows_inherit_provenance_and_rerun_resumes(source_table, tmp_path, caplo
     by_path = source_table.set_index("path")
     broken = str(tmp_path / "source" / "broken.png")
     # with seed 1 the broken file is drawn as a source and as a splice donor: each is one failure
-    assert len(failures) and len(rows) + len(failures) == 3 * len(ALL_FAMILIES)
+    assert len(failures) and len(rows) + len(failures) == 3 * len(BUILTIN_FAMILIES)
     assert ((failures["parent"] == broken) | failures["reason"].str.contains("donor .*broken.png")).all()
     assert failures["reason"].str.contains("not an image").all()
     assert caplog.text.count("failed: ") == len(failures)
@@ -74,7 +74,7 @@ def test_rows_inherit_provenance_and_rerun_resumes(source_table, tmp_path, caplo
         expected_label = 0 if row.family == "degraded" else 1
         assert row.label == expected_label
         assert parent.label == (1 if row.family == "degraded_fake" else 0)
-    assert set(rows["family"]) == set(ALL_FAMILIES) | {"degraded_fake"}
+    assert set(rows["family"]) == set(BUILTIN_FAMILIES) | {"degraded_fake"}
 
     # the rerun writes nothing new and returns the same rows
     stamps = {p: Path(p).stat().st_mtime_ns for p in rows["path"]}

@@ -17,7 +17,7 @@ from dfd_lib.models.backbones import (
     hub_weights_file,
     packaged_source,
 )
-from dfd_lib.synth.diffusion import DiffusionUnavailableError, locate_checkpoint
+from dfd_lib.synth import factory
 
 DEMO_DATASETS = ("demo", "demo-smoke")
 EMBED_STEP, SYNTH_STEP, TRAIN_STEP = "01_features_umap", "03_sd_augment", "04_train_moe"
@@ -44,10 +44,12 @@ class Backbone:
 
 @dataclass(frozen=True)
 class Diffusion:
-    """A Stable Diffusion checkpoint notebook 03 loads (a local folder or file, or a hub id)."""
+    """A checkpoint a model-backed family of notebook 03 loads: for Stable Diffusion a local folder or
+    file, or a hub id."""
 
     task: str  # "img2img", "inpaint" or "img2img+inpaint" (one checkpoint serving both)
     checkpoint: str
+    kind: str = "stable_diffusion"  # the registered kind that loads it (dfd_lib.synth.factory)
 
 
 @dataclass
@@ -87,18 +89,17 @@ def backbones(values: dict[str, dict]) -> list[Backbone]:
 
 
 def diffusion_checkpoints(values: dict[str, dict]) -> list[Diffusion]:
-    """The Stable Diffusion checkpoints notebook 03 loads (none for the tiny built-in pipeline)."""
+    """The checkpoints the selected model-backed families of notebook 03 load, each asked of its kind
+    (none for a built-in model such as the tiny Stable Diffusion pipeline)."""
     params = values.get(SYNTH_STEP)
     if not params:
         return []
-    families = set(params.get("families") or [])
-    tasks: dict[str, list[str]] = {}
-    if "sd_img2img" in families and params.get("sd_checkpoint"):
-        tasks.setdefault(str(params["sd_checkpoint"]), []).append("img2img")
-    inpaint = params.get("sd_inpaint_checkpoint") or params.get("sd_checkpoint")
-    if "sd_inpaint" in families and inpaint:
-        tasks.setdefault(str(inpaint), []).append("inpaint")
-    return [Diffusion("+".join(names), checkpoint) for checkpoint, names in tasks.items()]
+    tasks: dict[tuple[str, str], list[str]] = {}
+    for family in factory.model_families(params.get("families") or []):
+        checkpoint = factory.kind_of(family).checkpoint(family, params)
+        if checkpoint:
+            tasks.setdefault((family.kind, str(checkpoint)), []).append(family.task)
+    return [Diffusion("+".join(dict.fromkeys(names)), checkpoint, kind) for (kind, checkpoint), names in tasks.items()]
 
 
 def resolve_backbone(backbone: Backbone, fetch: bool = False) -> Resolved:
@@ -138,10 +139,10 @@ def _downloadable(name: str) -> Resolved | None:
 
 
 def resolve_diffusion(checkpoint: Diffusion, fetch: bool = False) -> Resolved:
-    """A local diffusers folder or single file, or a hub id found in (or, with ``fetch``, downloaded
-    into) the Hugging Face cache."""
+    """Where the checkpoint's kind finds it: for Stable Diffusion a local diffusers folder or single file,
+    or a hub id found in (or, with ``fetch``, downloaded into) the Hugging Face cache."""
     try:
-        return Resolved(True, locate_checkpoint(checkpoint.checkpoint, fetch=fetch))
-    except DiffusionUnavailableError as exc:
+        return Resolved(True, factory.get_kind(checkpoint.kind).locate(checkpoint.checkpoint, fetch=fetch))
+    except FileNotFoundError as exc:  # DiffusionUnavailableError is one
         return Resolved(False, str(exc))
 

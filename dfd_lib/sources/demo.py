@@ -1,11 +1,11 @@
 """The embedded demo dataset, built offline and deterministically from a seed.
 
 Reals are random crops of real photographs and video frames shipped inside registry
-packages (:mod:`dfd_lib.sources.photos`). Fakes are made from those reals by the kit's one fake
-factory (:mod:`dfd_lib.synth.factory`), the code notebook 03's enrichment runs: its edits and its
-Stable Diffusion regenerations (here with a small pipeline with random weights built in-process;
-the same code runs a real checkpoint in notebook 03). Every fake names its family and its parent
-real image, and shares the parent's ``group``.
+packages (:mod:`dfd_lib.sources.photos`). Fakes are made from those reals by the families of the
+kit's one fake factory (:mod:`dfd_lib.synth.factory`), the code notebook 03's enrichment runs: its
+edits and its Stable Diffusion regenerations (here with a small pipeline with random weights built
+in-process; the same code runs a real checkpoint in notebook 03), or any other registered fake family.
+Every fake names its family and its parent real image, and shares the parent's ``group``.
 
 Like the competition, the dataset has an "official" random train/val split, and a ``test``
 set built like the hidden test: its reals come from sources and its fakes from families that
@@ -36,7 +36,9 @@ from dfd_lib.core.logs import progress_bar
 from dfd_lib.core.paths import DEMO_DATA_DIR, resolve
 from dfd_lib.data.manifest import CLASS_NAMES, FAKE, REAL, TEST, TRAIN, VAL, Manifest
 from dfd_lib.sources.photos import available_sources, load_source, random_square_crop
-from dfd_lib.synth import diffusion, factory
+from dfd_lib.synth import factory
+from dfd_lib.synth.config import EnrichmentConfig
+from dfd_lib.synth.kinds import ModelKind
 
 SMOKE_SIZE = 200
 log = logging.getLogger(__name__)
@@ -75,8 +77,9 @@ class DemoConfig:
             value = getattr(self, name)
             if not 0.0 < value < 1.0:
                 raise ValueError(f"{name} must be strictly between 0 and 1, got {value}")
-        factory.check_families(self.trainval_families, known=factory.FAKE_FAMILIES)
-        factory.check_families(self.test_families, known=factory.FAKE_FAMILIES)
+        fake_families = factory.family_names(fakes_only=True)
+        factory.check_families(self.trainval_families, known=fake_families)
+        factory.check_families(self.test_families, known=fake_families)
         if set(self.trainval_families) & set(self.test_families):
             raise ValueError("test families must differ from train/val families (the test set is cross-domain)")
         if set(self.trainval_sources) & set(self.test_sources):
@@ -122,33 +125,42 @@ def _make_reals(sources: list[str], count: int, split_name: str, config: DemoCon
 
 def _make_fakes(reals: list[_Item], families: tuple[str, ...], count: int, config: DemoConfig,
                 rng: np.random.Generator, start: int) -> list[_Item]:
-    plan = [families[i % len(families)] for i in range(count)]
+    """``count`` fakes, the families in turn: image kinds at once, model-backed families' requests drawn
+    in the same pass (so every draw keeps its place in ``rng``) and made afterwards in batches."""
+    plan = [factory.get_family(families[i % len(families)]) for i in range(count)]
     fakes: list[_Item | None] = [None] * count
-    regenerations: dict[str, list[tuple[int, _Item, factory.DiffusionRequest]]] = {f: [] for f in factory.SD_FAMILIES}
+    requests: dict[str, list[tuple[int, _Item, object]]] = {}
     for i, family in enumerate(plan):
+        kind = factory.kind_of(family)
         parent = reals[int(rng.integers(len(reals)))]
-        if family in factory.SD_FAMILIES:
+        if isinstance(kind, ModelKind):
             seed = int(rng.integers(2**31 - 1))
-            regenerations[family].append((i, parent, factory.diffusion_request(family, parent.image, rng, seed)))
+            requests.setdefault(family.name, []).append((i, parent, kind.request(family, parent.image, rng, seed, None)))
             continue
-        donor = reals[int(rng.integers(len(reals)))].image
-        image, params = factory.make_edit(family, parent.image, rng, donor=donor)
-        fakes[i] = _Item(f"f{start + i:05d}", image, FAKE, family, parent.source, parent.group, parent.split, parent.id, params)
-    settings = factory.DiffusionSettings(strength=config.sd_strength, steps=config.sd_steps)
-    for family, jobs in regenerations.items():
-        if not jobs:
-            continue
-        task = factory.SD_FAMILIES[family]
-        pipe = diffusion.load_pipeline(task, None, device="cpu", seed=config.seed)  # the tiny random-weight pipeline
-        requests = [request for _i, _parent, request in jobs]
-        for index, image in factory.generate_batches(pipe, requests, settings, batch_size=16):
+        donor = reals[int(rng.integers(len(reals)))].image  # drawn for every family, donor or not: fixed draw order
+        image, params = kind.make(family, parent.image, rng, donor=donor)
+        fakes[i] = _Item(f"f{start + i:05d}", image, FAKE, family.name, parent.source, parent.group, parent.split,
+                         parent.id, params)
+    settings = _generation_settings(config, tuple(requests))
+    for family in factory.model_families(requests):
+        kind, jobs = factory.kind_of(family), requests[family.name]
+        loaded = kind.load(family, settings, device=settings.device)
+        batches = kind.generate(loaded.model, [request for _i, _parent, request in jobs], settings, settings.sd_batch_size)
+        for index, image in batches:
             if isinstance(image, Exception):
-                raise image  # our own images and pipeline: a failure here is a bug, not bad input
+                raise image  # our own images and models: a failure here is a bug, not bad input
             i, parent, request = jobs[index]
-            params = factory.diffusion_params(family, request, f"tiny-random-{task}", settings)
-            fakes[i] = _Item(f"f{start + i:05d}", image, FAKE, family, parent.source, parent.group, parent.split,
-                             parent.id, params)
+            fakes[i] = _Item(f"f{start + i:05d}", image, FAKE, family.name, parent.source, parent.group, parent.split,
+                             parent.id, kind.params(family, request, loaded.name, settings))
     return [f for f in fakes if f is not None]
+
+
+def _generation_settings(config: DemoConfig, families: tuple[str, ...]) -> EnrichmentConfig:
+    """How the demo's model-backed families generate, as notebook 03 would with these settings: the
+    built-in models (for Stable Diffusion the tiny random-weight pipeline, its weights seeded by the
+    demo's seed), ``sd_steps`` at ``sd_strength``, 16 images per call, on the CPU."""
+    return EnrichmentConfig(families=families, seed=config.seed, steps=config.sd_steps, strength=config.sd_strength,
+                            sd_batch_size=16, device="cpu")
 
 
 def _official_split(reals: list[_Item], val_fraction: float, rng: np.random.Generator) -> None:

@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from dfd_lib.core.config import StepConfig
 from dfd_lib.core.paths import resolve
 from dfd_lib.data.manifest import TRAIN, VAL
+from dfd_lib.synth import factory
 from dfd_lib.synth.diffusion import TINY_PREFIX, is_hub_id
-from dfd_lib.synth.factory import ALL_FAMILIES, SD_FAMILIES, DiffusionSettings, check_families
+from dfd_lib.synth.stable_diffusion import DiffusionSettings, task_checkpoint
 
 
 @dataclass
 class EnrichmentConfig(StepConfig):
     """What to generate; the same config and source table give the same images."""
 
-    families: tuple[str, ...] = ALL_FAMILIES  # edit families, sd_img2img, sd_inpaint, degraded
+    families: tuple[str, ...] = factory.BUILTIN_FAMILIES  # registered families (dfd_lib.synth.factory) to make
     images_per_family: int = 16  # new images written per family
     seed: int = 0  # fixes every source choice, edit and generation
     sd_checkpoint: str = ""  # diffusers folder, .safetensors file or hub id; empty = the tiny random-weight pipeline
@@ -26,16 +26,16 @@ class EnrichmentConfig(StepConfig):
     strength: float = 0.6  # img2img / inpainting strength (share of the steps that run)
     steps: int = 4  # denoising steps before strength is applied
     guidance_scale: float = 1.0  # <= 1 disables classifier-free guidance; 5-8 suits real checkpoints
-    sd_batch_size: int = 8  # images per Stable Diffusion call
+    sd_batch_size: int = 8  # images per Stable Diffusion call (and per call of any model-backed family)
     keep_unmasked: bool = True  # inpainting: paste the source back outside the mask (a fake differs only inside it)
     sd_image_size: int = 0  # Stable Diffusion working size; 0 = the pipeline's native size
     device: str = ""  # cpu, cuda, cuda:1; empty = this process's accelerate device (CUDA if present)
-    degrade_fake_fraction: float = 0.0  # share of "degraded" images made from fakes (they stay fakes)
+    degrade_fake_fraction: float = 0.0  # share of "degraded" (label-keeping families') images made from fakes (they stay fakes)
     source_splits: tuple[str, ...] = (TRAIN, VAL)  # draw sources only from these splits; empty = every split
     torch_threads: int = 1  # torch CPU threads during the run (1 is fastest for small CPU models); 0 = leave torch's
 
     def __post_init__(self) -> None:
-        self.families = check_families(self.families)
+        self.families = factory.check_families(self.families)
         self.source_splits = tuple(self.source_splits or ())
         checks = [
             ("images_per_family", self.images_per_family >= 0, ">= 0"),
@@ -55,15 +55,15 @@ class EnrichmentConfig(StepConfig):
             kept = is_hub_id(value) or value.startswith(TINY_PREFIX)
             setattr(self, name, value if kept else str(resolve(value)) if value else "")
         # a missing local checkpoint must stop the run before anything is written
-        if any(f in SD_FAMILIES for f in self.families):
-            for what, value in (("checkpoint", self.sd_checkpoint), ("single-file config", self.sd_single_file_config),
-                                ("inpainting checkpoint", self.sd_inpaint_checkpoint if "sd_inpaint" in self.families else "")):
-                if value and not is_hub_id(value) and not value.startswith(TINY_PREFIX) and not Path(value).exists():
-                    raise FileNotFoundError(f"Stable Diffusion {what} not found: {value}")
+        by_kind: dict[str, list] = {}
+        for family in factory.model_families(self.families):
+            by_kind.setdefault(family.kind, []).append(family)
+        for kind, families in by_kind.items():
+            factory.get_kind(kind).check_config(families, self)
 
     def checkpoint_for(self, task: str) -> str | None:
-        """The checkpoint that serves ``task`` ("img2img" or "inpaint"); None = the tiny pipeline."""
-        return (self.sd_inpaint_checkpoint if task == "inpaint" else "") or self.sd_checkpoint or None
+        """The Stable Diffusion checkpoint that serves ``task`` ("img2img" or "inpaint"); None = the tiny pipeline."""
+        return task_checkpoint(task, vars(self))
 
     @property
     def diffusion(self) -> DiffusionSettings:

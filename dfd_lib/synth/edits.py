@@ -3,13 +3,13 @@
 Every edit takes PIL RGB image(s) and an ``np.random.Generator`` and returns
 ``(image of the same size, params)``: ``params`` holds JSON-able values that, with the
 source, describe the edit (the manifest stores them). The same seed gives the same image.
+The families that run them are declared in :mod:`dfd_lib.synth.factory`.
 The degradations (:func:`jpeg`, :func:`resize`, :func:`blur`, :func:`noise`) are plain
 parametric functions, so the robustness evaluation reuses them at fixed strengths.
 """
 from __future__ import annotations
 
 import io
-from collections.abc import Callable
 
 import cv2
 import numpy as np
@@ -298,25 +298,3 @@ def degrade(image: Image.Image, rng: np.random.Generator) -> tuple[Image.Image, 
             out = noise(out, step["sigma"], rng)
         chain.append(step)
     return out, dict(chain=chain)
-
-
-# --------------------------------------------------------------------------- registry
-EditFn = Callable[..., tuple[Image.Image, dict]]
-EDIT_FAMILIES: dict[str, EditFn] = {
-    "splice": splice,
-    "colour_background": colour_background,
-    "resample": resample_artifacts,
-    "self_blend": self_blend,
-}
-NEEDS_DONOR = frozenset({"splice"})  # families whose op takes a second image
-
-
-def apply_edit(family: str, image: Image.Image, rng: np.random.Generator,
-               donor: Image.Image | None = None) -> tuple[Image.Image, dict]:
-    """Run the edit family ``family`` by name; ``donor`` is used by families in NEEDS_DONOR
-    (defaulting to ``image`` itself: a copy-move)."""
-    if family not in EDIT_FAMILIES:
-        raise ValueError(f"unknown edit family {family!r}; expected one of {sorted(EDIT_FAMILIES)}")
-    if family in NEEDS_DONOR:
-        return EDIT_FAMILIES[family](image, donor if donor is not None else image, rng)
-    return EDIT_FAMILIES[family](image, rng)

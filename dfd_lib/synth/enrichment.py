@@ -1,7 +1,8 @@
 """Enriching a dataset with edited, regenerated and degraded images (notebook 03).
 
-:func:`enrich_dataset` runs the work list of :mod:`dfd_lib.synth.plan` through the one fake
-factory (:mod:`dfd_lib.synth.factory`) and returns one manifest row per written image. Each new
+:func:`enrich_dataset` runs the work list of :mod:`dfd_lib.synth.plan` through the families of the
+one fake factory (:mod:`dfd_lib.synth.factory`): image kinds one image at a time, model-backed kinds
+in batches of one loaded model per family. It returns one manifest row per written image. Each new
 image inherits its source's ``group``, ``split`` and ``cluster``; :func:`dfd_lib.data.resplit_table.attach_to_resplits`
 then puts it on its source's side of every re-split.
 
@@ -29,10 +30,11 @@ from dfd_lib.core.atomic import atomic_write
 from dfd_lib.core.faults import crash_point
 from dfd_lib.core.logs import progress_bar
 from dfd_lib.data.images import ImageLoadError, load_rgb
-from dfd_lib.data.manifest import COLUMNS, FAKE, Manifest, file_sha1
-from dfd_lib.synth import diffusion, factory
+from dfd_lib.data.manifest import COLUMNS, Manifest, file_sha1
+from dfd_lib.synth import factory
 from dfd_lib.synth.config import EnrichmentConfig
-from dfd_lib.synth.plan import MASK_COLUMN, Job, is_missing, plan_jobs, text_or_none
+from dfd_lib.synth.kinds import Family, is_missing
+from dfd_lib.synth.plan import Job, plan_jobs
 
 FAILURE_COLUMNS = ["id", "family", "parent", "reason"]
 ROW_COLUMNS = COLUMNS + ["parent", "seed", "params"]
@@ -82,7 +84,7 @@ def save_augmented_manifest(table: pd.DataFrame, path: str | os.PathLike) -> Pat
 
 
 def _run_jobs(jobs: list[Job], config: EnrichmentConfig, out_dir: Path, state, progress: bool) -> tuple[list, list]:
-    """This process's share of ``jobs``: edits first, then Stable Diffusion in batches."""
+    """This process's share of ``jobs``: image kinds first, then each model-backed family in batches."""
     rows: list[dict] = []
     failures: list[dict] = []
     # process k takes jobs k, k+n, k+2n, ...: every process gets its share of slow (SD) and fast families
@@ -97,83 +99,66 @@ def _run_jobs(jobs: list[Job], config: EnrichmentConfig, out_dir: Path, state, p
             else:
                 todo.append(job)
         bar = progress_bar(total=len(todo), desc=f"augment[{state.process_index}]", disable=not progress)
-        for job in (job for job in todo if job.family not in factory.SD_FAMILIES):
+        by_model: dict[str, list[Job]] = {family.name: [] for family in factory.model_families()}
+        for job in todo:
+            family = factory.get_family(job.family)
+            if family.name in by_model:
+                by_model[family.name].append(job)
+                continue
             try:
-                rows.append(_run_edit(job, out_dir))
+                rows.append(_run_image_job(family, job, out_dir))
             except Exception as exc:  # noqa: BLE001 - log, skip, go on
                 failures.append(_failure(job, exc))
             bar.update(1)
             crash_point("enrichment.image")
-        for family, task in factory.SD_FAMILIES.items():
-            sd_jobs = [job for job in todo if job.family == family]
-            if sd_jobs:
+        for name, model_jobs in by_model.items():
+            if model_jobs:
                 device = config.device or state.device
-                rows += _run_regenerations(sd_jobs, task, config, device, out_dir, failures)
-                bar.update(len(sd_jobs))
+                rows += _run_model_jobs(factory.get_family(name), model_jobs, config, device, out_dir, failures)
+                bar.update(len(model_jobs))
         bar.close()
     return rows, failures
 
 
-def _run_edit(job: Job, out_dir: Path) -> dict:
+def _run_image_job(family: Family, job: Job, out_dir: Path) -> dict:
+    """One image of an image kind (an edit, a degradation) from its source and donor."""
     image = load_rgb(job.source["path"])
     try:
         donor = load_rgb(job.donor_path) if job.donor_path else None
     except ImageLoadError as exc:
         raise ImageLoadError(f"donor {job.donor_path}: {exc.reason}") from exc
-    edited, params = factory.make_edit(job.family, image, np.random.default_rng(job.seed), donor=donor)
+    made, params = factory.kind_of(family).make(family, image, np.random.default_rng(job.seed), donor=donor)
     if job.donor_path:
         params["donor"] = job.donor_path
-    label = int(job.source["label"]) if job.family in (factory.DEGRADED, factory.DEGRADED_FAKE) else FAKE
-    return _write(out_dir, job, edited, label, params)
+    return _write(out_dir, job, made, family.label_for(job.source["label"]), params)
 
 
-def _run_regenerations(jobs: list[Job], task: str, config: EnrichmentConfig, device, out_dir: Path,
-                       failures: list[dict]) -> list[dict]:
-    """The Stable Diffusion images of ``jobs`` (one family), ``config.sd_batch_size`` per call."""
-    ready: list[tuple[Job, factory.DiffusionRequest]] = []
+def _run_model_jobs(family: Family, jobs: list[Job], config: EnrichmentConfig, device, out_dir: Path,
+                    failures: list[dict]) -> list[dict]:
+    """The images of ``jobs`` (all of model-backed ``family``), ``config.sd_batch_size`` per model call."""
+    kind = factory.kind_of(family)
+    ready: list[tuple[Job, object]] = []
     for job in jobs:
         try:
             image = load_rgb(job.source["path"])
-            mask = _given_mask(job, image) if task == "inpaint" else None
-        except (ImageLoadError, OSError, ValueError) as exc:
+            ready.append((job, kind.request(family, image, np.random.default_rng(job.seed), job.seed, job.source)))
+        except Exception as exc:  # noqa: BLE001 - an unreadable source or mask fails its image alone
             failures.append(_failure(job, exc))
-            continue
-        ready.append((job, factory.diffusion_request(job.family, image, np.random.default_rng(job.seed), job.seed, mask)))
     if not ready:
-        return []  # the pipeline is loaded only once some source is readable
-    checkpoint = config.checkpoint_for(task)
-    pipe = diffusion.load_pipeline(task, checkpoint, seed=config.seed, device=device,
-                                   single_file_config=config.sd_single_file_config or None)
-    name = (checkpoint if diffusion.is_hub_id(checkpoint) else Path(checkpoint).name) if checkpoint else f"tiny-random-{task}"
-    settings = config.diffusion
+        return []  # the model is loaded only once some source is readable
+    loaded = kind.load(family, config, device)
     rows = []
-    for index, image in factory.generate_batches(pipe, [request for _job, request in ready], settings, config.sd_batch_size):
+    for index, image in kind.generate(loaded.model, [request for _job, request in ready], config, config.sd_batch_size):
         job, request = ready[index]
         if isinstance(image, Exception):
             failures.append(_failure(job, image))
             continue
-        params = factory.diffusion_params(job.family, request, name, settings)
-        if text_or_none(job.source.get(MASK_COLUMN)):
-            params["mask"] = text_or_none(job.source.get(MASK_COLUMN))
+        params = kind.params(family, request, loaded.name, config)
         try:
-            rows.append(_write(out_dir, job, image, FAKE, params))
+            rows.append(_write(out_dir, job, image, family.label_for(job.source["label"]), params))
         except OSError as exc:
             failures.append(_failure(job, exc))
     return rows
-
-
-def _given_mask(job: Job, image: Image.Image) -> Image.Image | None:
-    """The source row's own inpainting mask (column :data:`MASK_COLUMN`), checked against its image."""
-    value = text_or_none(job.source.get(MASK_COLUMN))
-    if value is None:
-        return None
-    try:
-        mask = load_rgb(value).convert("L")
-    except ImageLoadError as exc:
-        raise ImageLoadError(f"mask {value}: {exc.reason}") from exc
-    if mask.size != image.size:
-        raise ValueError(f"mask {value} is {mask.width}x{mask.height} but its source is {image.width}x{image.height}")
-    return mask
 
 
 def _failure(job: Job, exc: BaseException) -> dict:

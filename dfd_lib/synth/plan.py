@@ -12,10 +12,10 @@ import numpy as np
 import pandas as pd
 
 from dfd_lib.data.manifest import FAKE, REAL
+from dfd_lib.synth import factory
 from dfd_lib.synth.config import EnrichmentConfig
-from dfd_lib.synth.factory import DEGRADED, DEGRADED_FAKE, NEEDS_DONOR, SD_FAMILIES
+from dfd_lib.synth.kinds import text_or_none
 
-MASK_COLUMN = "inpaint_mask"  # optional source-table column: a mask image per source (white = repaint)
 log = logging.getLogger(__name__)
 
 
@@ -52,20 +52,21 @@ def plan_jobs(table: pd.DataFrame, config: EnrichmentConfig) -> list[Job]:
     reals = pool[pool["label"] == REAL]
     fakes = pool[pool["label"] == FAKE]
     jobs: list[Job] = []
-    for family in config.families:
-        rng = np.random.default_rng(family_seed(config.seed, family, -1))
+    for name in config.families:
+        family = factory.get_family(name)
+        rng = np.random.default_rng(family_seed(config.seed, name, -1))
         n = config.images_per_family
-        if family == DEGRADED and config.degrade_fake_fraction > 0 and len(fakes):
+        if family.keeps_label and config.degrade_fake_fraction > 0 and len(fakes):
             n_fake = int(round(n * config.degrade_fake_fraction))
             picks = _pick(fakes, n_fake, rng) + _pick(reals, n - n_fake, rng)
         else:
             picks = _pick(reals, n, rng)
         if n and not picks:
-            log.warning("augment: no source images for family %r; skipped", family)
+            log.warning("augment: no source images for family %r; skipped", name)
         for index, row in enumerate(picks):
-            out_family = DEGRADED_FAKE if family == DEGRADED and int(row["label"]) == FAKE else family
-            job = Job(f"{out_family}-s{config.seed}-{index:05d}", out_family, family_seed(config.seed, family, index), row)
-            if family in NEEDS_DONOR:
+            out_family = family.output_name(int(row["label"]))
+            job = Job(f"{out_family}-s{config.seed}-{index:05d}", out_family, family_seed(config.seed, name, index), row)
+            if family.needs_donor:
                 # donors come from the same split: no content crosses a split boundary
                 same_split = reals[reals["split"].astype(str) == str(row.get("split"))] if "split" in reals else reals
                 donors = same_split if len(same_split) else reals
@@ -77,26 +78,12 @@ def plan_jobs(table: pd.DataFrame, config: EnrichmentConfig) -> list[Job]:
 
 def fingerprint(job: Job, config: EnrichmentConfig) -> str:
     """A digest of everything that decides ``job``'s image: its source (path and content hash),
-    donor, mask, seed and, for Stable Diffusion, the checkpoint and generation settings."""
+    donor, seed and what its kind adds (for Stable Diffusion the checkpoint, settings and mask)."""
+    family = factory.get_family(job.family)
     key: dict = {"family": job.family, "parent": str(job.source.get("path")), "parent_hash": text_or_none(job.source.get("hash")),
                  "seed": job.seed, "donor": job.donor_path}
-    if job.family in SD_FAMILIES:
-        settings = config.diffusion
-        key.update(checkpoint=config.checkpoint_for(SD_FAMILIES[job.family]), strength=settings.strength,
-                   steps=settings.steps, guidance_scale=settings.guidance_scale, image_size=settings.size,
-                   keep_unmasked=settings.keep_unmasked, mask=text_or_none(job.source.get(MASK_COLUMN)))
+    key.update(factory.kind_of(family).cache_key(family, config, job.source))
     return hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def is_missing(value) -> bool:
-    try:
-        return bool(pd.isna(value))
-    except (TypeError, ValueError):
-        return False
-
-
-def text_or_none(value) -> str | None:
-    return None if value is None or is_missing(value) or str(value) == "" else str(value)
 
 
 def _pick(candidates: pd.DataFrame, n: int, rng: np.random.Generator) -> list[dict]:

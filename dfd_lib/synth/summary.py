@@ -11,17 +11,31 @@ from dfd_lib.core.figures import save_figure
 from dfd_lib.data.images import try_load_rgb
 from dfd_lib.data.manifest import CLASS_NAMES, TRAIN, VAL
 from dfd_lib.data.resplit_table import resplit_columns
+from dfd_lib.synth import factory
 
 
 def family_counts(rows: pd.DataFrame, failures: pd.DataFrame | None = None) -> pd.DataFrame:
-    """Per new family: its label, images written and images that failed."""
+    """Per new family: its kind and label (from the registry; for a family no longer registered, from its
+    rows), images written and images that failed."""
     counts = rows.groupby("family").agg(label=("label", "first"), images=("path", "size"))
     counts["label"] = counts["label"].map(CLASS_NAMES)
     failed = failures["family"].value_counts() if failures is not None and len(failures) else pd.Series(dtype=int)
     counts = counts.reindex(counts.index.union(failed.index))
+    declared = [_declared(name) for name in counts.index]
+    counts.insert(0, "kind", [kind for kind, _label in declared])
+    counts["label"] = [seen if label is None else CLASS_NAMES[label] for (_kind, label), seen in zip(declared, counts["label"])]
     counts["images"] = counts["images"].fillna(0).astype(int)
     counts["failed"] = failed.reindex(counts.index).fillna(0).astype(int)
     return counts
+
+
+def _declared(name: str) -> tuple[str, int | None]:
+    """``(kind, label)`` of the output family ``name`` as registered; ``("", None)`` if it is not."""
+    try:
+        family = factory.get_family(name)
+    except ValueError:
+        return "", None
+    return family.kind, family.label_of(name)
 
 
 def resplit_side_counts(table: pd.DataFrame) -> pd.DataFrame:
@@ -35,8 +49,8 @@ def resplit_side_counts(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def plot_enrichment_grid(rows: pd.DataFrame, path: str | os.PathLike | None = None, per_family: int = 2):
-    """One row per family: ``per_family`` examples, each as source | augmented image |
-    absolute difference (bright = changed). Saved to ``path`` when given; returns the figure."""
+    """One row per family, named with its kind and label: ``per_family`` examples, each as source |
+    augmented image | absolute difference (bright = changed). Saved to ``path`` when given; returns the figure."""
     import matplotlib.pyplot as plt  # deferred: pyplot is slow to import
 
     families = sorted(rows["family"].unique()) if len(rows) else []
@@ -73,8 +87,9 @@ def plot_enrichment_grid(rows: pd.DataFrame, path: str | os.PathLike | None = No
                     cells[2].imshow(diff, cmap="magma", vmin=0, vmax=255)
                 if r == 0:
                     cells[2].set_title("|difference|", fontsize=9)
-            kind = CLASS_NAMES[int(examples["label"].iloc[0])]
-            axes[r, 0].set_ylabel(f"{family}\n({kind})", fontsize=9)
+            kind, label = _declared(family)
+            label = CLASS_NAMES[int(examples["label"].iloc[0]) if label is None else label]
+            axes[r, 0].set_ylabel(f"{family}\n({kind + ', ' if kind else ''}{label})", fontsize=9)
         fig.tight_layout()
     save_figure(fig, path)
     return fig
