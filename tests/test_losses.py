@@ -1,10 +1,15 @@
-"""Each loss against an answer worked out by hand on small tensors."""
+"""Each loss against an answer worked out by hand on small tensors; MultiLoss against the term
+functions called directly; LossConfig as the loss-term registry builds it."""
+import copy
+import dataclasses
 import math
+import pickle
 
 import pytest
 import torch
 from torch import nn
 
+from dfd_lib.training.loss_terms import loss_names, loss_terms
 from dfd_lib.training.losses import (
     LossConfig,
     MultiLoss,
@@ -13,6 +18,7 @@ from dfd_lib.training.losses import (
     noise_consistency_kl,
     supervised_contrastive_loss,
 )
+from dfd_lib.training.train_config import TrainConfig
 
 
 def test_cross_entropy_known_values():
@@ -178,3 +184,103 @@ def test_multiloss_kl_fraction_noises_the_first_part_of_the_batch():
     model.batch_sizes.clear()
     MultiLoss(LossConfig(kl_fraction=0.01))(model, x, y)
     assert model.batch_sizes == [9]
+
+
+# --------------------------------------------------------------------------- the registry's MultiLoss is today's
+
+
+def _reference_losses(model, x, y, ce_weight, nce_weight, kl_weight, temperature, noise_kind, noise_strength, kl_fraction):
+    """The loss dict as MultiLoss computed it before the terms were registered (the term functions
+    called directly, the noisy copy drawn the same way, the sum in the order ce, nce, kl)."""
+    n = x.shape[0]
+    if kl_weight > 0:
+        k = max(1, math.ceil(kl_fraction * n - 1e-9))
+        noisy = add_noise(x[:k], noise_kind, noise_strength)
+        outputs = model(torch.cat([x, noisy], dim=0))
+        logits, logits_noisy, features = outputs["logits"][:n], outputs["logits"][n:], outputs["features"][:n]
+    else:
+        outputs = model(x)
+        logits, logits_noisy, features = outputs["logits"], None, outputs["features"]
+    zero = logits.new_zeros((), dtype=torch.float32)
+    parts = {"ce": cross_entropy_loss(logits, y) if ce_weight > 0 else zero,
+             "nce": supervised_contrastive_loss(features, y, temperature) if nce_weight > 0 else zero,
+             "kl": noise_consistency_kl(logits[: logits_noisy.shape[0]], logits_noisy) if kl_weight > 0 else zero}
+    weights = {"ce": float(ce_weight), "nce": float(nce_weight), "kl": float(kl_weight)}
+    overall = sum(weights[name] * parts[name] for name in ("ce", "nce", "kl") if weights[name] > 0)
+    return {"overall": overall, **parts}
+
+
+@pytest.mark.parametrize("settings", [
+    dict(ce_weight=1.0, nce_weight=0.5, kl_weight=2.0, temperature=0.1, noise_kind="gaussian", noise_strength=0.5, kl_fraction=1.0),
+    dict(ce_weight=1.0, nce_weight=0.1, kl_weight=1.0, temperature=0.07, noise_kind="uniform", noise_strength=0.3, kl_fraction=0.5),
+    dict(ce_weight=1, nce_weight=0, kl_weight=3, temperature=0.07, noise_kind="gaussian", noise_strength=0.1, kl_fraction=0.3),
+    dict(ce_weight=0, nce_weight=0.7, kl_weight=0, temperature=0.2, noise_kind="gaussian", noise_strength=0.1, kl_fraction=1.0),
+    dict(ce_weight=1.0, nce_weight=0.0, kl_weight=0.0, temperature=0.07, noise_kind="gaussian", noise_strength=0.1, kl_fraction=1.0),
+], ids=["all", "uniform-half", "ce-kl", "nce", "ce"])
+def test_multiloss_equals_the_term_functions_bit_for_bit(settings):
+    torch.manual_seed(0)
+    model = _CountingModel()
+    reference_model = _CountingModel()
+    reference_model.load_state_dict(model.state_dict())
+    x, y = torch.randn(8, 6), torch.tensor([0, 1, 1, 0, 1, 0, 0, 1])
+    torch.manual_seed(5)
+    losses = MultiLoss(LossConfig(**settings))(model, x, y)
+    torch.manual_seed(5)  # the same noise: the same RNG calls in the same order
+    expected = _reference_losses(reference_model, x, y, **settings)
+    assert list(losses) == ["overall", "ce", "nce", "kl"]
+    for name in expected:
+        assert torch.equal(losses[name], expected[name]), name
+    losses["overall"].backward()
+    expected["overall"].backward()
+    for (name, p), q in zip(model.named_parameters(), reference_model.parameters()):
+        assert (p.grad is None and q.grad is None) or torch.equal(p.grad, q.grad), name  # NCE alone leaves the head untouched
+    assert model.batch_sizes == reference_model.batch_sizes
+
+
+# --------------------------------------------------------------------------- LossConfig from the registry
+
+BUILT_IN_DICT = {"ce_weight": 1.0, "nce_weight": 0.1, "kl_weight": 1.0, "temperature": 0.07, "noise_kind": "gaussian",
+                 "noise_strength": 0.1, "kl_fraction": 1.0}  # LossConfig's fields before the registry, in their order
+
+
+def test_built_in_terms_make_the_same_loss_config():
+    from dfd_lib.training import losses
+
+    assert loss_names() == ("ce", "nce", "kl") == losses.LOSS_NAMES
+    assert [t.label for t in loss_terms()] == ["CE", "NCE", "KL"]
+    assert LossConfig.parameter_names() == tuple(BUILT_IN_DICT)
+    assert LossConfig.parameter_defaults() == BUILT_IN_DICT
+    assert list(LossConfig().to_dict().items()) == list(BUILT_IN_DICT.items())  # same keys, same order: same config.json
+    config = LossConfig(nce_weight=0, kl_fraction=0.5)
+    assert config.to_dict() == {**BUILT_IN_DICT, "nce_weight": 0, "kl_fraction": 0.5}
+    assert isinstance(config.to_dict()["nce_weight"], int)  # values kept as given, as the dataclass did
+    assert config.nce_weight == 0 and config.temperature == 0.07 and config.noise_kind == "gaussian"
+    assert config.weights == {"ce": 1.0, "nce": 0.0, "kl": 1.0}
+    assert [t.name for t in config.enabled] == ["ce", "kl"]
+    assert config.options("kl") == {"noise_kind": "gaussian", "noise_strength": 0.1, "kl_fraction": 0.5}
+    assert config.memory_factor == 0.5 and LossConfig(kl_weight=0).memory_factor == 0
+
+
+def test_loss_config_equality_copies_and_files():
+    config = LossConfig(nce_weight=0.5, noise_kind="uniform")
+    assert config == LossConfig(nce_weight=0.5, noise_kind="uniform") and config != LossConfig()
+    assert LossConfig(ce_weight=1) == LossConfig(ce_weight=1.0)  # as the dataclass compared
+    assert LossConfig.from_dict(config.to_dict()) == config == LossConfig.from_params({**config.to_dict(), "lr": 1})
+    assert pickle.loads(pickle.dumps(config)) == config and copy.deepcopy(config) == config
+    assert config.with_weights({"kl": 0}) == LossConfig(nce_weight=0.5, noise_kind="uniform", kl_weight=0)
+    assert config.replace(temperature=0.2).temperature == 0.2 and config.temperature == 0.07
+    with pytest.raises(AttributeError, match="immutable"):
+        config.kl_weight = 0
+    with pytest.raises(ValueError, match="unknown LossConfig keys: kl_weigth"):
+        LossConfig.from_dict({"kl_weigth": 0})
+    with pytest.raises(ValueError, match="unknown LossConfig keys: tempreature"):
+        TrainConfig(loss={"tempreature": 0.1})  # a YAML file's nested loss mapping
+    with pytest.raises(TypeError, match="unknown parameter"):
+        LossConfig(kl_weigth=0)
+    with pytest.raises(ValueError, match="kl_fraction"):
+        config.replace(kl_fraction=2)
+    # TrainConfig saves the loss as before: a nested mapping of the flat fields, in the field's place
+    saved = TrainConfig(loss=config).to_dict()
+    assert saved["loss"] == {**BUILT_IN_DICT, "nce_weight": 0.5, "noise_kind": "uniform"}
+    assert list(saved).index("loss") == [f.name for f in dataclasses.fields(TrainConfig)].index("loss")
+    assert TrainConfig.from_dict(saved) == TrainConfig(loss=config) and TrainConfig(loss=config).same_run_as(saved)

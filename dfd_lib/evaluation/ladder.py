@@ -29,7 +29,7 @@ import pandas as pd
 from dfd_lib.data.resplit_table import resplit_column
 from dfd_lib.evaluation.ablation import AblationResult, ablation_config
 from dfd_lib.evaluation.comparison import expert_names, train_official_split
-from dfd_lib.training.losses import LOSS_NAMES
+from dfd_lib.training.losses import loss_names
 from dfd_lib.training.mixture_training import MixtureTrainResult, train_on_resplit
 from dfd_lib.training.train_config import TrainConfig
 from dfd_lib.training.trainer import TrainResult
@@ -67,7 +67,7 @@ class Training:
 
     @property
     def folder(self) -> str:
-        losses = "_".join(name for name in LOSS_NAMES if self.config.loss.weights[name] > 0)
+        losses = "_".join(name for name in loss_names() if self.config.loss.weights[name] > 0)
         return f"{self.rows}_{losses}" + ("" if self.enriched else "_no_enrichment")
 
 

@@ -27,6 +27,7 @@ from dfd_lib.pipeline import needs
 from dfd_lib.pipeline.parameters import ParameterError, parse_overrides
 from dfd_lib.pipeline.profiles import step_values
 from dfd_lib.pipeline.steps import PipelineError
+from dfd_lib.training.losses import LossConfig
 
 SAMPLE_IMAGES = 8  # images decoded per dataset
 PNG_BYTES_PER_PIXEL = 1.6  # a PNG of a photo: about half of its 3 raw bytes per pixel
@@ -166,8 +167,9 @@ def _check_device_and_memory(values: dict[str, dict], report: Report) -> None:
 def training_memory(backbone: str, params: dict, half: bool = False) -> float:
     """Bytes one expert's training holds: weights, gradients, two AdamW moments and the EMA (5 copies of
     the trainable weights in float32), plus the activations kept for the backward pass, measured on
-    this backbone at a small size and scaled to ``image_size`` and the micro-batch (with the KL term's
-    noisy copies); ``half``: autocast keeps activations in 16 bits. Within about 15 % below the peak
+    this backbone at a small size and scaled to ``image_size`` and the micro-batch (with the enabled
+    loss terms' noisy copies, ``LossConfig.memory_factor``: the KL term's ``kl_fraction`` of the
+    batch); ``half``: autocast keeps activations in 16 bits. Within about 15 % below the peak
     measured on a CPU at 512 px (bench/RESULTS.md). Gradient checkpointing is not modelled: with it the
     figure is an upper bound (it measured 2.5-4x lower)."""
     expert = Expert(backbone, pretrained=False)
@@ -187,7 +189,7 @@ def training_memory(backbone: str, params: dict, half: bool = False) -> float:
         expert(probe)["logits"].sum()
     per_image = sum(storages.values()) / 2 * (int(params["image_size"]) / PROBE_SIZE) ** 2
     micro_batch = int(params["batch_size"]) // max(1, int(params.get("grad_accum_steps") or 1))
-    images = micro_batch * (1 + (float(params.get("kl_fraction", 1.0)) if params.get("kl_weight", 1.0) else 0))
+    images = micro_batch * (1 + LossConfig.from_params(params).memory_factor)  # + the enabled terms' noisy copies
     return 5 * weights + per_image * images * (0.5 if half else 1.0)
 
 

@@ -5,6 +5,7 @@ one figure. The same numbers reach accelerate's trackers while training runs
 """
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -12,10 +13,15 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from dfd_lib.core.figures import save_figure
-from dfd_lib.training.losses import LOSS_NAMES
+from dfd_lib.training.losses import loss_names
 from dfd_lib.training.trainer import CURVES_FILE, HISTORY_FILE
 
-PANELS = ("overall", *LOSS_NAMES)
+PANEL_COLUMNS = 3
+
+
+def loss_panels() -> tuple[str, ...]:
+    """The loss parts the figure shows, one panel each: the total, then every registered term."""
+    return ("overall", *loss_names())
 
 
 def read_curves(experts_dir: str | os.PathLike, file_name: str = CURVES_FILE) -> pd.DataFrame:
@@ -38,12 +44,16 @@ def plot_training_curves(experts_dir: str | os.PathLike, path: str | os.PathLike
     history = read_curves(experts_dir, HISTORY_FILE)
     trainings = list(dict.fromkeys(curves["training"]))
     colours = dict(zip(trainings, plt.get_cmap("tab20")(range(len(trainings))), strict=False))
-    fig, axes = plt.subplots(2, 3, figsize=(15, 7.5))
-    for ax, part in zip(axes.flat, PANELS, strict=False):
+    panels = [part for part in loss_panels() if f"loss_{part}" in curves]  # a term registered after these trainings has no curve
+    rows_of_panels = math.ceil((len(panels) + 2) / PANEL_COLUMNS)  # + learning rate and validation AUC
+    fig, axes = plt.subplots(rows_of_panels, PANEL_COLUMNS, figsize=(15, 3.75 * rows_of_panels))
+    for ax in axes.flat[len(panels) + 2:]:
+        ax.set_axis_off()
+    for ax, part in zip(axes.flat, panels, strict=False):
         for name, rows in curves.groupby("training", sort=False):
             ax.plot(rows["step"], rows[f"loss_{part}"].rolling(smoothing, min_periods=1).mean(), color=colours[name], lw=1.2)
         ax.set(title=f"{part} loss (train, mean of {smoothing} steps)", xlabel="step")
-    lr_ax, auc_ax = axes.flat[len(PANELS)], axes.flat[len(PANELS) + 1]
+    lr_ax, auc_ax = axes.flat[len(panels)], axes.flat[len(panels) + 1]
     for name, rows in curves.groupby("training", sort=False):
         lr_ax.plot(rows["step"], rows["lr"], color=colours[name], lw=1.2, label=name)
     lr_ax.set(title="learning rate", xlabel="step")

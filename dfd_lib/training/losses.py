@@ -1,128 +1,180 @@
-"""The three training losses of an expert, each switchable by its weight and logged on its own.
+"""An expert's training loss: :class:`LossConfig` (every registered term's weight and options) and
+:class:`MultiLoss` (their weighted sum for one batch, each part logged on its own).
 
-- ``ce``: cross-entropy on real (0) / fake (1);
-- ``nce``: a supervised contrastive loss (Khosla et al., 2020) on the L2-normalised pooled
-  features: same-class pairs are pulled together, real-fake pairs pushed apart;
-- ``kl``: the KL divergence between the prediction on an image and on the same image with
-  random noise added (a consistency term that makes the expert ignore small perturbations).
-
-:class:`MultiLoss` returns DeepfakeBench's dict shape: ``{"overall", "ce", "nce", "kl"}``.
+The terms themselves, and how to add one, are in :mod:`dfd_lib.training.loss_terms`: nothing here
+names a term. With the built-in terms (``ce``, ``nce``, ``kl``) ``LossConfig`` takes
+``ce_weight``, ``nce_weight``, ``kl_weight``, ``temperature``, ``noise_kind``, ``noise_strength``
+and ``kl_fraction``, and :class:`MultiLoss` returns DeepfakeBench's dict shape:
+``{"overall", "ce", "nce", "kl"}``.
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dfd_lib.core.config import StepConfig
+from dfd_lib.training.loss_terms import (
+    NOISE_KINDS,
+    LossTerm,
+    TermInputs,
+    add_noise,
+    cross_entropy_loss,
+    get_loss_term,
+    loss_names,
+    loss_parameter_names,
+    loss_terms,
+    noise_consistency_kl,
+    supervised_contrastive_loss,
+)
 
-NOISE_KINDS = ("gaussian", "uniform")
-LOSS_NAMES = ("ce", "nce", "kl")
-
-
-def cross_entropy_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of ``logits`` (B, C) against integer ``labels`` (B,)."""
-    return F.cross_entropy(logits.float(), labels.long())
-
-
-def supervised_contrastive_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float = 0.07) -> torch.Tensor:
-    """SupCon loss on ``features`` (B, D), L2-normalised here.
-
-    For each anchor ``i`` with at least one other sample of its class, the loss is the mean
-    over those positives ``p`` of ``-log(exp(s_ip / t) / sum_{a != i} exp(s_ia / t))`` with
-    ``s`` the cosine similarity; the result is the mean over such anchors. A batch in which
-    no sample has a same-class partner gives 0 (still attached to the graph, so backward works).
-    """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if features.ndim != 2 or labels.ndim != 1 or features.shape[0] != labels.shape[0]:
-        raise ValueError(f"expected features (B, D) and labels (B,), got {tuple(features.shape)} and {tuple(labels.shape)}")
-    z = F.normalize(features.float(), dim=1)
-    n = z.shape[0]
-    self_mask = torch.eye(n, dtype=torch.bool, device=z.device)
-    logits = (z @ z.T) / temperature
-    logits = logits.masked_fill(self_mask, float("-inf"))  # an anchor is not its own contrast
-    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
-    positives = (labels[:, None] == labels[None, :]) & ~self_mask
-    n_positives = positives.sum(dim=1)
-    anchors = n_positives > 0
-    if not bool(anchors.any()):
-        return features.sum() * 0.0
-    # where() rather than multiplying, so the -inf on the diagonal never meets a 0
-    positive_log_prob = torch.where(positives, log_prob, torch.zeros_like(log_prob)).sum(dim=1)
-    return -(positive_log_prob[anchors] / n_positives[anchors]).mean()
+__all__ = ["NOISE_KINDS", "LossConfig", "MultiLoss", "add_noise", "cross_entropy_loss", "loss_names",
+           "noise_consistency_kl", "supervised_contrastive_loss"]
 
 
-def noise_consistency_kl(logits_clean: torch.Tensor, logits_noisy: torch.Tensor) -> torch.Tensor:
-    """``KL(p_clean || p_noisy)`` of the softmax predictions, averaged over the batch.
-
-    Gradients flow through both predictions: the term pulls them towards each other."""
-    log_p_clean = F.log_softmax(logits_clean.float(), dim=1)
-    log_p_noisy = F.log_softmax(logits_noisy.float(), dim=1)
-    return F.kl_div(log_p_noisy, log_p_clean, reduction="batchmean", log_target=True)
+def __getattr__(name: str) -> Any:
+    if name == "LOSS_NAMES":  # the registered terms' names, read when asked for (terms can be registered later)
+        return loss_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def add_noise(x: torch.Tensor, kind: str = "gaussian", strength: float = 0.1, generator: torch.Generator | None = None) -> torch.Tensor:
-    """``x`` plus random noise: ``gaussian`` has standard deviation ``strength``, ``uniform``
-    is drawn from ``[-strength, strength]``. ``x`` is the normalised input tensor, so
-    ``strength`` is in normalised units."""
-    if kind not in NOISE_KINDS:
-        raise ValueError(f"noise kind must be one of {NOISE_KINDS}, got {kind!r}")
-    if strength < 0:
-        raise ValueError(f"noise strength must be >= 0, got {strength}")
-    if kind == "gaussian":
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    else:
-        noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) * 2.0 - 1.0
-    return x + strength * noise
+def _defaults() -> dict[str, Any]:
+    return {**{term.weight_name: term.default_weight for term in loss_terms()},
+            **{option.name: option.default for term in loss_terms() for option in term.options}}
 
 
-@dataclass
 class LossConfig(StepConfig):
-    """Weights of the three losses (0 switches a loss off) and their parameters."""
+    """Weights of the registered loss terms (0 switches a term off) and their options, as flat
+    parameters: ``LossConfig(nce_weight=0, kl_fraction=0.5)``. Immutable: :meth:`replace` and
+    :meth:`with_weights` give changed copies. A parameter of a term registered after the config
+    was built reads as its default."""
 
-    ce_weight: float = 1.0
-    nce_weight: float = 0.1
-    kl_weight: float = 1.0
-    temperature: float = 0.07  # SupCon temperature
-    noise_kind: str = "gaussian"  # "gaussian" | "uniform"
-    noise_strength: float = 0.1  # std (gaussian) or half-width (uniform), in normalised units
-    kl_fraction: float = 1.0  # share of each batch that gets a noisy copy for the KL term (CPU budgets: < 1)
+    __hash__ = None  # mutable-looking equality like the dataclass it replaces: not a dict key
 
-    def __post_init__(self):
-        for name in ("ce_weight", "nce_weight", "kl_weight"):
-            value = getattr(self, name)
+    def __init__(self, **params: Any):
+        unknown = [name for name in params if name not in loss_parameter_names()]
+        if unknown:
+            raise TypeError(f"LossConfig got unknown parameter(s) {unknown} (known: {', '.join(loss_parameter_names())})")
+        object.__setattr__(self, "_values", {name: params.get(name, default) for name, default in _defaults().items()})
+        self._validate()
+
+    def _validate(self) -> None:
+        terms = loss_terms()
+        for term in terms:
+            value = self.parameters()[term.weight_name]
             if not isinstance(value, (int, float)) or value < 0 or value != value:
-                raise ValueError(f"LossConfig.{name} must be a number >= 0, got {value!r}")
-        if self.ce_weight == 0 and self.nce_weight == 0 and self.kl_weight == 0:
-            raise ValueError("LossConfig: at least one of ce_weight, nce_weight, kl_weight must be > 0")
-        if self.ce_weight == 0 and self.nce_weight == 0:
-            raise ValueError("LossConfig: kl_weight alone does not learn the labels; set ce_weight or nce_weight > 0")
-        if not self.temperature > 0:
-            raise ValueError(f"LossConfig.temperature must be > 0, got {self.temperature}")
-        if self.noise_kind not in NOISE_KINDS:
-            raise ValueError(f"LossConfig.noise_kind must be one of {NOISE_KINDS}, got {self.noise_kind!r}")
-        if not self.noise_strength >= 0:
-            raise ValueError(f"LossConfig.noise_strength must be >= 0, got {self.noise_strength}")
-        if not (isinstance(self.kl_fraction, (int, float)) and 0 < self.kl_fraction <= 1):
-            raise ValueError(f"LossConfig.kl_fraction must be in (0, 1], got {self.kl_fraction!r}")
+                raise ValueError(f"LossConfig.{term.weight_name} must be a number >= 0, got {value!r}")
+        enabled = self.enabled
+        if not enabled:
+            raise ValueError(f"LossConfig: at least one of {', '.join(t.weight_name for t in terms)} must be > 0")
+        if not any(term.learns_labels for term in enabled):
+            alone = " and ".join(term.weight_name for term in enabled)
+            learners = " or ".join(term.weight_name for term in terms if term.learns_labels)
+            raise ValueError(f"LossConfig: {alone} alone {'does' if len(enabled) == 1 else 'do'} not learn the labels; "
+                             f"set {learners} > 0")
+        for term in terms:
+            for option in term.options:
+                option.validate(self.parameters()[option.name])
+
+    # ----------------------------------------------------------------- parameters by name
+
+    @classmethod
+    def parameter_names(cls) -> tuple[str, ...]:
+        names = loss_parameter_names()
+        shadowed = [name for name in names if hasattr(cls, name)]
+        if shadowed:  # a parameter named like a method would never be read
+            raise ValueError(f"loss parameter name(s) {shadowed} clash with LossConfig's own attributes")
+        return names
+
+    @classmethod
+    def parameter_defaults(cls) -> dict[str, Any]:
+        return {name: _defaults()[name] for name in cls.parameter_names()}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> LossConfig:
+        """The config from a file's mapping (``TrainConfig``'s nested ``loss``): every key must be a parameter."""
+        unknown = sorted(set(data) - set(cls.parameter_names()))
+        if unknown:
+            raise ValueError(f"unknown LossConfig keys: {', '.join(unknown)} (known: {', '.join(sorted(cls.parameter_names()))})")
+        return cls(**data)
+
+    def parameters(self) -> dict[str, Any]:
+        """Every parameter of every registered term, by name (weights first, then options; registration order)."""
+        return {name: self._values.get(name, default) for name, default in _defaults().items()}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The parameters as saved in a training's config. A term that is off by default and left
+        off at its defaults is not written: a config saved before it was registered stays the same."""
+        values = self.parameters()
+        saved = {}
+        for term in loss_terms():
+            names = [term.weight_name, *(option.name for option in term.options)]
+            if term.default_weight == 0 and all(values[name] == _defaults()[name] for name in names):
+                continue
+            saved.update((name, values[name]) for name in names)
+        return {name: saved[name] for name in values if name in saved}  # weights first, as in parameters()
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):  # copy / pickle look for hooks before _values exists
+            raise AttributeError(name)
+        values = self.parameters()
+        if name not in values:
+            raise AttributeError(f"LossConfig has no parameter {name!r} (known: {', '.join(values)})")
+        return values[name]
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"LossConfig is immutable: use config.replace({name}=...)")
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return self.parameters() == other.parameters()
+
+    def __repr__(self) -> str:
+        return f"LossConfig({', '.join(f'{name}={value!r}' for name, value in self.parameters().items())})"
+
+    # ----------------------------------------------------------------- derived views
 
     @property
     def weights(self) -> dict[str, float]:
-        return {"ce": float(self.ce_weight), "nce": float(self.nce_weight), "kl": float(self.kl_weight)}
+        """Term name -> weight, every registered term."""
+        values = self.parameters()
+        return {term.name: float(values[term.weight_name]) for term in loss_terms()}
+
+    @property
+    def enabled(self) -> tuple[LossTerm, ...]:
+        """The terms with a weight > 0, in registration order."""
+        weights = self.weights
+        return tuple(term for term in loss_terms() if weights[term.name] > 0)
+
+    def options(self, term: str) -> dict[str, Any]:
+        """The options of the term named ``term``: ``{"temperature": 0.07}`` for ``nce``."""
+        return get_loss_term(term).option_values(self.parameters())
+
+    @property
+    def memory_factor(self) -> float:
+        """Extra images per image the enabled terms add to a forward pass (the KL term's noisy copies: ``kl_fraction``)."""
+        return sum(term.extra_images(self.options(term.name)) for term in self.enabled)
+
+    def replace(self, **params: Any) -> LossConfig:
+        """A copy with ``params`` changed (validated again)."""
+        return LossConfig(**{**self.parameters(), **params})
+
+    def with_weights(self, weights: Mapping[str, float]) -> LossConfig:
+        """A copy with the weights of the terms named in ``weights`` changed: ``with_weights({"kl": 0})``."""
+        return self.replace(**{get_loss_term(name).weight_name: weight for name, weight in weights.items()})
 
 
 class MultiLoss:
-    """The weighted sum of the enabled losses for one batch.
+    """The weighted sum of the enabled loss terms for one batch.
 
-    ``loss(model, images, labels)`` runs the model (and, only when ``kl_weight > 0``, the
-    noisy copy of the batch in the same forward pass: one larger batch is cheaper than two
-    passes; with ``kl_fraction < 1`` only the first ``ceil(kl_fraction * B)`` images of the
-    batch, which is in random order, get a noisy copy) and returns ``{"overall", "ce", "nce",
-    "kl"}``; disabled losses are 0 and cost nothing. ``model(x)`` must return ``{"logits": (B, 2), "features": (B, D)}``.
+    ``loss(model, images, labels)`` runs the model once: on the batch, plus the noisy copies of the
+    enabled terms that ask for one (the KL term: the first ``ceil(kl_fraction * B)`` images of the
+    batch, which is in random order, with noise added) in the same forward pass, since one larger
+    batch is cheaper than two passes. It returns ``{"overall", <every registered term>}``; disabled
+    terms are 0 and cost nothing. ``model(x)`` must return ``{"logits": (B, 2), "features": (B, D)}``.
     """
 
     def __init__(self, config: LossConfig | None = None):
@@ -131,38 +183,44 @@ class MultiLoss:
     def __call__(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         cfg = self.config
         n = images.shape[0]
-        if cfg.kl_weight > 0:
-            k = max(1, math.ceil(cfg.kl_fraction * n - 1e-9))
-            noisy = add_noise(images[:k], cfg.noise_kind, cfg.noise_strength)
-            outputs = model(torch.cat([images, noisy], dim=0))
-            logits, logits_noisy = outputs["logits"][:n], outputs["logits"][n:]
-            features = outputs["features"][:n]
-        else:
+        # drawn in registration order: the RNG calls, hence a training, are the same every time
+        copies = {term.name: term.noisy_copy(images, **cfg.options(term.name)) for term in cfg.enabled if term.needs_noisy_copy}
+        if not copies:
             outputs = model(images)
-            logits, logits_noisy, features = outputs["logits"], None, outputs["features"]
-        return self.from_outputs(logits, features, labels, logits_noisy)
+            return self.from_outputs(outputs["logits"], outputs["features"], labels)
+        outputs = model(torch.cat([images, *copies.values()], dim=0))
+        noisy, start = {}, n
+        for name, copy in copies.items():
+            noisy[name] = outputs["logits"][start:start + copy.shape[0]]
+            start += copy.shape[0]
+        return self.from_outputs(outputs["logits"][:n], outputs["features"][:n], labels, noisy)
 
     def from_outputs(
         self,
         logits: torch.Tensor,
         features: torch.Tensor,
         labels: torch.Tensor,
-        logits_noisy: torch.Tensor | None = None,
+        logits_noisy: torch.Tensor | Mapping[str, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """The loss dict from outputs already computed (``logits_noisy`` needed when kl is on;
-        it may cover the first rows of the batch only, see ``kl_fraction``)."""
+        """The loss dict from outputs already computed. ``logits_noisy``: the logits of the noisy
+        copies, by term name (or one tensor for every term that needs one); a copy may cover the
+        first rows of the batch only (see ``kl_fraction``)."""
         cfg = self.config
+        weights = cfg.weights
         zero = logits.new_zeros((), dtype=torch.float32)
-        parts = {
-            "ce": cross_entropy_loss(logits, labels) if cfg.ce_weight > 0 else zero,
-            "nce": supervised_contrastive_loss(features, labels, cfg.temperature) if cfg.nce_weight > 0 else zero,
-            "kl": zero,
-        }
-        if cfg.kl_weight > 0:
-            if logits_noisy is None:
-                raise ValueError("kl_weight > 0 needs the logits of the noisy images")
-            if logits_noisy.shape[0] > logits.shape[0]:
-                raise ValueError(f"{logits_noisy.shape[0]} noisy logits for a batch of {logits.shape[0]}")
-            parts["kl"] = noise_consistency_kl(logits[: logits_noisy.shape[0]], logits_noisy)
-        overall = sum(cfg.weights[name] * parts[name] for name in LOSS_NAMES if cfg.weights[name] > 0)
+        parts = {}
+        for term in loss_terms():
+            if weights[term.name] <= 0:
+                parts[term.name] = zero
+                continue
+            noisy = None
+            if term.needs_noisy_copy:
+                noisy = logits_noisy.get(term.name) if isinstance(logits_noisy, Mapping) else logits_noisy
+                if noisy is None:
+                    raise ValueError(f"{term.weight_name} > 0 needs the logits of the noisy images")
+                if noisy.shape[0] > logits.shape[0]:
+                    raise ValueError(f"{noisy.shape[0]} noisy logits for a batch of {logits.shape[0]}")
+            parts[term.name] = term.compute(TermInputs(logits, features, labels, noisy), **cfg.options(term.name))
+        # the same order as the terms' registration (ce, nce, kl, ...): the same float sum every time
+        overall = sum(weights[name] * parts[name] for name in parts if weights[name] > 0)
         return {"overall": overall, **parts}

@@ -1,7 +1,8 @@
 """Everything that decides an expert's training run: :class:`TrainConfig` (saved beside its
 checkpoints). Notebook 04 builds it from its parameters in one call (:meth:`TrainConfig.from_params`:
-its own fields plus the flat loss fields of :class:`~dfd_lib.training.losses.LossConfig`); a
-YAML / JSON file for ``dfd train`` holds the same fields with a nested ``loss`` (and ``augment``)."""
+its own fields plus the flat loss fields of :class:`~dfd_lib.training.losses.LossConfig`: every
+registered loss term's weight and options); a YAML / JSON file for ``dfd train`` holds the same
+fields with a nested ``loss`` (and ``augment``)."""
 from __future__ import annotations
 
 import dataclasses
@@ -62,7 +63,7 @@ class TrainConfig(StepConfig):
                 except ValueError:
                     raise ValueError(f"TrainConfig.{name} must be a number, got {value!r}") from None
         if isinstance(self.loss, Mapping):
-            self.loss = LossConfig(**self.loss)
+            self.loss = LossConfig.from_dict(self.loss)
         if isinstance(self.augment, Mapping):
             self.augment = TrainAugmentConfig(**self.augment)
         for name, ok, requirement in self._checks():
@@ -99,6 +100,9 @@ class TrainConfig(StepConfig):
     @classmethod
     def parameter_names(cls) -> tuple[str, ...]:
         own = tuple(f.name for f in dataclasses.fields(cls) if f.name not in _NESTED)
+        clashing = sorted(set(own) & set(LossConfig.parameter_names()))
+        if clashing:  # one flat namespace (a notebook's) feeds both
+            raise ValueError(f"loss term parameter(s) {clashing} clash with TrainConfig's own fields")
         return own + LossConfig.parameter_names()
 
     @classmethod
@@ -108,8 +112,15 @@ class TrainConfig(StepConfig):
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> TrainConfig:
         """The config from flat parameters (a notebook's): its own fields and the loss fields by name."""
+        cls.parameter_names()  # refuses a loss parameter named like a field of ours
         own = {f.name for f in dataclasses.fields(cls) if f.name not in _NESTED}
         return cls(**{name: params[name] for name in own if name in params}, loss=LossConfig.from_params(params))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as saved beside a training (``train_config.json``), the loss as :meth:`LossConfig.to_dict`."""
+        saved = dataclasses.asdict(self)  # copies the LossConfig object as it is (not a dataclass) ...
+        saved["loss"] = self.loss.to_dict()  # ... replaced in its field's place: the key order of the file stays
+        return saved
 
     def same_run_as(self, other: Mapping) -> bool:
         """Whether a saved config describes the same run (how fast it ran aside)."""

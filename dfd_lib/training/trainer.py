@@ -1,7 +1,8 @@
 """Training one expert: the loop.
 
-AdamW (timm's parameter groups), linear warm-up then cosine decay per step, the weighted CE / NCE /
-KL losses (:mod:`dfd_lib.training.losses`), an EMA of the weights validated every epoch, the best
+AdamW (timm's parameter groups), linear warm-up then cosine decay per step, the weighted loss terms
+(CE / NCE / KL and any other registered in :mod:`dfd_lib.training.loss_terms`, summed by
+:class:`~dfd_lib.training.losses.MultiLoss`), an EMA of the weights validated every epoch, the best
 epoch kept by validation AUC. ``accelerate`` runs it on one CPU process, one GPU (with bf16/fp16
 autocast) or several (``accelerate launch -m dfd_lib.training.cli ...``) without code changes.
 
@@ -50,7 +51,7 @@ from dfd_lib.models.checkpoints import save_expert_weights
 from dfd_lib.models.experts import Expert, create_ema
 from dfd_lib.stats.metrics import binary_metrics
 from dfd_lib.training.freezing import freeze_backbone_stages, train_mode
-from dfd_lib.training.losses import LOSS_NAMES, MultiLoss
+from dfd_lib.training.losses import MultiLoss, loss_names
 from dfd_lib.training.train_config import TrainConfig
 from dfd_lib.training.training_log import CURVES_FILE, TRACKER_PROJECT, log_epoch, log_step, read_curves, tracker_config, trackers
 from dfd_lib.training.training_state import Progress, find_state, load_training_state, read_progress, save_training_state
@@ -261,7 +262,7 @@ def _train_epoch(loop: _Loop, epoch: int, global_step: int) -> tuple[int, dict[s
     """One epoch of optimiser steps; (images seen, loss sums, seconds waiting for data, global step)."""
     config, accelerator = loop.config, loop.accelerator
     train_mode(loop.model, loop.frozen)
-    sums = {loss: 0.0 for loss in ("overall", *LOSS_NAMES)}
+    sums = {loss: 0.0 for loss in ("overall", *loss_names())}  # every registered term, 0 when off
     seen, data_seconds = 0, 0.0
     bar = progress_bar(total=loop.steps_per_epoch, desc=f"{loop.name} epoch {epoch + 1}/{config.epochs}", unit="step",
                        disable=not loop.show, leave=False)
@@ -349,7 +350,7 @@ def _best_meta(loop: _Loop, row: dict) -> dict:
 
 
 def _epoch_summary(loop: _Loop, row: dict, improved: bool) -> str:
-    parts = " ".join(f"{name} {row[f'train_{name}']:.4f}" for name in LOSS_NAMES if loop.config.loss.weights[name] > 0)
+    parts = " ".join(f"{name} {row[f'train_{name}']:.4f}" for name in loss_names() if loop.config.loss.weights[name] > 0)
     return (f"{loop.name} epoch {row['epoch'] + 1}/{loop.config.epochs}: loss {row['train_overall']:.4f} {parts}"
             f" | val AUC {row['val_auc']:.4f} loss {row['val_loss']:.4f} | {row['images_per_s']:.1f} img/s"
             + (" *best*" if improved else ""))

@@ -16,6 +16,7 @@ from dfd_lib.core import runs
 from dfd_lib.core.paths import resolve
 from dfd_lib.data.manifest import FAKE, REAL, TEST, TRAIN, VAL, Manifest
 from dfd_lib.data.resplit_table import attach_to_resplits, load_resplits, resplit_column, resplit_indices, save_resplits
+from dfd_lib.training.loss_terms import loss_summary_names
 from dfd_lib.training.train_config import TrainConfig
 
 OFFICIAL_DIR = "official_split"  # the official-split model's folder, beside expert_<i>/ in the experts folder
@@ -94,15 +95,16 @@ def expert_configs(base: TrainConfig, backbones: Sequence[str], backbone_weights
 
 
 def configs_table(configs: Mapping[str, TrainConfig]) -> pd.DataFrame:
-    """The settings that differ between runs, plus the main shared ones, one row per run."""
+    """The settings that differ between runs, plus the main shared ones, one row per run (the loss:
+    every registered term's weight and the options that set its cost, e.g. ``kl_fraction``)."""
     rows = {}
     for name, config in configs.items():
         d = config.to_dict()
-        loss = d.pop("loss")
+        d.pop("loss")
         d.pop("augment")
         rows[name] = {**{k: d[k] for k in ("backbone", "weights_path", "image_size", "epochs", "batch_size", "lr",
                                             "freeze_stages", "max_steps_per_epoch", "ema_decay")},
-                      **{k: loss[k] for k in ("ce_weight", "nce_weight", "kl_weight", "kl_fraction")}}
+                      **{k: getattr(config.loss, k) for k in loss_summary_names()}}
     return pd.DataFrame.from_dict(rows, orient="index")
 
 
