@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "check": ("dfd_lib.pipeline.preflight", "check a profile before running it: data, weights, disk, device, memory"),
     "fetch-weights": ("dfd_lib.pipeline.fetch", "download the backbones and Stable Diffusion checkpoints a profile needs"),
     "pipeline": ("dfd_lib.pipeline.cli", "run the numbered notebooks headless with papermill"),
+    "status": ("dfd_lib.pipeline.status_cli", "which steps of a run are up to date, stale (and why) or not run"),
     "rerun": ("dfd_lib.pipeline.rerun", "execute a run folder again from what it recorded (profile, overrides, data)"),
     "compare": ("dfd_lib.pipeline.compare", "say whether two run folders agree, file by file and metric by metric"),
     "augment": ("dfd_lib.synth.cli", "generate notebook 03's edited / Stable Diffusion images into a run folder"),

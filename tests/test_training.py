@@ -176,10 +176,27 @@ def test_resume_after_kill_matches_uninterrupted_run(images, tmp_path):
         torch.testing.assert_close(best_a[key], best_b[key], rtol=1e-5, atol=1e-6)
 
 
-def test_resume_refuses_a_different_config(images, tmp_path):
-    train_expert(images.iloc[:16], images.iloc[16:], _config(epochs=1), tmp_path / "run")
-    with pytest.raises(ValueError, match="different config"):
-        train_expert(images.iloc[:16], images.iloc[16:], _config(epochs=1, lr=1e-2), tmp_path / "run")
+def test_a_training_is_reused_only_when_made_from_the_same_rows_settings_and_weights(images, tmp_path, caplog):
+    train, val, out = images.iloc[:16], images.iloc[16:], tmp_path / "run"
+    first = train_expert(train, val, _config(epochs=1), out)
+    made = (out / BEST_WEIGHTS).stat().st_mtime_ns
+    with caplog.at_level("INFO", logger="dfd_lib"):
+        again = train_expert(train, val, _config(epochs=1, threads=1), out)  # how fast it runs is not what it computes
+    assert (out / BEST_WEIGHTS).stat().st_mtime_ns == made and "reused" in caplog.text
+    assert again.key == first.key and set(first.key) == {"train_rows", "val_rows", "config", "weights", "format"}
+    caplog.clear()
+    with caplog.at_level("INFO", logger="dfd_lib"):
+        other = train_expert(train, val, _config(epochs=1, lr=1e-2), out)
+    assert "run: retraining: its settings changed" in caplog.text and other.key["config"] != first.key["config"]
+    assert other.config.lr == 1e-2 and len(other.history) == 1
+    caplog.clear()
+    swapped = pd.concat([train.iloc[:15], val.iloc[:1]], ignore_index=True)  # one training image replaced
+    with caplog.at_level("INFO", logger="dfd_lib"):
+        retrained = train_expert(swapped, val, _config(epochs=1, lr=1e-2), out)
+    assert "run: retraining: its training rows changed" in caplog.text
+    assert retrained.key["val_rows"] == other.key["val_rows"] and retrained.key["train_rows"] != other.key["train_rows"]
+    steps = pd.read_csv(out / CURVES_FILE)["step"]
+    assert steps.is_unique and steps.min() == 1 and set(pd.read_csv(out / CURVES_FILE)["epoch"]) == {1}  # nothing of the discarded runs
 
 
 def test_unreadable_image_is_skipped_and_reported(images, tmp_path):
@@ -353,5 +370,5 @@ def test_two_processes_train_like_one_with_the_same_global_batch(images, tmp_pat
     # started again, both processes load the saved state (each its own RNG) and find nothing left to train
     again = subprocess.run(launch, capture_output=True, text=True, timeout=300, env=env)
     assert again.returncode == 0, again.stderr[-6000:]
-    assert "resuming two after epoch 2 of 2" in again.stderr
+    assert "two: reused: finished, made from the same rows, settings and weights" in again.stderr
     assert read_training_state(tmp_path / "two")["progress"].history == two["progress"].history

@@ -14,7 +14,13 @@ reports/<run>/
   experts/, weights/moe/             04: every training (expert_<i>/, official_split/, launch/), the mixture (our format)
   figures/*.png                      every figure, also shown in the notebooks
   metrics.json                       every step's key numbers, by step
+  fingerprints.json                  what each step last ran on (dfd status; dfd_lib.pipeline.fingerprints)
 ```
+
+:data:`STEPS` is the step graph: each step's notebook, the run files it reads and writes, and the
+parameters that name files outside the run folder. The chain, ``--from``/``--only``, the preflight,
+the report, ``dfd status``, ``dfd rerun`` and ``dfd compare`` read it; step and file names are spelt
+only here.
 """
 from __future__ import annotations
 
@@ -46,6 +52,64 @@ FIGURES_DIR = "figures"
 METRICS = "metrics.json"
 TABLES_DIR = "tables"
 NOTEBOOKS_DIR = "notebooks"
+FINGERPRINTS = "fingerprints.json"
+DIGEST_CACHE = ".digests.json"  # content digests of run files by size and mtime, so unchanged files are not read again
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    """One step of the method: notebook ``notebooks/<name>.ipynb``, what it reads and writes in the run folder."""
+
+    name: str  # "01_features_umap": the notebook's stem, its section of metrics.json and timings.json
+    reads: tuple[str, ...] = ()  # run files (or folders) written by earlier steps
+    writes: tuple[str, ...] = ()  # run files (or folders) it makes, besides its figures, tables and metrics
+    external: tuple[str, ...] = ()  # its parameters that name files outside the run folder (data, weights)
+
+    @property
+    def key(self) -> str:
+        return self.name[:2]
+
+    @property
+    def notebook(self) -> str:
+        return f"{self.name}.ipynb"
+
+    def matches(self, token: str) -> bool:
+        """``token`` ("04", "04_train_moe", "train_moe", "04_train_moe.ipynb") names this step."""
+        token = token.strip()
+        return token in (self.key, self.name, self.name[3:], self.notebook)
+
+
+FEATURES = StepSpec("01_features_umap", writes=(MANIFEST, EMBEDDINGS_DIR, UMAP_COORDS),
+                    external=("dataset", "labels_csv", "val_dataset", "val_labels_csv", "test_dataset", "test_labels_csv",
+                              "backbone_weights"))
+CLUSTERS = StepSpec("02_cluster_split", reads=(MANIFEST, EMBEDDINGS_DIR, UMAP_COORDS), writes=(RESPLITS,))
+AUGMENT = StepSpec("03_sd_augment", reads=(RESPLITS,), writes=(AUGMENTED_DIR, AUGMENTED_MANIFEST),
+                   external=("sd_checkpoint", "sd_inpaint_checkpoint", "sd_single_file_config"))
+TRAIN = StepSpec("04_train_moe", reads=(MANIFEST, RESPLITS, AUGMENTED_DIR, AUGMENTED_MANIFEST), writes=(EXPERTS_DIR, MOE_WEIGHTS),
+                 external=("backbone_weights",))
+INFERENCE = StepSpec("05_inference", reads=(MANIFEST, MOE_WEIGHTS), external=("weights_dir", "folder"))
+STEPS: tuple[StepSpec, ...] = (FEATURES, CLUSTERS, AUGMENT, TRAIN, INFERENCE)
+
+
+def step_spec(token: str) -> StepSpec:
+    """The step ``token`` names (see :meth:`StepSpec.matches`)."""
+    for step in STEPS:
+        if step.matches(token):
+            return step
+    raise KeyError(f"unknown step {token!r}; steps are {', '.join(s.name for s in STEPS)}")
+
+
+def producer(name: str) -> StepSpec:
+    """The step that writes the run file ``name``."""
+    for step in STEPS:
+        if name in step.writes or any(name.startswith(f"{written}/") for written in step.writes):
+            return step
+    raise KeyError(f"no step writes {name!r}")
+
+
+def upstream(step: StepSpec) -> list[StepSpec]:
+    """The steps whose files ``step`` reads, in chain order."""
+    return [producer_step for producer_step in STEPS if set(step.reads) & set(producer_step.writes)]
 
 
 def read_params(run_dir: str | os.PathLike) -> dict:
@@ -86,12 +150,13 @@ class RunDir:
     def path(self, name: str) -> Path:
         return self.root / name
 
-    def require(self, name: str, made_by: str) -> Path:
-        """The path of an artefact of an earlier step, or a clear error naming that step."""
+    def require(self, name: str, _made_by: str = "") -> Path:  # TODO(stack-merge): drop _made_by once notebooks stop passing it
+        """The path of an artefact of an earlier step, or a clear error naming the step that writes it."""
         path = self.path(name)
         if not path.exists():
+            made_by = producer(name)
             raise MissingArtefactError(
-                f"{path} is missing: run step {made_by} first (dfd pipeline --run {self.root.name} --only {made_by[:2]})"
+                f"{path} is missing: run step {made_by.name} first (dfd pipeline --run {self.root.name} --only {made_by.key})"
             )
         return path
 

@@ -221,15 +221,15 @@ def embed_run(run: runs.RunDir, table: pd.DataFrame, config: EmbeddingConfig, pr
     result = extract_embeddings(table, config, cache_dir=run.path(runs.EMBEDDINGS_DIR), progress=progress)
     index = {"array": result.cache_path.name, "config": config.to_dict(), "weights_source": result.weights_source}
     atomic_write(run.path(runs.EMBEDDINGS_INDEX), lambda tmp: tmp.write_text(json.dumps(index, indent=2)))
-    run.record_weights("01_features_umap", {config.backbone: result.weights_source})
+    run.record_weights(runs.FEATURES.name, {config.backbone: result.weights_source})
     return result
 
 
 def load_run_embeddings(run: runs.RunDir) -> EmbeddingResult:
     """The embeddings notebook 01 made for this run (its manifest's rows, in order); an error naming
     step 01 when they are missing or the manifest changed since."""
-    manifest = Manifest.load(run.require(runs.MANIFEST, "01_features_umap")).table
-    index = json.loads(run.require(runs.EMBEDDINGS_INDEX, "01_features_umap").read_text())
+    manifest = Manifest.load(run.require(runs.MANIFEST)).table
+    index = json.loads(run.require(runs.EMBEDDINGS_INDEX).read_text())
     array_path = run.path(runs.EMBEDDINGS_DIR) / index["array"]
     meta_path = array_path.with_suffix(".json")
     if not (array_path.is_file() and meta_path.is_file()):

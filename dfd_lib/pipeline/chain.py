@@ -19,6 +19,7 @@ import shlex
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,13 +31,17 @@ from dfd_lib.core.atomic import atomic_write
 from dfd_lib.core.logs import PIPELINE_STEP_ENV
 from dfd_lib.core.paths import NOTEBOOKS_DIR, PIPELINES_DIR, PROJECT_ROOT, REPORTS_DIR
 from dfd_lib.pipeline.environment import snapshot_keeping
+from dfd_lib.pipeline.fingerprints import forget_fingerprint, read_fingerprints, record_fingerprint
+from dfd_lib.pipeline.fingerprints import take as take_fingerprint
 from dfd_lib.pipeline.parameters import relative_to_project
 from dfd_lib.pipeline.preflight import check_profile
-from dfd_lib.pipeline.profiles import DEFAULT_PROFILE, declared_parameters, load_profile, merge_step_parameters
+from dfd_lib.pipeline.profiles import DEFAULT_PROFILE, declared_parameters, load_profile, merge_step_parameters, notebook_defaults
 from dfd_lib.pipeline.report import write_report as write_index
-from dfd_lib.pipeline.steps import PipelineError, Step, discover_steps, select_steps
+from dfd_lib.pipeline.status import StepStatus, run_status, step_status
+from dfd_lib.pipeline.steps import PipelineError, Step, discover_steps, find_step, select_steps, upstream_of
 
 log = logging.getLogger(__name__)
+SKIPPED = "skipped"
 
 
 @dataclass
@@ -44,7 +49,7 @@ class StepResult:
     step: str
     seconds: float
     output: Path
-    status: str  # "ok", "failed", "prepared"
+    status: str  # "ok", "failed", "prepared", "skipped" (up to date)
     error: str = ""
 
 
@@ -67,8 +72,8 @@ def _describe_failure(exc: Exception) -> str:
     return f"{ename}{where}: {evalue}" + ("\n  cell source:\n    " + source.replace("\n", "\n    ") if source else "")
 
 
-def _preflight(plan: RunPlan, only: str | None, start: str | None, notebooks_dir: Path, pipelines_dir: Path) -> None:
-    report = check_profile(plan.profile, plan.overrides, only, start, notebooks_dir=notebooks_dir,
+def _preflight(plan: RunPlan, only: str, notebooks_dir: Path, pipelines_dir: Path) -> None:
+    report = check_profile(plan.profile, plan.overrides, only, None, notebooks_dir=notebooks_dir,
                            pipelines_dir=pipelines_dir, recorded=plan.recorded)
     for note in report.notes:
         log.info("check: %s", note)
@@ -89,20 +94,19 @@ class RunPlan:
     resumed: bool
 
 
-def plan_run(profile: str | None, run: str | None, overrides: dict, resuming: bool,
-             reports_dir: Path = REPORTS_DIR, pipelines_dir: Path = PIPELINES_DIR) -> RunPlan:
-    """Resolve the profile and the run folder. A run folder that already ran remembers itself: without
-    ``profile`` its recorded profile is used, and when ``resuming`` (``--from``/``--only``) its recorded
-    overrides too, with this command's ``overrides`` on top."""
+def plan_run(profile: str | None, run: str | None, overrides: dict, reports_dir: Path = REPORTS_DIR,
+             pipelines_dir: Path = PIPELINES_DIR) -> RunPlan:
+    """Resolve the profile and the run folder. A run folder that already ran remembers itself: its
+    recorded profile and overrides are used, with this command's ``overrides`` on top."""
     record = runs.read_params(Path(reports_dir) / run) if run else {}
     profile_data = load_profile(profile or record.get("profile") or DEFAULT_PROFILE, pipelines_dir)
     run_dir = (Path(reports_dir) / (run or profile_data.get("run") or Path(profile_data["path"]).stem)).resolve()
     record = record or runs.read_params(run_dir)
     name = profile or record.get("profile") or DEFAULT_PROFILE
-    if not (resuming and record):
+    if not record:
         return RunPlan(name, profile_data, run_dir, dict(overrides), {}, False)
     if record.get("profile") and load_profile(record["profile"], pipelines_dir)["path"] != profile_data["path"]:
-        raise PipelineError(f"run {run_dir.name} was made with profile {record['profile']!r}; resuming it with "
+        raise PipelineError(f"run {run_dir.name} was made with profile {record['profile']!r}; running it with "
                             f"{profile!r} would mix two profiles (leave --profile out, or start a new run with --run NEW)")
     return RunPlan(name, profile_data, run_dir, {**record.get("overrides", {}), **overrides}, record.get("steps", {}), True)
 
@@ -117,32 +121,38 @@ def run_pipeline(profile: str | None = None, only: str | None = None, start: str
                  overrides: dict | None = None, prepare_only: bool = False,
                  notebooks_dir: Path = NOTEBOOKS_DIR, pipelines_dir: Path = PIPELINES_DIR,
                  reports_dir: Path = REPORTS_DIR, kernel_name: str = "python3", log_output: bool = False,
-                 progress: bool = True, write_report: bool = True, check: bool = True) -> PipelineResult:
-    """Run the selected steps of ``profile``; stops at the first failed step (earlier artefacts stay)
-    and says how to resume (:func:`resume_command`). ``--from``/``--only`` on a run folder that already
-    ran reuse its recorded profile and overrides (:func:`plan_run`). Ends by writing the run's
-    ``index.html`` (also after a failure, showing what ran). With ``check`` (not for a dry run) the
-    preflight of ``dfd check`` runs first and any problem stops the run before its first step.
-    ``progress``: the steps' own progress lines (library messages) on stderr."""
-    plan = plan_run(profile, run, overrides or {}, bool(only or start), reports_dir, pipelines_dir)
-    steps = select_steps(discover_steps(notebooks_dir), only, start)
-    declared = {s.name: declared_parameters(s) for s in discover_steps(notebooks_dir)}
-    for step in steps:
-        if "run_dir" not in declared[step.name]:
-            raise PipelineError(f"{step.path.name} must declare run_dir in its parameters cell")
-    params = merge_step_parameters(steps, plan.profile_data, plan.overrides, declared, plan.recorded)
-    if check and not prepare_only:
-        _preflight(plan, only, start, notebooks_dir, pipelines_dir)
+                 progress: bool = True, write_report: bool = True, check: bool = True,
+                 force: Sequence[str] = ()) -> PipelineResult:
+    """Run the steps of ``profile`` that need it; stops at the first failed step (earlier artefacts stay)
+    and says how to resume (:func:`resume_command`). On a run folder that already ran, the run's recorded
+    profile and overrides apply (:func:`plan_run`) and, without ``only``/``start``, only the steps that
+    are not up to date run (:mod:`dfd_lib.pipeline.status`), plus the ``force``d ones; ``only``/``start``
+    run exactly those steps. Ends by writing the run's ``index.html`` (also after a failure, showing what
+    ran). With ``check`` (not for a dry run) the preflight of ``dfd check`` runs first and any problem
+    stops the run before its first step. ``progress``: the steps' own progress lines on stderr."""
+    plan = plan_run(profile, run, overrides or {}, reports_dir, pipelines_dir)
+    every = discover_steps(notebooks_dir)
+    chosen = select_steps(every, only, start) if (only or start) else every
+    params, values = resolve_values(plan, every, chosen, resuming=bool(only or start))
+    forced = {find_step(every, token).name for token in force}
+    incremental = plan.resumed and not (only or start) and not prepare_only
+    steps = _stale_steps(every, plan, values, forced) if incremental else chosen
+    result = PipelineResult(plan.run_dir)
+    result.steps = [StepResult(s.name, 0.0, plan.run_dir / runs.NOTEBOOKS_DIR / s.path.name, SKIPPED) for s in every
+                    if incremental and s not in steps]
+    if check and not prepare_only and steps:
+        _preflight(plan, ",".join(s.key for s in steps), notebooks_dir, pipelines_dir)
     with _disk_errors(plan.run_dir, "starting the run"):
         record = _start_record(plan)
-    result = PipelineResult(plan.run_dir)
+    ran: set[str] = set()
     for step in steps:
-        step_params = {**params[step.name], "run_dir": str(plan.run_dir)}
-        record["steps"][step.name] = step_params
-        with _disk_errors(plan.run_dir, f"starting step {step.name}"):
-            runs.write_params(plan.run_dir, record)
-        outcome = _execute(step, step_params, plan.run_dir, prepare_only, kernel_name, log_output, progress)
+        if incremental and step.name not in forced and _current_now(step, every, ran, plan.run_dir, values[step.name]):
+            log.info("[%s] up to date: the steps before it ran again and left its inputs unchanged", step.name)
+            result.steps.append(StepResult(step.name, 0.0, plan.run_dir / runs.NOTEBOOKS_DIR / step.path.name, SKIPPED))
+            continue
+        outcome = _run_step(step, params[step.name], values[step.name], record, plan, prepare_only, kernel_name, log_output, progress)
         result.steps.append(outcome)
+        ran.add(step.name)
         if outcome.status == "failed":
             result.resume = resume_command(plan.run_dir, step, reports_dir)
             log.error("[%s] FAILED after %.1f s: %s\n  executed notebook: %s\n  resume with: %s",
@@ -150,11 +160,79 @@ def run_pipeline(profile: str | None = None, only: str | None = None, start: str
             break
         log.info("[%s] %s in %.1f s%s", step.name, outcome.status if prepare_only else "done", outcome.seconds,
                  "" if prepare_only else step_summary(plan.run_dir, step.name))
+    result.steps.sort(key=lambda s: [step.name for step in every].index(s.step))
     with _disk_errors(plan.run_dir, "recording the timings"):
         _write_timings(plan.run_dir, result)
     if write_report and not prepare_only:
         log.info("report: %s", write_index(plan.run_dir))
     return result
+
+
+def resolve_values(plan: RunPlan, every: list[Step], chosen: list[Step], resuming: bool) -> tuple[dict, dict]:
+    """``(params, values)`` of the ``chosen`` steps: what the profile and overrides set (passed to the
+    notebooks), and every value each runs with (its notebook's defaults included). ``resuming``
+    (``--from``/``--only``): the run's other steps keep what they ran with."""
+    declared = {s.name: declared_parameters(s) for s in every}
+    for step in every:
+        if "run_dir" not in declared[step.name]:
+            raise PipelineError(f"{step.path.name} must declare run_dir in its parameters cell")
+    params = merge_step_parameters(chosen, plan.profile_data, plan.overrides, declared, plan.recorded if resuming else {})
+    return params, {step.name: {**notebook_defaults(step), **params[step.name]} for step in chosen}
+
+
+def run_state(run: str, overrides: dict | None = None, notebooks_dir: Path = NOTEBOOKS_DIR,
+              pipelines_dir: Path = PIPELINES_DIR, reports_dir: Path = REPORTS_DIR) -> tuple[Path, list[StepStatus]]:
+    """The run folder ``run`` (a name under ``reports_dir`` or a path) and the status of each of its steps
+    (``dfd status``), with ``overrides`` applied on top of what the run recorded."""
+    plan = plan_run(None, run, overrides or {}, reports_dir, pipelines_dir)
+    if not plan.resumed:
+        raise PipelineError(f"{plan.run_dir} holds no run (no {runs.PARAMS})")
+    every = discover_steps(notebooks_dir)
+    _params, values = resolve_values(plan, every, every, resuming=False)
+    return plan.run_dir, run_status(every, plan.run_dir, values, ran=plan.recorded)
+
+
+def _stale_steps(every: list[Step], plan: RunPlan, values: dict[str, dict], forced: set[str]) -> list[Step]:
+    """The steps of an existing run that may have to run: those not up to date or forced, and every step
+    downstream of them (checked again once the steps before it ran); says why, and what it skips."""
+    statuses = {s.step: s for s in run_status(every, plan.run_dir, values, ran=plan.recorded)}
+    chosen: list[Step] = []
+    for step in every:
+        status = statuses[step.name]
+        after = [s.name for s in upstream_of(every, step) if s in chosen]
+        if status.current and step.name not in forced and not after:
+            log.info("[%s] skipped: up to date", step.name)
+            continue
+        why = "; ".join(status.reasons) if status.reasons else status.state
+        if status.current and step.name not in forced:
+            why = f"up to date, checked again after {', '.join(after)}"
+        log.info("[%s] will run: %s", step.name, f"forced (--force); {why}" if step.name in forced else why)
+        chosen.append(step)
+    return chosen
+
+
+def _current_now(step: Step, every: list[Step], ran: set[str], run_dir: Path, values: dict) -> bool:
+    """Whether ``step`` is up to date now that the steps before it ran (``ran``): by its own record, and,
+    for a step the graph does not declare (its inputs unknown), only if none of the steps before it ran."""
+    if not step.declared and any(s.name in ran for s in upstream_of(every, step)):
+        return False
+    return step_status(step, run_dir, values, read_fingerprints(run_dir).get(step.name)).current
+
+
+def _run_step(step: Step, params: dict, values: dict, record: dict, plan: RunPlan, prepare_only: bool, kernel_name: str,
+              log_output: bool, progress: bool) -> StepResult:
+    """Execute one step; its fingerprint (what it runs on, taken before it starts) is recorded when it succeeds."""
+    step_params = {**params, "run_dir": str(plan.run_dir)}
+    record["steps"][step.name] = step_params
+    with _disk_errors(plan.run_dir, f"starting step {step.name}"):
+        runs.write_params(plan.run_dir, record)
+        fingerprint = None if prepare_only else take_fingerprint(step, plan.run_dir, values)
+        forget_fingerprint(plan.run_dir, step.name)
+    outcome = _execute(step, step_params, plan.run_dir, prepare_only, kernel_name, log_output, progress)
+    if fingerprint is not None and outcome.status == "ok":
+        with _disk_errors(plan.run_dir, f"recording step {step.name}"):
+            record_fingerprint(plan.run_dir, step.name, fingerprint)
+    return outcome
 
 
 def _start_record(plan: RunPlan) -> dict:
@@ -249,5 +327,5 @@ def step_summary(run_dir: Path, step_name: str, limit: int = 6) -> str:
 def _write_timings(run_dir: Path, result: PipelineResult) -> None:
     timings_path = run_dir / runs.TIMINGS
     timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
-    timings.update({s.step: {"seconds": round(s.seconds, 2), "status": s.status} for s in result.steps})
+    timings.update({s.step: {"seconds": round(s.seconds, 2), "status": s.status} for s in result.steps if s.status != SKIPPED})
     atomic_write(timings_path, lambda tmp: tmp.write_text(json.dumps(timings, indent=2)))

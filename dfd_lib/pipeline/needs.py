@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from huggingface_hub import constants, file_exists
 
+from dfd_lib.core import runs
 from dfd_lib.core.paths import resolve
 from dfd_lib.models.backbones import (
     HUB_WEIGHT_FILES,
@@ -20,7 +21,7 @@ from dfd_lib.models.backbones import (
 from dfd_lib.synth import factory
 
 DEMO_DATASETS = ("demo", "demo-smoke")
-EMBED_STEP, SYNTH_STEP, TRAIN_STEP = "01_features_umap", "03_sd_augment", "04_train_moe"
+EMBED_STEP, SYNTH_STEP, TRAIN_STEP = runs.FEATURES.name, runs.AUGMENT.name, runs.TRAIN.name
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         run_dir = runs.open_run(args.run_dir)
         config = EnrichmentConfig.from_params(vars(args))
-        resplits = load_resplits(run_dir.require(runs.RESPLITS, "02_cluster_split"))
+        resplits = load_resplits(run_dir.require(runs.RESPLITS))
     except (ValueError, FileNotFoundError) as exc:
         log.error("dfd augment: %s", exc)
         return 2

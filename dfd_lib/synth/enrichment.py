@@ -186,7 +186,27 @@ def _load_done(out_dir: Path, job: Job) -> dict | None:
     if row.pop(_FINGERPRINT_KEY, None) != job.fingerprint:
         return None  # made by another plan (other sources, settings or checkpoint): make it again
     row["path"] = str(image_path)
+    inherited = _inherited(job.source)
+    if any(row.get(name) != value for name, value in inherited.items()):
+        # the same image, but its source now sits elsewhere (another clustering, another split): the row
+        # follows the source, as it would had the image been made now
+        log.info("augment: %s reused; its source's %s changed since it was made", job.id,
+                 ", ".join(name for name, value in inherited.items() if row.get(name) != value))
+        row.update(inherited)
+        _write_sidecar(row_path, row, job)
     return row
+
+
+def _inherited(source: dict) -> dict:
+    """What a made image takes from its source's row, beyond the image itself."""
+    values = {"source": source.get("source"), "group": source.get("group"), "split": source.get("split"),
+              "cluster": source.get("cluster")}
+    return {k: (None if is_missing(v) else (v.item() if isinstance(v, np.generic) else v)) for k, v in values.items()}
+
+
+def _write_sidecar(row_path: Path, row: dict, job: Job) -> None:
+    sidecar = json.dumps({**row, _FINGERPRINT_KEY: job.fingerprint}, sort_keys=True)
+    atomic_write(row_path, lambda tmp: tmp.write_text(sidecar, encoding="utf-8"))
 
 
 def _write(out_dir: Path, job: Job, image: Image.Image, label: int, params: dict) -> dict:
@@ -202,6 +222,5 @@ def _write(out_dir: Path, job: Job, image: Image.Image, label: int, params: dict
         "parent": str(source["path"]), "seed": job.seed, "params": json.dumps(params, sort_keys=True),
     }
     row = {k: (None if is_missing(v) else (v.item() if isinstance(v, np.generic) else v)) for k, v in row.items()}
-    sidecar = json.dumps({**row, _FINGERPRINT_KEY: job.fingerprint}, sort_keys=True)
-    atomic_write(row_path, lambda tmp: tmp.write_text(sidecar, encoding="utf-8"))
+    _write_sidecar(row_path, row, job)
     return row

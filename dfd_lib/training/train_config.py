@@ -122,10 +122,16 @@ class TrainConfig(StepConfig):
         saved["loss"] = self.loss.to_dict()  # ... replaced in its field's place: the key order of the file stays
         return saved
 
+    def result_settings(self) -> dict:
+        """The settings that decide what a training computes: how fast it runs and where it logs left out."""
+        settings = json.loads(json.dumps(self.to_dict()))
+        for key in _SPEED_ONLY:
+            settings.pop(key, None)
+        return settings
+
     def same_run_as(self, other: Mapping) -> bool:
         """Whether a saved config describes the same run (how fast it ran aside)."""
-        mine, theirs = self.to_dict(), json.loads(json.dumps(dict(other)))
-        for d in (mine, theirs):
-            for key in _SPEED_ONLY:
-                d.pop(key, None)
-        return json.loads(json.dumps(mine)) == theirs
+        theirs = json.loads(json.dumps(dict(other)))
+        for key in _SPEED_ONLY:
+            theirs.pop(key, None)
+        return self.result_settings() == theirs

@@ -10,7 +10,9 @@ Resume: after every epoch the whole training state is saved with accelerate's ``
 (:mod:`dfd_lib.training.training_state`). A killed run started again with the same arguments
 continues after the last finished epoch and ends with the same weights as an uninterrupted run:
 the data order and the augmentation of each epoch derive from ``(seed, epoch)``, and the RNG states
-(noise of the KL term, dropout) are restored.
+(noise of the KL term, dropout) are restored. A state is resumed (or a finished training reused) only
+when its key — the training and validation rows' content, the settings, the starting weights — is the
+key of the training asked for (:mod:`dfd_lib.training.training_key`).
 
 Curves: every optimiser step's total loss, each loss part and the learning rate (the main process's
 batches), and every epoch's validation metrics, go to accelerate's trackers (``TrainConfig.log_with``,
@@ -53,12 +55,21 @@ from dfd_lib.stats.metrics import binary_metrics
 from dfd_lib.training.freezing import freeze_backbone_stages, train_mode
 from dfd_lib.training.losses import MultiLoss, loss_names
 from dfd_lib.training.train_config import TrainConfig
+from dfd_lib.training.training_key import key_changes, training_key
 from dfd_lib.training.training_log import CURVES_FILE, TRACKER_PROJECT, log_epoch, log_step, read_curves, tracker_config, trackers
-from dfd_lib.training.training_state import Progress, find_state, load_training_state, read_progress, save_training_state
+from dfd_lib.training.training_state import (
+    Progress,
+    discard_training,
+    find_state,
+    load_training_state,
+    read_progress,
+    save_training_state,
+)
 
 BEST_WEIGHTS = "best_ema.safetensors"
 HISTORY_FILE = "history.csv"
 CONFIG_FILE = "train_config.json"
+OUTPUTS = (BEST_WEIGHTS, HISTORY_FILE, CURVES_FILE, CONFIG_FILE, TRACKER_PROJECT)  # what a training writes beside its state
 log = logging.getLogger(__name__)
 
 
@@ -75,7 +86,8 @@ class TrainResult:
     config: TrainConfig
     skipped: pd.DataFrame  # unreadable images (path, reason), never fatal
     seconds: float = math.nan  # wall time of the call: training, validation and checkpoints
-    weights_source: str = ""  # where the backbone's starting weights came from (modeling.backbones)
+    weights_source: str = ""  # where the backbone's starting weights came from when it started (models.backbones)
+    key: dict = field(default_factory=dict)  # what it was made from (training_key): rows, settings, weights
 
 
 @dataclass
@@ -120,7 +132,8 @@ def train_expert(
     on_step: Callable[[int, int, int], None] | None = None,
 ) -> TrainResult:
     """Train one expert on ``train_table``, validating its EMA weights on ``val_table`` each
-    epoch. With ``resume`` and a saved state in ``out_dir`` from the same config, the run
+    epoch. With ``resume`` and a saved state in ``out_dir`` made from the same rows, settings and starting
+    weights (:mod:`dfd_lib.training.training_key`; anything else is removed and trained again), the run
     continues after its last finished epoch. ``on_step(epoch, step_in_epoch, global_step)`` is
     called after every optimiser step (progress hooks, tests)."""
     out_dir = Path(out_dir)
@@ -128,7 +141,12 @@ def train_expert(
         raise ValueError(f"need >= 2 training and >= 1 validation rows, got {len(train_table)} and {len(val_table)}")
     started = time.perf_counter()
     loop = _build_loop(train_table, val_table, config, out_dir, on_step)
-    progress = _resume(loop, out_dir) if resume else Progress()
+    key = training_key(train_table, val_table, config, loop.weights_source)
+    if not resume and loop.accelerator.is_main_process:
+        discard_training(out_dir, OUTPUTS)
+    progress = _resume(loop, out_dir, key) if resume else _fresh(loop, key)
+    if loop.accelerator.log_with:  # after a discarded training's logs are gone
+        loop.accelerator.init_trackers(TRACKER_PROJECT, config=tracker_config(config))
     progress.config = config.to_dict()
     loop.curves = read_curves(out_dir, progress.global_step) if progress.epoch >= 0 else []
     if loop.accelerator.is_main_process:
@@ -190,8 +208,6 @@ def _build_loop(train_table: pd.DataFrame, val_table: pd.DataFrame, config: Trai
     selection = "val_loss" if val_table["label"].nunique() < 2 else "val_auc"
     if selection == "val_loss":
         log.warning("the validation set holds one class only: AUC is undefined, the best epoch is chosen by validation loss")
-    if accelerator.log_with:
-        accelerator.init_trackers(TRACKER_PROJECT, config=tracker_config(config))
     return _Loop(config, accelerator, model, optimizer, scheduler, ema, MultiLoss(config.loss), train_loader, val_loader,
                  steps, frozen, mean, std, out_dir.name, selection, accelerator.unwrap_model(model).weights_source, on_step)
 
@@ -220,17 +236,29 @@ def _warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float) -> Cal
     return factor
 
 
-def _resume(loop: _Loop, out_dir: Path) -> Progress:
-    """The progress of a saved state of the same run in ``out_dir`` (restored into ``loop``), or a fresh start."""
+def _resume(loop: _Loop, out_dir: Path, key: dict) -> Progress:
+    """The progress of a saved state in ``out_dir`` made from exactly ``key`` (restored into ``loop``), or a
+    fresh start; a state made from anything else is removed first, and one line says why."""
     state = find_state(out_dir)
     if state is None:
-        return Progress()
-    if not loop.config.same_run_as(read_progress(state).config):
-        raise ValueError(f"{state} was written by a run with a different config; use another out_dir or resume=False")
+        return _fresh(loop, key)
+    changes = key_changes(read_progress(state).key, key)
+    if changes:
+        if loop.accelerator.is_main_process:
+            log.info("%s: retraining: %s", out_dir.name, "; ".join(changes))
+            discard_training(out_dir, OUTPUTS)
+        loop.accelerator.wait_for_everyone()
+        return _fresh(loop, key)
     progress = load_training_state(loop.accelerator, state, loop.optimizer)
     if loop.accelerator.is_main_process:
-        log.info("resuming %s after epoch %d of %d", out_dir.name, progress.epoch + 1, loop.config.epochs)
+        done = progress.epoch + 1 >= loop.config.epochs
+        log.info("%s: %s", out_dir.name, "reused: finished, made from the same rows, settings and weights" if done
+                 else f"resuming after epoch {progress.epoch + 1} of {loop.config.epochs}")
     return progress
+
+
+def _fresh(loop: _Loop, key: dict) -> Progress:
+    return Progress(key=key, weights_source=loop.weights_source)
 
 
 def _run_epoch(loop: _Loop, epoch: int, global_step: int) -> dict:
@@ -364,5 +392,5 @@ def _result(loop: _Loop, out_dir: Path, progress: Progress, seconds: float) -> T
         out_dir=out_dir, best_weights=out_dir / BEST_WEIGHTS, best_epoch=best, best_val_auc=best_auc,
         selection=loop.selection, history=history, config=loop.config,
         skipped=pd.DataFrame(sorted(loop.skipped.items()), columns=["path", "reason"]), seconds=seconds,
-        weights_source=loop.weights_source,
+        weights_source=progress.weights_source or loop.weights_source, key=progress.key,
     )

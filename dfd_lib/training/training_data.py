@@ -55,8 +55,8 @@ def load_training_data(run: runs.RunDir, use_augmented: bool = True, max_experts
     of ``run`` (a :class:`dfd_lib.core.runs.RunDir`), the augmented rows re-attached to their
     sources' sides of every re-split (:func:`dfd_lib.data.resplit_table.attach_to_resplits`, which also
     checks for leakage). ``max_experts`` > 0 keeps the first re-splits only."""
-    manifest = Manifest.load(run.require(runs.MANIFEST, "01_features_umap")).table
-    resplits = load_resplits(run.require(runs.RESPLITS, "02_cluster_split"))
+    manifest = Manifest.load(run.require(runs.MANIFEST)).table
+    resplits = load_resplits(run.require(runs.RESPLITS))
     test = manifest[manifest["split"].astype(str) == TEST].reset_index(drop=True)
     if test.empty:
         raise ValueError("the manifest has no 'test' rows: the headline comparison needs a cross-domain test split "

@@ -35,6 +35,8 @@ class Progress:
     best_score: float = -math.inf  # validation AUC, or minus the validation loss (see TrainResult.selection)
     history: list[dict] = field(default_factory=list)  # one row per finished epoch
     config: dict = field(default_factory=dict)  # the TrainConfig that made it
+    key: dict = field(default_factory=dict)  # what it is made from (dfd_lib.training.training_key)
+    weights_source: str = ""  # where its backbone's starting weights came from, when it started
 
     def record(self, row: dict, score: float) -> bool:
         """Add the epoch ``row``; ``True`` when it is the new best (the first epoch always is, so a run
@@ -99,6 +101,17 @@ def _match_strides(optimizer: torch.optim.Optimizer) -> None:
             for key, value in optimizer.state.get(param, {}).items():
                 if isinstance(value, torch.Tensor) and value.shape == param.shape and value.stride() != param.stride():
                     optimizer.state[param][key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+
+
+def discard_training(out_dir: str | os.PathLike, files: tuple[str, ...]) -> None:
+    """Remove a training's state and ``files`` (its weights, history, curves, tracker logs) from
+    ``out_dir``, so a training made from other data or settings is never mixed into a new one."""
+    out_dir = Path(out_dir)
+    for folder in (*_paths(out_dir), *(out_dir / name for name in files)):
+        if folder.is_dir():
+            shutil.rmtree(folder)
+        elif folder.exists():
+            folder.unlink()
 
 
 def read_training_state(out_dir: str | os.PathLike) -> dict:
