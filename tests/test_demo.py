@@ -62,3 +62,16 @@ def test_config_is_validated():
         DemoConfig(trainval_families=("morphing",))
     with pytest.raises(ValueError, match="fake_fraction"):
         DemoConfig(fake_fraction=1.5)
+
+
+def test_a_changed_demo_file_is_rebuilt_not_trusted(tmp_path, caplog):
+    # the demo is a build whose manifest's hashes every later step trusts (the embedding cache keys on
+    # them): a file changed after the build must not pass under its recorded hash
+    built = build_demo_dataset(DemoConfig.smoke(), tmp_path / "demo", progress=False)
+    victim = built.table["path"].iloc[3]
+    original = open(victim, "rb").read()
+    Image.new("RGB", (128, 128), (255, 0, 0)).save(victim, format="PNG")
+    with caplog.at_level("WARNING", logger="dfd_lib"):
+        again = ensure_demo_dataset(DemoConfig.smoke(), tmp_path / "demo", progress=False)
+    assert "differs from its build (1 file(s) changed" in caplog.text and victim in caplog.text
+    assert open(victim, "rb").read() == original and again.table["hash"].tolist() == built.table["hash"].tolist()

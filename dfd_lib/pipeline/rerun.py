@@ -1,12 +1,14 @@
 """``dfd rerun RUN_DIR --run NEW``: execute a run again from what it recorded.
 
-The new run gets the recorded profile and overrides (and any new ``-p``, recorded as such) and
-runs the steps the old one ran. Before the first step it warns about every difference that could
-change results: the code's commit or uncommitted changes, python, torch/CUDA/cuDNN, the device,
-threads, any installed package (:func:`dfd_lib.pipeline.environment.differences`). After the first
-step it compares the digest of every input dataset with the recorded one and stops, leaving the new
-run resumable, when the data changed (``force`` goes on anyway). ``dfd compare`` then says whether
-the two runs agree.
+The new run gets exactly the parameter values each step of the old one ran with (its fingerprints,
+or ``params.json`` for runs made before them), not what the profile says today: when the profile
+file was edited since, the rerun says which values it would change and replays the recorded ones.
+Any new ``-p`` applies on top and is recorded as such. It runs the steps the old one ran. Before the
+first step it warns about every difference that could change results: the code's commit or
+uncommitted changes, python, torch/CUDA/cuDNN, the device, threads, any installed package
+(:func:`dfd_lib.pipeline.environment.differences`). After the first step it compares the digest of
+every input dataset with the recorded one and stops, leaving the new run resumable, when the data
+changed (``force`` goes on anyway). ``dfd compare`` then says whether the two runs agree.
 """
 from __future__ import annotations
 
@@ -20,7 +22,9 @@ from dfd_lib.core.paths import NOTEBOOKS_DIR, PIPELINES_DIR, REPORTS_DIR, resolv
 from dfd_lib.pipeline.chain import PipelineResult, run_pipeline
 from dfd_lib.pipeline.cli import print_steps
 from dfd_lib.pipeline.environment import differences, environment_snapshot
-from dfd_lib.pipeline.parameters import ParameterError, parse_overrides
+from dfd_lib.pipeline.fingerprints import plain, read_fingerprints
+from dfd_lib.pipeline.parameters import ParameterError, parse_overrides, step_matches
+from dfd_lib.pipeline.profiles import step_values
 from dfd_lib.pipeline.report import write_report
 from dfd_lib.pipeline.steps import PipelineError, discover_steps
 
@@ -53,8 +57,10 @@ def rerun(run_dir: str | Path, new_run: str, overrides: dict | None = None, forc
     if not steps:
         raise PipelineError(f"none of the steps {run_dir} ran ({', '.join(record['steps'])}) exists in {notebooks_dir}")
     settings = dict(notebooks_dir=notebooks_dir, pipelines_dir=pipelines_dir, reports_dir=reports_dir, **options)
-    first = run_pipeline(record["profile"], only=steps[0], run=new_run,
-                         overrides={**record.get("overrides", {}), **(overrides or {})},
+    recorded = recorded_values(run_dir, steps)
+    for line in profile_changes(record, recorded, notebooks_dir, pipelines_dir):
+        log.warning("rerun: %s", line)
+    first = run_pipeline(record["profile"], only=steps[0], run=new_run, overrides=replayed(recorded, overrides or {}),
                          **{**settings, "write_report": settings.get("write_report", True) and len(steps) == 1})
     if not first.ok or len(steps) == 1:
         if not first.ok and len(steps) > 1 and settings.get("write_report", True):
@@ -64,6 +70,42 @@ def rerun(run_dir: str | Path, new_run: str, overrides: dict | None = None, forc
     rest = run_pipeline(only=",".join(steps[1:]), run=new_run, **settings)
     rest.steps = first.steps + rest.steps
     return rest
+
+
+def recorded_values(run_dir: Path, steps: list[str]) -> dict[str, dict]:
+    """Every parameter value each of ``steps`` ran with: its fingerprint's (all values, defaults
+    included), else what ``params.json`` recorded (the values the profile and -p set)."""
+    fingerprints = read_fingerprints(run_dir)
+    steps_record = runs.read_params(run_dir).get("steps", {})
+    return {step: {name: value for name, value in (fingerprints.get(step, {}).get("params") or steps_record.get(step, {})).items()
+                   if name != "run_dir"} for step in steps}
+
+
+def replayed(recorded: dict[str, dict], overrides: dict) -> dict:
+    """``-p`` values that give each step exactly what it ran with (``STEP.name=value``), except where
+    ``overrides`` (this command's ``-p``) names the parameter: those apply as given."""
+    changed = {key.rpartition(".")[2]: key.rpartition(".")[0] for key in overrides}
+    values = {f"{step}.{name}": value for step, names in recorded.items() for name, value in names.items()
+              if not (name in changed and (not changed[name] or step_matches(step, changed[name])))}
+    return {**values, **overrides}
+
+
+def profile_changes(record: dict, recorded: dict[str, dict], notebooks_dir: Path, pipelines_dir: Path) -> list[str]:
+    """What the profile (and the run's -p) would give now that differs from what the steps ran with."""
+    try:
+        now = step_values(record["profile"], record.get("overrides", {}), only=",".join(recorded),
+                          notebooks_dir=notebooks_dir, pipelines_dir=pipelines_dir)
+    except (PipelineError, ParameterError) as exc:
+        return [f"the profile {record['profile']!r} cannot be read as it was ({exc}); the recorded values are replayed"]
+    lines = []
+    for step, values in recorded.items():
+        current = plain({name: value for name, value in now.get(step, {}).items() if name != "run_dir"})
+        differs = [f"{name}={current.get(name, '(unset)')!r} (recorded {values.get(name, '(unset)')!r})"
+                   for name in sorted(set(values) | set(current)) if values.get(name) != current.get(name)]
+        if differs:
+            lines.append(f"the profile {record['profile']!r} changed since the run: {step} would now run with "
+                         f"{', '.join(differs)}; the rerun replays what the run recorded")
+    return lines
 
 
 def _check_inputs(recorded: dict, new_run_dir: Path, force: bool) -> None:

@@ -34,7 +34,7 @@ from PIL import Image
 
 from dfd_lib.core.logs import progress_bar
 from dfd_lib.core.paths import DEMO_DATA_DIR, resolve
-from dfd_lib.data.manifest import CLASS_NAMES, FAKE, REAL, TEST, TRAIN, VAL, Manifest
+from dfd_lib.data.manifest import CLASS_NAMES, FAKE, REAL, TEST, TRAIN, VAL, Manifest, file_sha1
 from dfd_lib.sources.photos import available_sources, load_source, random_square_crop
 from dfd_lib.synth import factory
 from dfd_lib.synth.config import EnrichmentConfig
@@ -273,8 +273,23 @@ def ensure_demo_dataset(config: DemoConfig | None = None, out_dir: str | os.Path
     info = read_build_info(out_dir)
     manifest_path = resolve(out_dir) / "manifest.csv"
     if info is not None and info.get("config") == config.identity() and manifest_path.is_file():
-        return Manifest.load(manifest_path)
+        manifest = Manifest.load(manifest_path)
+        changed = changed_files(manifest.table)
+        if not changed:
+            return manifest
+        log.warning("the demo dataset in %s differs from its build (%d file(s) changed or missing, e.g. %s): "
+                    "building it again", resolve(out_dir), len(changed), changed[0])
     return build_demo_dataset(config, out_dir, progress=progress)
+
+
+def changed_files(table) -> list[str]:
+    """The files of a built manifest whose content is no longer what the manifest records (the demo is
+    a build: its manifest's hashes are what every later step trusts)."""
+    changed = []
+    for path, recorded in zip(table["path"].astype(str), table["hash"].astype(str)):
+        if not Path(path).is_file() or file_sha1(path) != recorded:
+            changed.append(path)
+    return changed
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
