@@ -19,6 +19,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "status": ("dfd_lib.pipeline.status_cli", "which steps of a run are up to date, stale (and why) or not run"),
     "rerun": ("dfd_lib.pipeline.rerun", "execute a run folder again from what it recorded (profile, overrides, data)"),
     "compare": ("dfd_lib.pipeline.compare", "say whether two run folders agree, file by file and metric by metric"),
+    "embed": ("dfd_lib.steps.features", "read a dataset into a run folder and embed it (notebook 01's manifest.csv and embeddings)"),
+    "cluster": ("dfd_lib.steps.clustering", "cluster a run's embeddings into leave-one-cluster-out re-splits (notebook 02's resplits.csv)"),
     "augment": ("dfd_lib.synth.cli", "generate notebook 03's edited / Stable Diffusion images into a run folder"),
     "train": ("dfd_lib.training.cli", "train an expert, or one per re-split and their mixture, from a config file"),
     "predict": ("dfd_lib.scoring.cli", "score images, folders or globs into a CSV"),

@@ -1,17 +1,49 @@
 """Clusters of the embeddings without labels (notebook 02): k-means, the silhouette sweep that
 picks K, whole groups moved to their majority cluster, and single-class clusters merged away
-(a validation cluster of one class has no AUC)."""
+(a validation cluster of one class has no AUC); :class:`ClusterConfig` holds the step's choices."""
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
+from dfd_lib.core.config import StepConfig, check_fields, is_int
 from dfd_lib.data.manifest import CLASS_NAMES
 
 MINIBATCH_ABOVE = 20_000  # rows beyond which full k-means is slower than it is worth
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class ClusterConfig(StepConfig):
+    """How notebook 02 and ``dfd cluster`` cluster the train/val embeddings into re-splits."""
+
+    n_clusters: int = 0  # K, or 0 for the K with the best silhouette score in the sweep
+    k_min: int = 2  # smallest K in the silhouette sweep
+    k_max: int = 10  # largest K in the silhouette sweep
+    merge_single_class: bool = True  # merge clusters holding only reals or only fakes into their nearest cluster
+    seed: int = 0  # random seed for k-means and the silhouette sample
+
+    def __post_init__(self) -> None:
+        check_fields(self, [
+            ("n_clusters", is_int(self.n_clusters) and (self.n_clusters == 0 or self.n_clusters >= 2),
+             "0 (the sweep's best K) or an int >= 2 (leave-one-cluster-out needs two clusters)"),
+            ("k_min", is_int(self.k_min) and self.k_min >= 2, "an int >= 2 (a silhouette needs two clusters)"),
+            ("k_max", is_int(self.k_max) and is_int(self.k_min) and self.k_max >= self.k_min, f"an int >= k_min ({self.k_min})"),
+            ("merge_single_class", isinstance(self.merge_single_class, bool), "true or false"),
+            ("seed", is_int(self.seed) and self.seed >= 0, "an int >= 0"),
+        ])
+
+    @property
+    def sweep_ks(self) -> range:
+        """The K values of the silhouette sweep, ``k_min`` to ``k_max`` inclusive."""
+        return range(self.k_min, self.k_max + 1)
+
+    def chosen_k(self, sweep: pd.DataFrame) -> int:
+        """``n_clusters`` when given, else the sweep's best K (:func:`best_k`)."""
+        return self.n_clusters or best_k(sweep)
 
 
 def cluster_embeddings(emb: np.ndarray, k: int, seed: int = 0, minibatch_above: int = MINIBATCH_ABOVE) -> np.ndarray:

@@ -1,11 +1,33 @@
-"""The 2-D map of the embeddings (notebook 01): UMAP, after a PCA that makes the neighbour search fast."""
+"""The 2-D map of the embeddings (notebook 01): UMAP, after a PCA that makes the neighbour search fast,
+and :class:`UmapConfig`, the notebook's settings of it."""
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 
+from dfd_lib.core.config import StepConfig, check_fields, is_int, is_number
+
 LARGE_MAP_ROWS = 50_000  # beyond this, fit_umap's defaults trade a little layout polish for speed
+
+
+@dataclass
+class UmapConfig(StepConfig):
+    """How notebook 01 draws its map; the fields keep the notebook's names (``umap_`` says which step
+    setting they are in its one namespace) and go to :func:`fit_umap` as ``n_neighbors``, ``min_dist``, ``seed``."""
+
+    umap_neighbors: int = 15  # UMAP n_neighbors: local vs global structure
+    umap_min_dist: float = 0.1  # UMAP min_dist: how tightly points pack
+    seed: int = 0  # random seed for subsets, UMAP and the official split
+
+    def __post_init__(self) -> None:
+        check_fields(self, [
+            ("umap_neighbors", is_int(self.umap_neighbors) and self.umap_neighbors >= 2, "an int >= 2"),
+            # umap-learn refuses a min_dist above its spread (1.0)
+            ("umap_min_dist", is_number(self.umap_min_dist) and 0.0 <= self.umap_min_dist <= 1.0, "a number in [0, 1]"),
+            ("seed", is_int(self.seed) and self.seed >= 0, "an int >= 0"),
+        ])
 
 
 def fit_umap(emb: np.ndarray, n_neighbors: int = 15, min_dist: float = 0.1, seed: int | None = 0,
