@@ -172,6 +172,8 @@ def config_cell_problems(notebook: Path, cls: type[StepConfig]) -> list[str]:
 
 def _value_in(config: StepConfig, name: str):
     """The value a built config holds for the parameter ``name``, in its own field or a nested config's."""
+    if not dataclasses.is_dataclass(config):  # a registry-built config (LossConfig) holds its parameters by name
+        return config.parameters()[name]
     if name in {f.name for f in dataclasses.fields(config)}:
         return getattr(config, name)
     for f in dataclasses.fields(config):

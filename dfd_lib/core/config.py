@@ -77,8 +77,25 @@ class StepConfig:
 
     @classmethod
     def parameter_types(cls) -> dict[str, Any]:
-        """``name -> annotation`` (resolved) of each of :meth:`parameter_names` declared by a dataclass field."""
-        return {name: typing.get_type_hints(owner)[f.name] for name, (f, owner) in _parameter_fields(cls).items()}
+        """``name -> annotation`` (resolved) of each of :meth:`parameter_names`."""
+        return {name: kind for name, (kind, _default) in cls.parameter_specs().items()}
+
+    @classmethod
+    def parameter_specs(cls) -> dict[str, tuple[Any, Any]]:
+        """``name -> (annotation, default)`` of each of :meth:`parameter_names`: its own dataclass fields, then
+        those of its parts (a composite) or of nested configs it flattens (TrainConfig's loss). A config that
+        is not a dataclass (LossConfig, built from a registry) overrides this."""
+        names = cls.parameter_names()
+        hints = typing.get_type_hints(cls)
+        found: dict[str, tuple[Any, Any]] = {}
+        for f in dataclasses.fields(cls):
+            kind = hints.get(f.name)
+            if isinstance(kind, type) and issubclass(kind, StepConfig) and (f.name in cls.parts() or f.name not in names):
+                for name, spec in kind.parameter_specs().items():
+                    found.setdefault(name, spec)
+            elif f.init:
+                found.setdefault(f.name, (kind, _field_default(f)))
+        return {name: found[name] for name in names if name in found}
 
     @classmethod
     def from_params(cls: type[T], params: Mapping[str, Any]) -> T:
@@ -135,23 +152,6 @@ def _flattened_defaults(cls: type, parts: Mapping[str, type[StepConfig]]) -> dic
             defaults.setdefault(name, value)
             declared_by.setdefault(name, part_name)
     return defaults
-
-
-def _parameter_fields(cls: type[StepConfig]) -> dict[str, tuple[dataclasses.Field, type]]:
-    """``name -> (the dataclass field declaring it, the class holding that field)`` for each parameter name of
-    ``cls``: its own fields, then those of its parts (a composite) or of nested configs it flattens (TrainConfig's loss)."""
-    names = cls.parameter_names()
-    hints = typing.get_type_hints(cls)
-    found: dict[str, tuple[dataclasses.Field, type]] = {}
-    for f in dataclasses.fields(cls):
-        kind = hints.get(f.name)
-        nested = isinstance(kind, type) and issubclass(kind, StepConfig) and (f.name in cls.parts() or f.name not in names)
-        if nested:
-            for name, held in _parameter_fields(kind).items():
-                found.setdefault(name, held)
-        elif f.init:
-            found.setdefault(f.name, (f, cls))
-    return {name: found[name] for name in names if name in found}
 
 
 def _plain(value: Any) -> Any:
@@ -240,11 +240,10 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, exclude: Iterable[
     flattened name. Read the parsed values back with ``cls.from_params(vars(args))``."""
     excluded = set(exclude)
     comments = field_comments(cls)
-    for name, (f, owner) in _parameter_fields(cls).items():
+    for name, (annotation, default) in cls.parameter_specs().items():
         if name in excluded:
             continue
-        default = _field_default(f)
-        kind, many = _option_type(typing.get_type_hints(owner)[name])
+        kind, many = _option_type(annotation)
         option = "--" + name.replace("_", "-")
         text = f"{comments.get(name, '')} (default: {default!r})".strip()
         if kind is bool:

@@ -150,7 +150,7 @@ class RunDir:
     def path(self, name: str) -> Path:
         return self.root / name
 
-    def require(self, name: str, _made_by: str = "") -> Path:  # TODO(stack-merge): drop _made_by once notebooks stop passing it
+    def require(self, name: str) -> Path:
         """The path of an artefact of an earlier step, or a clear error naming the step that writes it."""
         path = self.path(name)
         if not path.exists():
@@ -184,13 +184,25 @@ class RunDir:
         return metrics
 
     def record_weights(self, step: str, sources: dict[str, str]) -> dict:
-        """Merge where each model's starting weights came from (``name -> file:/package:/hub:/random``,
-        see :mod:`dfd_lib.models.backbones`) into ``environment.json`` under ``weights`` / ``step``."""
+        """Record where each model of ``step`` started from (``name -> file:/package:/hub:/random``, see
+        :mod:`dfd_lib.models.backbones`) in ``environment.json`` under ``weights`` / ``step``, replacing what
+        an earlier run of that step recorded (a model it no longer has must not stay listed)."""
         path = self.root / ENVIRONMENT
         environment = json.loads(path.read_text()) if path.is_file() else {}
-        environment.setdefault("weights", {}).setdefault(step, {}).update({str(k): str(v) for k, v in sources.items()})
+        environment.setdefault("weights", {})[step] = {str(k): str(v) for k, v in sources.items()}
         atomic_write(path, lambda tmp: tmp.write_text(json.dumps(environment, indent=2)))
         return environment["weights"]
+
+    def record_trainings(self, step: str, trainings: dict[str, dict]) -> dict:
+        """Replace ``step``'s trainings in ``environment.json``: under ``trainings``, each one's record
+        (starting weights, the fingerprints of its rows and settings), and under ``weights`` where each
+        started from (what the report shows)."""
+        self.record_weights(step, {name: record["weights"] for name, record in trainings.items()})
+        path = self.root / ENVIRONMENT
+        environment = json.loads(path.read_text())
+        environment.setdefault("trainings", {})[step] = trainings
+        atomic_write(path, lambda tmp: tmp.write_text(json.dumps(environment, indent=2)))
+        return environment["trainings"]
 
     def record_input(self, name: str, digest: str) -> dict:
         """Merge the content digest of an input dataset (:func:`dfd_lib.data.manifest.content_digest`)

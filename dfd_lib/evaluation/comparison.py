@@ -38,6 +38,7 @@ from dfd_lib.training.mixture_training import MixtureTrainResult
 from dfd_lib.training.train_config import TrainConfig
 from dfd_lib.training.trainer import TrainResult, train_expert
 from dfd_lib.training.training_data import TrainingData
+from dfd_lib.training.training_key import training_record
 
 # The authors' AUCs on their cross-domain test (docs/method.md): their data, not ours.
 AUTHORS_AUC = {"official split": 0.877, "cluster expert (best two)": (0.968, 0.964), "mixture of experts": 0.980}
@@ -210,10 +211,16 @@ def per_cluster_table(data: TrainingData, experts: MixtureTrainResult, headline:
     return pd.DataFrame(rows).set_index("resplit")
 
 
-def weights_sources(official: TrainResult, experts: MixtureTrainResult) -> dict[str, str]:
-    """Where each trained model's backbone started from (``file:``, ``package:``, ``hub:<repo>@<revision>``)."""
-    names = [OFFICIAL, *expert_names(experts)]
-    return {name: result.weights_source for name, result in zip(names, [official, *experts.experts])}
+def training_records(official: TrainResult, experts: MixtureTrainResult, ablation=None, ladder=None) -> dict[str, dict]:
+    """Every training of notebook 04 (the official split, the experts, the loss ablation's, the ladder's)
+    by name: where its backbone started from and the fingerprint of its rows and settings, as each
+    training recorded them when it started (a reused training keeps its own record)."""
+    trainings = {OFFICIAL: official, **dict(zip(expert_names(experts), experts.experts))}
+    if ablation is not None:
+        trainings.update({f"ablation {name}": result for name, result in ablation.results.items()})
+    if ladder is not None:
+        trainings.update({f"ladder {r.out_dir.parent.name}/{r.out_dir.name}": r for r in ladder.trained})
+    return {name: training_record(result.weights_source, result.key) for name, result in trainings.items()}
 
 
 def summary_metrics(

@@ -100,10 +100,6 @@ class LadderTrainings:
                 for seed, models, sources in zip(self.seeds, self.rungs, self.sources) for rung in RUNGS]
         return pd.DataFrame(rows, columns=["seed", "rung", "model", "trainings", "from"])
 
-    def weights_sources(self) -> dict[str, str]:
-        """Where the backbone of each training made here started from, by its folder."""
-        return {f"ladder {result.out_dir.parent.name}/{result.out_dir.name}": result.weights_source for result in self.trained}
-
 
 def ce_only(config: TrainConfig) -> TrainConfig:
     """``config`` with only the cross-entropy loss, at the same schedule (the loss ablation's CE-only variant)."""

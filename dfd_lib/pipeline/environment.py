@@ -24,7 +24,7 @@ from dfd_lib.core.paths import PROJECT_ROOT
 KEY_PACKAGES = ("torch", "torchvision", "timm", "diffusers", "transformers", "accelerate", "scikit-learn",
                 "umap-learn", "numpy", "pandas", "papermill", "dfd-kit")
 # what a step adds to environment.json and a new snapshot must keep
-STEP_RECORDS = ("weights", "inputs")
+STEP_RECORDS = ("weights", "inputs", "trainings")
 
 
 def pip_freeze() -> list[str]:

@@ -93,6 +93,11 @@ class LossConfig(StepConfig):
         return {name: _defaults()[name] for name in cls.parameter_names()}
 
     @classmethod
+    def parameter_specs(cls) -> dict[str, tuple[Any, Any]]:
+        """``name -> (type, default)``: a weight is a float, an option the type of its default."""
+        return {name: (type(default), default) for name, default in cls.parameter_defaults().items()}
+
+    @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> LossConfig:
         """The config from a file's mapping (``TrainConfig``'s nested ``loss``): every key must be a parameter."""
         unknown = sorted(set(data) - set(cls.parameter_names()))

@@ -65,3 +65,9 @@ def key_changes(recorded: dict, wanted: dict) -> list[str]:
     if not recorded:
         return ["it was made before trainings recorded what they were made from"]
     return [PARTS.get(part, part) for part in wanted if recorded.get(part) != wanted[part]]
+
+
+def training_record(weights_source: str, key: dict) -> dict:
+    """What ``environment.json`` keeps of one training: where it started from and what it was made from."""
+    return {"weights": weights_source, "train_rows": key.get("train_rows"), "val_rows": key.get("val_rows"),
+            "settings": key.get("config")}
