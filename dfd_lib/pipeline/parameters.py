@@ -20,6 +20,8 @@ from pathlib import Path
 
 import yaml
 
+from dfd_lib.core import runs
+
 TRUE_WORDS = ("true", "yes", "on", "1")
 FALSE_WORDS = ("false", "no", "off", "0")
 
@@ -106,8 +108,7 @@ _READERS = {"str": _read_str, "int": _read_int, "float": _read_float, "bool": _r
 
 def step_matches(step_name: str, token: str) -> bool:
     """``token`` ("04", "04_train_moe", "train_moe", "04_train_moe.ipynb") names ``step_name``."""
-    token = token.strip()
-    return token in (step_name[:2], step_name, step_name[3:], f"{step_name}.ipynb")
+    return runs.StepSpec(step_name).matches(token)
 
 
 def _type_of(declared: dict, step: str, name: str) -> str | None:

@@ -1,7 +1,8 @@
 """``dfd check``: a preflight of a profile in seconds, before hours of work find a missing folder.
 
 It looks at what the run needs (:mod:`dfd_lib.pipeline.needs`): the datasets exist, a sample of their
-images decodes and their labels parse; every backbone's and Stable Diffusion checkpoint's weights
+images decodes and their labels parse; settings of different steps agree (:mod:`dfd_lib.pipeline.consistency`:
+the backbones against the number of re-splits, the ablation's re-split); every backbone's and Stable Diffusion checkpoint's weights
 resolve; the disk holds the augmented images and checkpoints; the device (a GPU? bf16?); and an
 estimate of each expert's training memory at the configured batch size against the GPU's (or, on a
 CPU, the machine's) memory. ``dfd pipeline`` runs the same checks before its first step.
@@ -22,8 +23,10 @@ import torch
 from dfd_lib.core.paths import REPORTS_DIR, resolve
 from dfd_lib.data.images import ImageLoadError, is_image_path, load_rgb
 from dfd_lib.data.manifest import Manifest, ManifestError
+from dfd_lib.models.backbones import canonical_backbone_name
 from dfd_lib.models.experts import Expert
 from dfd_lib.pipeline import needs
+from dfd_lib.pipeline.consistency import cross_step_checks
 from dfd_lib.pipeline.parameters import ParameterError, parse_overrides
 from dfd_lib.pipeline.profiles import step_values
 from dfd_lib.pipeline.steps import PipelineError
@@ -61,6 +64,9 @@ def check_profile(profile: str, overrides: dict | None = None, only: str | None 
     for checkpoint in needs.diffusion_checkpoints(values):
         resolved = needs.resolve_diffusion(checkpoint)
         _record(report, resolved.ok, f"03 Stable Diffusion ({checkpoint.task}) {checkpoint.checkpoint}: {resolved.source}")
+    problems, notes = cross_step_checks(step_values(profile, overrides, **dirs))
+    report.problems += problems
+    report.notes += notes
     _check_device_and_memory(values, report)
     _check_disk(values, report)
     return report
@@ -154,7 +160,7 @@ def _check_device_and_memory(values: dict[str, dict], report: Report) -> None:
         report.problems.append(f"04 mixed_precision bf16: {torch.cuda.get_device_name(0)} does not support bf16 (use fp16)")
     if params.get("mixed_precision") in ("bf16", "fp16") and not gpu:
         report.notes.append(f"04 mixed_precision {params['mixed_precision']} applies on a GPU only: float32 here")
-    for name in dict.fromkeys(params["backbones"]):
+    for name in known_backbones(params["backbones"]):
         need = training_memory(name, params, half=gpu and params.get("mixed_precision") in ("bf16", "fp16"))
         about = "at most" if params.get("grad_checkpointing") else "about"
         line = (f"04 training memory of a {name} expert at {params['image_size']} px, batch {params['batch_size']}"
@@ -162,6 +168,18 @@ def _check_device_and_memory(values: dict[str, dict], report: Report) -> None:
                 f"{about} {need / 2**30:.1f} GiB of {available / 2**30:.1f} GiB ({where})")
         _record(report, need < 0.9 * available, line if need < 0.9 * available else
                 line + ": set grad_accum_steps or grad_checkpointing, or lower batch_size or image_size")
+
+
+def known_backbones(names) -> list[str]:
+    """The distinct names timm knows (an unknown one is already a problem of the weights check)."""
+    known = []
+    for name in dict.fromkeys(names):
+        try:
+            canonical_backbone_name(name)
+        except ValueError:
+            continue
+        known.append(name)
+    return known
 
 
 def training_memory(backbone: str, params: dict, half: bool = False) -> float:
@@ -202,9 +220,9 @@ def _check_disk(values: dict[str, dict], report: Report) -> None:
         need += int(synth["images_per_family"]) * len(synth["families"]) * side * side * PNG_BYTES_PER_PIXEL
     if train:
         with torch.device("meta"):
-            sizes = {name: sum(p.numel() for p in Expert(name).parameters()) * 4 for name in dict.fromkeys(train["backbones"])}
+            sizes = {name: sum(p.numel() for p in Expert(name).parameters()) * 4 for name in known_backbones(train["backbones"])}
         experts = max(len(train["backbones"]), int(train.get("max_experts") or 0)) + 1 + (3 if train.get("run_ablation") else 0)
-        need += 6 * max(sizes.values()) * experts  # state (weights, 2 moments, EMA), best EMA, the mixture's share
+        need += 6 * max(sizes.values(), default=0) * experts  # state (weights, 2 moments, EMA), best EMA, the mixture's share
     folder = REPORTS_DIR
     while not folder.exists():
         folder = folder.parent

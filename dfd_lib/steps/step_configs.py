@@ -3,6 +3,7 @@ from its parameters cell in one call, and declares every parameter that config r
 (``tests/test_step_configs.py``)."""
 from __future__ import annotations
 
+from dfd_lib.core import runs
 from dfd_lib.core.config import StepConfig
 from dfd_lib.steps.augmentation import AugmentationConfig
 from dfd_lib.steps.clustering import ClusterSplitConfig
@@ -11,9 +12,9 @@ from dfd_lib.steps.inference import InferenceConfig
 from dfd_lib.steps.train_moe import TrainMoeConfig
 
 STEP_CONFIGS: dict[str, type[StepConfig]] = {
-    "01_features_umap": FeaturesConfig,
-    "02_cluster_split": ClusterSplitConfig,
-    "03_sd_augment": AugmentationConfig,
-    "04_train_moe": TrainMoeConfig,
-    "05_inference": InferenceConfig,
+    runs.FEATURES.name: FeaturesConfig,
+    runs.CLUSTERS.name: ClusterSplitConfig,
+    runs.AUGMENT.name: AugmentationConfig,
+    runs.TRAIN.name: TrainMoeConfig,
+    runs.INFERENCE.name: InferenceConfig,
 }

@@ -83,12 +83,18 @@ def load_training_data(run: runs.RunDir, use_augmented: bool = True, max_experts
 
 
 def expert_configs(base: TrainConfig, backbones: Sequence[str], backbone_weights: Sequence[str] | str, count: int) -> list[TrainConfig]:
-    """``count`` copies of ``base``, the i-th with backbone ``backbones[i % len]`` and local
-    weights ``backbone_weights[i % len]`` ("" or an empty list: the package / random weights;
-    relative paths are taken from the project root)."""
+    """``count`` copies of ``base``, the i-th with backbone ``backbones[i % len]`` and local weights
+    ``backbone_weights[i % len]`` ("" or an empty list: the package / random weights; relative paths
+    are taken from the project root). Fewer backbones than experts are cycled; more is an error (a
+    backbone would never train), as are weights that are neither none, one nor one per backbone."""
     if isinstance(backbones, str) or not backbones:
         raise ValueError(f"backbones must be a non-empty list of timm names, got {backbones!r}")
+    if len(backbones) > count:
+        raise ValueError(f"{len(backbones)} backbones for {count} experts (one per re-split): {', '.join(backbones[count:])} "
+                         f"would never train; give at most {count} backbones, or more clusters (02.n_clusters)")
     weights = [backbone_weights] if isinstance(backbone_weights, str) else list(backbone_weights)
+    if len(weights) not in (0, 1, len(backbones)):
+        raise ValueError(f"{len(weights)} backbone_weights for {len(backbones)} backbones: give none, one, or one per backbone")
     weights = [str(resolve(w)) if str(w) else "" for w in weights] or [""]
     return [dataclasses.replace(base, backbone=str(backbones[i % len(backbones)]), weights_path=weights[i % len(weights)])
             for i in range(count)]
