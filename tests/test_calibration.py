@@ -122,6 +122,19 @@ def test_calibration_round_trips_through_config_json_and_old_configs_load(tmp_pa
         cal.write_calibration(tmp_path / "elsewhere", calibration)
 
 
+def test_a_calibration_is_dropped_when_the_weights_beside_it_change(tmp_path, caplog):
+    weights = make_tiny_weights(tmp_path / "moe")
+    labels, scores = overlapping_scores(200, 100, seed=3)
+    cal.write_calibration(weights, cal.calibrate_scores(labels, scores, target_fpr=0.05, data="synthetic"))
+    assert cal.resolve_threshold(read_config(weights)).source == cal.CALIBRATED
+    other = make_tiny_weights(tmp_path / "other", seed=1)  # another model's weights copied over these
+    (weights / WEIGHTS_FILE).write_bytes((other / WEIGHTS_FILE).read_bytes())
+    with caplog.at_level("WARNING", logger="dfd_lib"):
+        config = read_config(weights)
+    assert config.calibration == {} and "calibration was made for other weights" in caplog.text
+    assert cal.resolve_threshold(config).source == cal.NOT_CALIBRATED
+
+
 def test_calibrate_mixture_uses_the_scores_it_is_given_and_the_selection_rows(tmp_path):
     weights = make_tiny_weights(tmp_path / "moe")
     labels, scores = overlapping_scores(300, 300, seed=5)

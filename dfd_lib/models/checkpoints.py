@@ -10,7 +10,10 @@ training run stopped mid-save never leaves a half-written checkpoint. An expert'
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import json
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +38,8 @@ _EXPERT_META = "dfd_expert"  # safetensors metadata key of an expert's weights f
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded; the message says why in one line."""
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -107,13 +112,40 @@ def is_mixture_dir(path: str | os.PathLike) -> bool:
 
 
 def read_config(directory: str | os.PathLike) -> MixtureConfig:
+    """The mixture's config; a calibration made for other weights than those beside it is dropped (with
+    a warning), so a verdict never uses a threshold chosen for another model."""
     path = Path(directory) / CONFIG_FILE
     try:
-        return MixtureConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        config = MixtureConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing (not a dfd-kit checkpoint directory)") from None
     except (json.JSONDecodeError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: invalid mixture config: {exc}") from None
+    made_for = config.calibration.get(CALIBRATED_WEIGHTS) if config.calibration else None
+    weights = Path(directory) / WEIGHTS_FILE
+    if made_for and weights.is_file() and made_for != weights_digest(weights):
+        log.warning("%s: its calibration was made for other weights (they changed since): ignored, verdicts use 0.5 "
+                    "until `dfd calibrate` runs again", path)
+        config = dataclasses.replace(config, calibration={})
+    return config
+
+
+CALIBRATED_WEIGHTS = "weights_sha256"  # in a calibration: the digest of the weights it was chosen for
+
+
+def weights_digest(path: Path) -> str:
+    """sha256 of a weights file (cached while its size and modification time stay the same)."""
+    stat = path.stat()
+    return _file_sha256(path.resolve(), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _file_sha256(path: Path, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(16 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def build_on_meta(backbones: Sequence[str]) -> MixtureOfExperts:

@@ -12,6 +12,7 @@ an unchanged file is never read twice.
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import json
 import os
@@ -139,6 +140,12 @@ def _imported_modules(source: str, package: str = "") -> set[str]:
     return {module for module in found if _module_file(module)}
 
 
+@functools.lru_cache(maxsize=512)
+def _module_imports(path: Path, size: int, mtime_ns: int) -> frozenset[str]:
+    """The ``dfd_lib`` modules the file at ``path`` imports (cached while the file is unchanged)."""
+    return frozenset(_imported_modules(path.read_text(encoding="utf-8")))
+
+
 def library_closure(modules: Iterable[str]) -> set[str]:
     """``modules`` and every ``dfd_lib`` module they import, directly or not."""
     seen: set[str] = set()
@@ -148,7 +155,9 @@ def library_closure(modules: Iterable[str]) -> set[str]:
         if module in seen:
             continue
         seen.add(module)
-        todo.extend(_imported_modules(_module_file(module).read_text(encoding="utf-8")) - seen)
+        path = _module_file(module)
+        stat = path.stat()
+        todo.extend(_module_imports(path, stat.st_size, stat.st_mtime_ns) - seen)
     return seen
 
 

@@ -35,7 +35,16 @@ from sklearn.metrics import roc_auc_score
 
 from dfd_lib.core.atomic import atomic_write
 from dfd_lib.data.manifest import FAKE, REAL
-from dfd_lib.models.checkpoints import CONFIG_FILE, CheckpointError, MixtureConfig, is_mixture_dir, read_config
+from dfd_lib.models.checkpoints import (
+    CALIBRATED_WEIGHTS,
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    CheckpointError,
+    MixtureConfig,
+    is_mixture_dir,
+    read_config,
+    weights_digest,
+)
 from dfd_lib.stats.metrics import checked_arrays, equal_error_rate, tpr_at_fpr
 
 RULES = ("fpr", "eer")
@@ -162,7 +171,8 @@ def write_calibration(weights_dir: str | os.PathLike, calibration: Calibration |
     if not is_mixture_dir(weights_dir):
         raise CheckpointError(f"{weights_dir}: not a dfd-kit mixture (model.safetensors + config.json); "
                               "convert released weights first with `dfd convert-weights SRC DST`")
-    config = dataclasses.replace(read_config(weights_dir), calibration=calibration.to_dict() if calibration else {})
+    recorded = {**calibration.to_dict(), CALIBRATED_WEIGHTS: weights_digest(weights_dir / WEIGHTS_FILE)} if calibration else {}
+    config = dataclasses.replace(read_config(weights_dir), calibration=recorded)
     text = config.to_json() + "\n"
     return atomic_write(weights_dir / CONFIG_FILE, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
