@@ -140,3 +140,17 @@ def test_printed_resume_command_reuses_the_recorded_profile_and_overrides(chain,
     assert changed.ok and json.loads((changed.run_dir / "params.json").read_text())["overrides"]["02.size"] == "6"
     with pytest.raises(PipelineError, match="profile"):
         run_pipeline("other", run="r3", start="02", progress=False, **chain)
+
+
+def test_the_kernels_own_log_stays_out_of_the_terminal(chain, capfd):
+    # what jupyter_client's shutdown interrupt makes a kernel log between steps, written by the kernel itself
+    noisy = chain["notebooks_dir"].parent / "noisy"
+    noisy.mkdir()
+    _notebook(noisy / "01_make.ipynb", 'run_dir: str = ""  # run folder',
+              "from ipykernel.kernelapp import IPKernelApp\nIPKernelApp.instance().log.error('KeyboardInterrupt caught in kernel.')\n"
+              "import sys\nprint('a line of the notebook', file=sys.stderr)")
+    result = run_pipeline("other", run="quiet", progress=True, write_report=False, **{**chain, "notebooks_dir": noisy})
+    assert result.ok, result.steps
+    err = capfd.readouterr().err
+    assert "a line of the notebook" in err  # the step's own output still reaches the terminal
+    assert "KeyboardInterrupt caught in kernel" not in err and "[IPKernelApp]" not in err

@@ -5,10 +5,10 @@ command and :func:`dfd_lib.core.runs.open_run`, the first call of every notebook
 :func:`setup_logging` once, which prints messages to stderr through ``tqdm.write`` so they never
 break a progress bar: INFO as plain text, warnings and errors with their level in front.
 
-Progress: :func:`progress_bar` is tqdm (a widget in a notebook, a bar in a terminal), except in a
-notebook that ``dfd pipeline`` runs headless (``DFD_PIPELINE_STEP`` set): there a widget would be
-invisible, so progress becomes a log line every ``DFD_PROGRESS_SECONDS`` (default 10) and one at the
-end, which the pipeline passes on to the terminal and the executed notebook keeps.
+Progress: :func:`progress_bar` is tqdm (a widget in a notebook, a bar in a terminal), except where a
+bar cannot be seen: in a notebook that ``dfd pipeline`` runs headless (``DFD_PIPELINE_STEP`` set), and
+in a command whose stderr is a file or a pipe (``dfd predict ... 2> log``). There progress becomes a log
+line every ``DFD_PROGRESS_SECONDS`` (default 10) and one at the end.
 """
 from __future__ import annotations
 
@@ -52,10 +52,25 @@ def setup_logging(level: int | str = logging.INFO) -> logging.Logger:
 
 
 def progress_bar(iterable=None, total: int | None = None, desc: str = "", disable: bool = False, unit: str = "it", **options):
-    """tqdm, or :class:`LoggedProgress` in a step that ``dfd pipeline`` runs headless (same interface)."""
-    if os.environ.get(PIPELINE_STEP_ENV):
+    """tqdm, or :class:`LoggedProgress` (same interface) where a bar cannot be seen: in a step that ``dfd
+    pipeline`` runs headless, or when stderr is a file or a pipe rather than a terminal (outside a notebook),
+    where carriage-return bars would pile up into one long line."""
+    if os.environ.get(PIPELINE_STEP_ENV) or not (_in_notebook() or _is_terminal(sys.stderr)):
         return LoggedProgress(iterable, total=total, desc=desc, disable=disable, unit=unit)
     return tqdm(iterable, total=total, desc=desc, disable=disable, unit=unit, **options)
+
+
+def _in_notebook() -> bool:
+    """Whether this runs in a Jupyter kernel (tqdm draws a widget there)."""
+    shell = getattr(sys.modules.get("IPython"), "get_ipython", lambda: None)()
+    return shell is not None and getattr(shell, "kernel", None) is not None
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
 
 
 class LoggedProgress:

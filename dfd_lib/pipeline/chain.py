@@ -42,6 +42,10 @@ from dfd_lib.pipeline.steps import PipelineError, Step, discover_steps, find_ste
 
 log = logging.getLogger(__name__)
 SKIPPED = "skipped"
+# the kernel's own log (not the notebook's output): jupyter_client interrupts every kernel it shuts down, and a
+# kernel caught in a message handler then logs "KeyboardInterrupt caught in kernel" as an ERROR between steps;
+# a failing cell is reported by papermill, with its source, whatever this level
+QUIET_KERNEL = "--IPKernelApp.log_level=CRITICAL"
 
 
 @dataclass
@@ -260,7 +264,8 @@ def _execute(step: Step, step_params: dict, run_dir: Path, prepare_only: bool, k
     output = run_dir / runs.NOTEBOOKS_DIR / step.path.name
     log.info("[%s] %s -> %s", step.name, "preparing" if prepare_only else "running", output)
     started = time.perf_counter()
-    extra = {} if prepare_only else {"config": Config({"KernelManager": {"transport": "ipc"}})}
+    extra = {} if prepare_only else {"config": Config({"KernelManager": {"transport": "ipc"}}),
+                                      "extra_arguments": [] if log_output else [QUIET_KERNEL]}
     try:
         with _step_environment(step.name):
             papermill.execute_notebook(
