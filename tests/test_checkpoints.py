@@ -168,3 +168,15 @@ def test_convert_weights_command_round_trip(released, tmp_path, capsys):
     assert (out2 / "model.safetensors").is_file()
     assert dfd_main(["convert-weights", str(tmp_path / "missing"), str(tmp_path / "x")]) == 1
     assert "not a folder" in capsys.readouterr().err
+
+
+def test_the_same_weights_always_give_the_same_bytes(tmp_path):
+    # safetensors writes its metadata in a hash map's order; the kit's files are canonical, so a file's digest
+    # (a run's fingerprints, a calibration's weights) changes only when its content does
+    torch.manual_seed(0)
+    model = build_mixture(["test_efficientnet_gn"])
+    config = MixtureConfig(backbones=["test_efficientnet_gn"], image_size=32, preprocess="default")
+    files = {(save_mixture(model, tmp_path / f"m{i}", config) / "model.safetensors").read_bytes() for i in range(8)}
+    assert len(files) == 1
+    loaded, _ = load_mixture(tmp_path / "m0")
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))

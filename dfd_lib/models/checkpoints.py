@@ -98,7 +98,7 @@ def save_mixture(model: MixtureOfExperts, directory: str | os.PathLike, config: 
         raise ValueError(f"config names backbones {config.backbones} but the model has {model.backbones}")
     tensors = {key: value.detach().to("cpu").contiguous() for key, value in model.state_dict().items()}
     metadata = {"format": "pt", "dfd_format_version": str(FORMAT_VERSION)}
-    atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_safetensors(tensors, tmp, metadata))
     atomic_write(directory / CONFIG_FILE, lambda tmp: tmp.write_text(config.to_json() + "\n", encoding="utf-8"))
     return directory
 
@@ -201,7 +201,21 @@ def save_expert_weights(path: str | os.PathLike, expert: Expert, meta: Mapping) 
     """An expert's weights and ``meta`` (backbone, image_size, mean, std, ...) as one safetensors file, atomically."""
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in expert.state_dict().items()}
     metadata = {"format": "pt", _EXPERT_META: json.dumps({"backbone": expert.backbone_name, **meta})}
-    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    return atomic_write(path, lambda tmp: save_safetensors(tensors, tmp, metadata))
+
+
+def save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: Mapping[str, str]) -> None:
+    """``save_file``, then its JSON header rewritten with sorted keys (safetensors writes the metadata in
+    a hash map's random order): the same tensors and metadata always give the same bytes, so a file's
+    digest says whether its content changed (a run's fingerprints, a calibration's weights)."""
+    save_file(dict(tensors), str(path), metadata=dict(metadata))
+    with open(path, "r+b") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(size))
+        canonical = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+        if len(canonical) <= size:  # the header's length stays; safetensors allows trailing spaces
+            handle.seek(8)
+            handle.write(canonical.ljust(size, b" "))
 
 
 def load_expert(weights_path: str | os.PathLike) -> tuple[Expert, dict]:
