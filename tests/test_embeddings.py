@@ -158,3 +158,15 @@ def test_notebook_02_reads_the_embeddings_notebook_01_mapped(images, tmp_path):
     Manifest(table.iloc[:5]).save(run.path(runs.MANIFEST))  # 01's dataset changed without re-embedding
     with pytest.raises(ValueError, match="run step 01 again"):
         load_run_embeddings(run)
+
+
+def test_a_runs_embeddings_folder_keeps_only_the_entry_its_map_used(images, tmp_path):
+    run = runs.open_run(tmp_path / "run")
+    table = Manifest(images.assign(label=[i % 2 for i in range(len(images))])).table
+    first = embed_run(run, table, EmbeddingConfig("test_efficientnet", pretrained=False, image_size=32, num_workers=0,
+                                                  device="cpu"), progress=False)
+    second = embed_run(run, table, EmbeddingConfig("test_efficientnet", pretrained=False, image_size=48, num_workers=0,
+                                                   device="cpu"), progress=False)
+    assert first.cache_path != second.cache_path
+    left = sorted(p.name for p in run.path(runs.EMBEDDINGS_DIR).iterdir())
+    assert left == sorted([second.cache_path.name, second.cache_path.with_suffix(".json").name, "run.json"])

@@ -221,8 +221,17 @@ def embed_run(run: runs.RunDir, table: pd.DataFrame, config: EmbeddingConfig, pr
     result = extract_embeddings(table, config, cache_dir=run.path(runs.EMBEDDINGS_DIR), progress=progress)
     index = {"array": result.cache_path.name, "config": config.to_dict(), "weights_source": result.weights_source}
     atomic_write(run.path(runs.EMBEDDINGS_INDEX), lambda tmp: tmp.write_text(json.dumps(index, indent=2)))
+    _remove_other_entries(run.path(runs.EMBEDDINGS_DIR), keep=result.cache_path)
     run.record_weights(runs.FEATURES.name, {config.backbone: result.weights_source})
     return result
+
+
+def _remove_other_entries(folder: Path, keep: Path) -> None:
+    """A run's embeddings folder holds the entry its map was drawn from, nothing older: an entry of another
+    manifest or backbone is no result of this run (and would make it differ from a fresh one)."""
+    for path in folder.glob("*"):
+        if path.suffix in (".npy", ".json") and path.stem != keep.stem and path.name != Path(runs.EMBEDDINGS_INDEX).name:
+            path.unlink()
 
 
 def load_run_embeddings(run: runs.RunDir) -> EmbeddingResult:
