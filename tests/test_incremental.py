@@ -22,8 +22,8 @@ from dfd_lib.pipeline.chain import run_pipeline
 from dfd_lib.training.training_state import find_state, read_progress
 
 pytestmark = pytest.mark.slow
-# the smoke profile, lighter where this test does not look: robustness and most augmented images
-LIGHT = {"04.robustness": "false", "03.images_per_family": "2"}
+# the smoke profile, lighter where this test does not look: robustness, most augmented images, the ladder's second seed
+LIGHT = {"04.robustness": "false", "03.images_per_family": "2", "04.ladder_seeds": "1"}
 
 
 def _folder_dataset(table: pd.DataFrame, root: Path) -> None:

@@ -154,3 +154,17 @@ def test_the_kernels_own_log_stays_out_of_the_terminal(chain, capfd):
     err = capfd.readouterr().err
     assert "a line of the notebook" in err  # the step's own output still reaches the terminal
     assert "KeyboardInterrupt caught in kernel" not in err and "[IPKernelApp]" not in err
+
+
+def test_rerun_replays_the_recorded_values_with_new_ones_for_any_step(chain, caplog):
+    from dfd_lib.pipeline.rerun import rerun
+
+    first = run_pipeline("tiny", run="r5", progress=False, write_report=False, **chain)
+    assert first.ok
+    profile = chain["pipelines_dir"] / "tiny.yaml"
+    profile.write_text(profile.read_text().replace("size: 3", "size: 4"))  # edited after the run
+    with caplog.at_level("WARNING", logger="dfd_lib"):
+        again = rerun(first.run_dir, "r6", overrides={"02.size": "7"}, progress=False, write_report=False, check=False, **chain)
+    assert again.ok and [s.step for s in again.steps] == ["01_make", "02_use"]
+    assert "01_make would now run with size=4 (recorded 3)" in caplog.text
+    assert json.loads((again.run_dir / "used.json").read_text()) == {"size": 3, "scale": 2.5, "size2": 7}

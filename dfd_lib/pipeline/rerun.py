@@ -24,7 +24,7 @@ from dfd_lib.pipeline.cli import print_steps
 from dfd_lib.pipeline.environment import differences, environment_snapshot
 from dfd_lib.pipeline.fingerprints import plain, read_fingerprints
 from dfd_lib.pipeline.parameters import ParameterError, parse_overrides, step_matches
-from dfd_lib.pipeline.profiles import step_values
+from dfd_lib.pipeline.profiles import declared_parameters, step_values
 from dfd_lib.pipeline.report import write_report
 from dfd_lib.pipeline.steps import PipelineError, discover_steps
 
@@ -60,14 +60,17 @@ def rerun(run_dir: str | Path, new_run: str, overrides: dict | None = None, forc
     recorded = recorded_values(run_dir, steps)
     for line in profile_changes(record, recorded, notebooks_dir, pipelines_dir):
         log.warning("rerun: %s", line)
-    first = run_pipeline(record["profile"], only=steps[0], run=new_run, overrides=replayed(recorded, overrides or {}),
+    values = replayed(recorded, overrides or {})
+    declared = {step.name: declared_parameters(step) for step in discover_steps(notebooks_dir)}
+    now, later = split_overrides(values, steps[0], declared)
+    first = run_pipeline(record["profile"], only=steps[0], run=new_run, overrides=now,
                          **{**settings, "write_report": settings.get("write_report", True) and len(steps) == 1})
     if not first.ok or len(steps) == 1:
         if not first.ok and len(steps) > 1 and settings.get("write_report", True):
             write_report(first.run_dir)
         return first
     _check_inputs(recorded_environment.get("inputs", {}), first.run_dir, force)
-    rest = run_pipeline(only=",".join(steps[1:]), run=new_run, **settings)
+    rest = run_pipeline(only=",".join(steps[1:]), run=new_run, overrides=later, **settings)
     rest.steps = first.steps + rest.steps
     return rest
 
@@ -88,6 +91,17 @@ def replayed(recorded: dict[str, dict], overrides: dict) -> dict:
     values = {f"{step}.{name}": value for step, names in recorded.items() for name, value in names.items()
               if not (name in changed and (not changed[name] or step_matches(step, changed[name])))}
     return {**values, **overrides}
+
+
+def split_overrides(overrides: dict, first_step: str, declared: dict[str, dict]) -> tuple[dict, dict]:
+    """``(for the first step, for the others)``: a value goes with the first call when it reaches the first
+    step, which runs alone before the input data is checked (the others join once it passed)."""
+    now, later = {}, {}
+    for key, value in overrides.items():
+        section, _, name = key.rpartition(".")
+        reaches_first = step_matches(first_step, section) if section else name in declared.get(first_step, {})
+        (now if reaches_first else later)[key] = value
+    return now, later
 
 
 def profile_changes(record: dict, recorded: dict[str, dict], notebooks_dir: Path, pipelines_dir: Path) -> list[str]:
