@@ -50,7 +50,9 @@ def _snapshot(folder: Path) -> dict[str, str]:
 
 def test_rows_inherit_provenance_and_rerun_resumes(source_table, tmp_path, caplog):
     before = _snapshot(tmp_path / "source")
-    config = EnrichmentConfig(images_per_family=3, degrade_fake_fraction=0.34, sd_batch_size=2, seed=1, source_splits=ALL_SPLITS)
+    # the broken source is bad input on purpose: its images are listed and skipped, within any budget
+    config = EnrichmentConfig(images_per_family=3, degrade_fake_fraction=0.34, sd_batch_size=2, seed=1, source_splits=ALL_SPLITS,
+                              max_failed_share=1.0)
     out = tmp_path / "augmented"
     rows, failures = enrich_dataset(source_table, config, out, progress=False)
 
@@ -92,7 +94,7 @@ def test_rows_inherit_provenance_and_rerun_resumes(source_table, tmp_path, caplo
 
 def test_unreadable_source_is_reported_and_skipped(source_table, tmp_path, caplog):
     only_broken_and_one = source_table.iloc[[0, 6]].reset_index(drop=True)
-    config = EnrichmentConfig(families=("colour_background", "sd_img2img", "degraded"), images_per_family=2)
+    config = EnrichmentConfig(families=("colour_background", "sd_img2img", "degraded"), images_per_family=2, max_failed_share=1.0)
     rows, failures = enrich_dataset(only_broken_and_one, config, tmp_path / "out", progress=False)
     broken = str(tmp_path / "source" / "broken.png")
     assert len(rows) == 6 - len(failures) and len(failures) >= 1
@@ -226,7 +228,7 @@ def test_given_masks_are_used_and_a_wrong_size_one_fails_alone(source_table, tmp
     table["inpaint_mask"] = [str(tmp_path / "good_mask.png"), str(tmp_path / "small_mask.png")]
     picks = table.loc[[0, 0, 1, 1]].reset_index(drop=True)  # each source twice, so both are surely drawn
     config = EnrichmentConfig(families=("sd_inpaint",), images_per_family=4, sd_batch_size=4, sd_image_size=64,
-                              source_splits=ALL_SPLITS)
+                              source_splits=ALL_SPLITS, max_failed_share=1.0)
     rows, failures = enrich_dataset(picks, config, tmp_path / "out", progress=False)
     assert set(rows["parent"]) == {table["path"].iloc[0]} and len(rows) + len(failures) == 4
     assert set(failures["parent"]) == {table["path"].iloc[1]}
@@ -241,7 +243,7 @@ def test_given_masks_are_used_and_a_wrong_size_one_fails_alone(source_table, tmp
 
 
 def test_enrichment_grid_and_family_counts(source_table, tmp_path):
-    config = EnrichmentConfig(families=("colour_background", "degraded"), images_per_family=3)
+    config = EnrichmentConfig(families=("colour_background", "degraded"), images_per_family=3, max_failed_share=1.0)
     rows, failures = enrich_dataset(source_table, config, tmp_path / "out", progress=False)
     counts = family_counts(rows, failures)
     assert counts.loc["colour_background", "label"] == "fake" and counts.loc["degraded", "label"] == "real"
