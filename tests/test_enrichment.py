@@ -336,3 +336,29 @@ def test_processes_split_the_work_under_torchrun(resplit_world, tmp_path):
     two = {p.name: file_sha1(p) for p in (tmp_path / "two").glob("[cr]*/*.png")}
     assert two == {Path(p).name: h for p, h in zip(alone["path"], alone["hash"])}
     assert len(list((tmp_path / "two" / "sd_img2img").glob("*.png"))) == 3
+
+
+def test_the_tiny_random_weight_pipeline_is_named_in_the_log_the_family_table_and_the_report(source_table, tmp_path, caplog):
+    """Without sd_checkpoint the "Stable Diffusion" families come from random weights: say so wherever they show."""
+    from dfd_lib.core import runs
+    from dfd_lib.pipeline.report import write_report
+    from dfd_lib.synth.stable_diffusion import pipeline_label
+
+    note = "random-weight pipeline: not Stable Diffusion images"
+    config = EnrichmentConfig(families=("colour_background", "sd_img2img"), images_per_family=1, sd_image_size=64)
+    rows, failures = enrich_dataset(source_table.iloc[:5], config, tmp_path / "out", progress=False)
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(message.startswith("sd_img2img: the tiny " + note) for message in warned), warned
+    counts = family_counts(rows, failures, config)
+    assert counts["note"].to_dict() == {"colour_background": "", "sd_img2img": note}
+    assert family_counts(rows, failures, {"sd_checkpoint": "org/real-sd"})["note"].to_dict() == {
+        "colour_background": "", "sd_img2img": ""}  # a real checkpoint: nothing to say
+    assert family_counts(rows, failures, {"sd_checkpoint": "tiny:.cache/sd"}).loc["sd_img2img", "note"] == note
+    assert pipeline_label(None) == f"tiny-random ({note})" and pipeline_label("org/real-sd") == "org/real-sd"
+
+    # the report shows notebook 03's family table and its records as the notebook saves them
+    run = runs.open_run(tmp_path / "run")
+    run.save_table(counts, "03_family_counts")
+    run.record_metrics(runs.AUGMENT.name, {"pipeline": pipeline_label(config.checkpoint_for("img2img"))})
+    page = write_report(run.root, render_notebooks=False).read_text(encoding="utf-8")
+    assert page.count(note) == 2  # the family table's note and the recorded pipeline

@@ -149,10 +149,10 @@ def test_registered_families_are_generated_labelled_counted_and_a_bad_request_fa
     saved = Manifest.load(save_augmented_manifest(rows, tmp_path / "augmented_manifest.csv")).table
     assert list(saved["family"]) == list(rows["family"]) and list(saved["label"]) == list(rows["label"])
     assert [json.loads(p) for p in saved["params"]] == [json.loads(p) for p in rows["params"]]
-    counts = family_counts(rows, failures)
+    counts = family_counts(rows, failures, config)
     assert counts.to_dict("index") == {
-        "toy_invert": {"kind": "edit", "label": "fake", "images": 6, "failed": 0},
-        "toy_tint": {"kind": "toy_model", "label": "fake", "images": len(tinted), "failed": len(failures)}}
+        "toy_invert": {"kind": "edit", "label": "fake", "images": 6, "failed": 0, "note": ""},
+        "toy_tint": {"kind": "toy_model", "label": "fake", "images": len(tinted), "failed": len(failures), "note": ""}}
     grid = plot_enrichment_grid(rows, tmp_path / "grid.png", per_family=1)
     assert [ax.get_ylabel() for ax in grid.axes[::3]] == ["toy_invert\n(edit, fake)", "toy_tint\n(toy_model, fake)"]
 

@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
         if over_budget is not None:
             log.error("dfd augment: %s", over_budget)
         else:
-            print(family_counts(rows, failures).to_string())
+            print(family_counts(rows, failures, config).to_string())
             print(f"{len(rows)} images in {out}; {len(failures)} failed")
     state.wait_for_everyone()
     state.destroy_process_group()  # under accelerate launch: every process leaves the group before exiting
