@@ -348,7 +348,7 @@ def test_the_tiny_random_weight_pipeline_is_named_in_the_log_the_family_table_an
     config = EnrichmentConfig(families=("colour_background", "sd_img2img"), images_per_family=1, sd_image_size=64)
     rows, failures = enrich_dataset(source_table.iloc[:5], config, tmp_path / "out", progress=False)
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert any(message.startswith("sd_img2img: the tiny " + note) for message in warned), warned
+    assert f"sd_img2img: {note} (the tiny pipeline: no sd_checkpoint given)" in "\n".join(warned), warned
     counts = family_counts(rows, failures, config)
     assert counts["note"].to_dict() == {"colour_background": "", "sd_img2img": note}
     assert family_counts(rows, failures, {"sd_checkpoint": "org/real-sd"})["note"].to_dict() == {

@@ -97,9 +97,8 @@ class StableDiffusionKind(ModelKind):
         checkpoint = config.checkpoint_for(family.task)
         if diffusion.is_random_weight(checkpoint):
             # meant for tests and the demo; on real data its "Stable Diffusion" fakes are noise-like
-            log.warning("%s: the tiny %s (%s) makes these images: give sd_checkpoint (a real Stable Diffusion "
-                        "checkpoint) for real ones", family.name, diffusion.RANDOM_WEIGHT_NOTE,
-                        checkpoint or "no sd_checkpoint given")
+            log.warning("%s: %s (the tiny pipeline: %s); give sd_checkpoint, a real Stable Diffusion checkpoint, "
+                        "for real ones", family.name, diffusion.RANDOM_WEIGHT_NOTE, checkpoint or "no sd_checkpoint given")
         pipe = diffusion.load_pipeline(family.task, checkpoint, seed=config.seed, device=device,
                                        single_file_config=config.sd_single_file_config or None)
         if not checkpoint:
