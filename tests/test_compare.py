@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pandas as pd
 
-from dfd_lib.pipeline.compare import CLOSE, DIFFERS, IDENTICAL, ONLY_B, compare_runs
+from dfd_lib.pipeline.compare import CLOSE, DIFFERS, IDENTICAL, ONLY_B, _array_difference, compare_runs
 
 
 def _run(root, auc: float, seconds: float, date: str, threshold: float = 0.6):
@@ -49,3 +50,28 @@ def test_a_changed_figure_a_changed_record_and_a_missing_file_are_differences(tm
     text = comparison.to_text()
     assert "04_train_moe.auc: 0.75 vs 0.7501" in text and "calibration.threshold" in text and "the runs DIFFER" in text
     assert compare_runs(a, b, tolerance=0.05).files != [] and not compare_runs(a, b, tolerance=0.05).agree  # a file only in B
+
+
+def test_equal_infinities_are_equal_and_others_differ(tmp_path):
+    """An odds ratio or a log-loss can be infinite; the same infinity at the same place in both runs is no difference."""
+    def with_infinities(root, ratio: float, odds: float, cells: list[float]):
+        pd.DataFrame({"path": [f"{root}/x.png"], "ratio": [ratio], "floor": [-math.inf]}).to_csv(root / "tables" / "04_odds.csv",
+                                                                                               index=False)
+        np.save(root / "embeddings.npy", np.array(cells))  # not under a compared folder: checked through _array_difference
+        metrics = json.loads((root / "metrics.json").read_text())
+        metrics["04_train_moe"]["odds"] = odds
+        (root / "metrics.json").write_text(json.dumps(metrics))
+        return root
+
+    a = with_infinities(_run(tmp_path / "a", 0.75, 12.5, "d"), math.inf, math.inf, [1.0, math.inf])
+    b = with_infinities(_run(tmp_path / "b", 0.75, 12.5, "d"), math.inf, math.inf, [1.0, math.inf])
+    comparison = compare_runs(a, b)
+    assert comparison.agree, comparison.to_text()
+    assert {f.path: f.status for f in comparison.files}["tables/04_odds.csv"] == CLOSE
+    assert _array_difference(np.load(a / "embeddings.npy"), np.load(b / "embeddings.npy"))[0] == 0.0
+
+    c = with_infinities(_run(tmp_path / "c", 0.75, 12.5, "d"), 5.0, -math.inf, [1.0, -math.inf])
+    other = compare_runs(a, c)
+    assert not other.agree and {f.path: f.status for f in other.files}["tables/04_odds.csv"] == DIFFERS
+    assert "04_train_moe.odds: inf vs -inf" in other.to_text()
+    assert _array_difference(np.load(a / "embeddings.npy"), np.load(c / "embeddings.npy"))[0] == math.inf

@@ -255,8 +255,8 @@ def test_the_ladder_trains_only_what_the_run_lacks(run, trained, tmp_path):
     for column in ("test_auc_lo", "test_auc_hi", "test_tpr_at_fpr_1%", "test_tpr_at_fpr_0.1%_hi", "test_eer_seed_mean"):
         assert table[column].notna().all(), column
     assert table["test_auc_seed_sd"].isna().all()  # one seed: no spread
-    assert table.loc[1, "verdict"] == "" and set(table.loc[2:, "verdict"]) <= {"no clear difference"} | {
-        f"{word} than rung {n}" for word in ("better", "worse") for n in range(1, 5)}
+    assert table.loc[1, "verdict"] == "" and set(table.loc[2:, "verdict"]) <= {"no clear difference (Holm)"} | {
+        f"{word} than rung {n} (Holm)" for word in ("better", "worse") for n in range(1, 5)}
     assert table.loc[2, "delta_auc"] == pytest.approx(table.loc[2, "test_auc"] - table.loc[1, "test_auc"])
     figure = ladder_results.plot_ladder(result, tmp_path / "ladder.png")
     assert (tmp_path / "ladder.png").is_file() and len(figure.axes) == 2

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import struct
 import time
+import warnings
 import zlib
 from collections import Counter
 
@@ -101,8 +102,15 @@ def test_wrong_headers_are_refused_or_decoded(data, other):
     _check(header + data[len(header):], fmt, "wrong header")
 
 
+SIZE_FIELD_LIMITS = {"GIF": 65535, "JPEG": 65535, "WEBP": 16383}  # the largest side each header can state
+
+
 def _declare_size(data: bytes, fmt: str, width: int, height: int) -> bytes:
-    """The file with its header claiming ``width`` x ``height`` pixels (the body unchanged)."""
+    """The file with its header claiming ``width`` x ``height`` pixels (each side capped at what the
+    format's header can state; the body unchanged). Fails when the header does not then declare that
+    size: a rewrite that missed its field would test nothing."""
+    limit = SIZE_FIELD_LIMITS.get(fmt, 2**31 - 1)
+    width, height = min(width, limit), min(height, limit)
     out = bytearray(data)
     if fmt == "PNG":  # IHDR: 8-byte signature, 4 length, 4 type, then width and height; its CRC made right
         out[16:24] = struct.pack(">II", width, height)
@@ -110,29 +118,70 @@ def _declare_size(data: bytes, fmt: str, width: int, height: int) -> bytes:
     elif fmt == "BMP":
         out[18:26] = struct.pack("<ii", width, height)
     elif fmt == "GIF":  # logical screen descriptor
-        out[6:10] = struct.pack("<HH", min(width, 65535), min(height, 65535))
+        out[6:10] = struct.pack("<HH", width, height)
     elif fmt == "JPEG":  # the SOF0 segment's height and width
         at = out.find(b"\xff\xc0")
         if at >= 0:
-            out[at + 5:at + 9] = struct.pack(">HH", min(height, 65535), min(width, 65535))
+            out[at + 5:at + 9] = struct.pack(">HH", height, width)
     elif fmt == "WEBP":  # VP8 key frame: 14-bit width and height after the start code
         at = out.find(b"\x9d\x01\x2a")
         if at >= 0:
-            out[at + 3:at + 7] = struct.pack("<HH", min(width, 16383), min(height, 16383))
+            out[at + 3:at + 7] = struct.pack("<HH", width, height)
+        if out[12:16] == b"VP8X":  # the extended header (alpha) states the canvas too: width - 1, height - 1
+            out[24:30] = (width - 1).to_bytes(3, "little") + (height - 1).to_bytes(3, "little")
     elif fmt == "TIFF":  # ImageWidth (256) and ImageLength (257) entries of the first directory
         for tag, value in ((256, width), (257, height)):
             for entry in range(len(out) - 12):
                 if struct.unpack_from("<H", out, entry)[0] == tag and struct.unpack_from("<H", out, entry + 2)[0] in (3, 4):
                     struct.pack_into("<HHII", out, entry, tag, 4, 1, value)
                     break
+    expected = (width, height)
+    if fmt == "GIF":  # Pillow widens the logical screen to hold the first frame, whose own size is unchanged
+        frame = _declared_size(data)
+        expected = (max(width, frame[0]), max(height, frame[1]))
+    declared = _declared_size(bytes(out))
+    assert declared == expected, f"{fmt}: the header declares {declared}, not {expected}: the rewrite missed its field"
     return bytes(out)
 
 
+def _declared_size(data: bytes) -> tuple[int, int] | str:
+    """The size the header states, as Pillow reads it without decoding (its own bomb check off)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(io.BytesIO(data)).size
+    except Exception as exc:  # noqa: BLE001 - an unreadable header declares nothing
+        return f"unreadable ({type(exc).__name__}: {exc})"
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+
+
+# sides past which any declared size is huge: 8001 x 8001 > DEFAULT_MAX_PIXELS, whatever a format's cap
+HUGE_SIDES = st.integers(int(DEFAULT_MAX_PIXELS ** 0.5) + 1, 2**31 - 1)
+
+
 @FUZZ
-@given(valid_files, st.integers(1, 2**31 - 1), st.integers(1, 2**31 - 1))
+@given(valid_files, HUGE_SIDES, HUGE_SIDES)
 def test_huge_declared_sizes_are_refused_quickly(data, width, height):
+    """A header declaring more pixels than the loader accepts is refused from the header, before decoding."""
     fmt = _format_of(data)
-    _check(_declare_size(data, fmt, width, height), fmt, "huge declared size")
+    lying = _declare_size(data, fmt, width, height)
+    started = time.perf_counter()
+    with pytest.raises(ImageLoadError, match="too large|bomb"):
+        load_rgb(lying)
+    assert (time.perf_counter() - started) * 1000 < BOUND_MS
+    OUTCOMES[(fmt, "huge declared size", "refused")] += 1
+
+
+@FUZZ
+@given(valid_files, st.integers(1, 2048), st.integers(1, 2048))
+def test_wrong_declared_sizes_decode_or_are_refused(data, width, height):
+    """A header declaring another size the loader would accept (up to 2048 a side, which keeps each case's
+    buffers small): decoded or refused, never a crash or a hang."""
+    fmt = _format_of(data)
+    _check(_declare_size(data, fmt, width, height), fmt, "wrong declared size")
 
 
 @pytest.mark.parametrize("fmt", ["GIF", "TIFF", "WEBP", "PNG"])
@@ -156,5 +205,6 @@ def _report_outcomes():
     yield
     for fmt in FORMATS:
         counts = {kind: (OUTCOMES[(fmt, kind, "decoded")], OUTCOMES[(fmt, kind, "refused")])
-                  for kind in ("valid", "bit flips", "truncated", "wrong header", "huge declared size", "many frames")}
+                  for kind in ("valid", "bit flips", "truncated", "wrong header", "huge declared size", "wrong declared size",
+                             "many frames")}
         print(f"{fmt}: " + ", ".join(f"{kind} {d} decoded / {r} refused" for kind, (d, r) in counts.items()))

@@ -50,7 +50,9 @@ def _snapshot(folder: Path) -> dict[str, str]:
 
 def test_rows_inherit_provenance_and_rerun_resumes(source_table, tmp_path, caplog):
     before = _snapshot(tmp_path / "source")
-    config = EnrichmentConfig(images_per_family=3, degrade_fake_fraction=0.34, sd_batch_size=2, seed=1, source_splits=ALL_SPLITS)
+    # the broken source is bad input on purpose: its images are listed and skipped, within any budget
+    config = EnrichmentConfig(images_per_family=3, degrade_fake_fraction=0.34, sd_batch_size=2, seed=1, source_splits=ALL_SPLITS,
+                              max_failed_share=1.0)
     out = tmp_path / "augmented"
     rows, failures = enrich_dataset(source_table, config, out, progress=False)
 
@@ -92,7 +94,7 @@ def test_rows_inherit_provenance_and_rerun_resumes(source_table, tmp_path, caplo
 
 def test_unreadable_source_is_reported_and_skipped(source_table, tmp_path, caplog):
     only_broken_and_one = source_table.iloc[[0, 6]].reset_index(drop=True)
-    config = EnrichmentConfig(families=("colour_background", "sd_img2img", "degraded"), images_per_family=2)
+    config = EnrichmentConfig(families=("colour_background", "sd_img2img", "degraded"), images_per_family=2, max_failed_share=1.0)
     rows, failures = enrich_dataset(only_broken_and_one, config, tmp_path / "out", progress=False)
     broken = str(tmp_path / "source" / "broken.png")
     assert len(rows) == 6 - len(failures) and len(failures) >= 1
@@ -226,7 +228,7 @@ def test_given_masks_are_used_and_a_wrong_size_one_fails_alone(source_table, tmp
     table["inpaint_mask"] = [str(tmp_path / "good_mask.png"), str(tmp_path / "small_mask.png")]
     picks = table.loc[[0, 0, 1, 1]].reset_index(drop=True)  # each source twice, so both are surely drawn
     config = EnrichmentConfig(families=("sd_inpaint",), images_per_family=4, sd_batch_size=4, sd_image_size=64,
-                              source_splits=ALL_SPLITS)
+                              source_splits=ALL_SPLITS, max_failed_share=1.0)
     rows, failures = enrich_dataset(picks, config, tmp_path / "out", progress=False)
     assert set(rows["parent"]) == {table["path"].iloc[0]} and len(rows) + len(failures) == 4
     assert set(failures["parent"]) == {table["path"].iloc[1]}
@@ -241,7 +243,7 @@ def test_given_masks_are_used_and_a_wrong_size_one_fails_alone(source_table, tmp
 
 
 def test_enrichment_grid_and_family_counts(source_table, tmp_path):
-    config = EnrichmentConfig(families=("colour_background", "degraded"), images_per_family=3)
+    config = EnrichmentConfig(families=("colour_background", "degraded"), images_per_family=3, max_failed_share=1.0)
     rows, failures = enrich_dataset(source_table, config, tmp_path / "out", progress=False)
     counts = family_counts(rows, failures)
     assert counts.loc["colour_background", "label"] == "fake" and counts.loc["degraded", "label"] == "real"
@@ -334,3 +336,29 @@ def test_processes_split_the_work_under_torchrun(resplit_world, tmp_path):
     two = {p.name: file_sha1(p) for p in (tmp_path / "two").glob("[cr]*/*.png")}
     assert two == {Path(p).name: h for p, h in zip(alone["path"], alone["hash"])}
     assert len(list((tmp_path / "two" / "sd_img2img").glob("*.png"))) == 3
+
+
+def test_the_tiny_random_weight_pipeline_is_named_in_the_log_the_family_table_and_the_report(source_table, tmp_path, caplog):
+    """Without sd_checkpoint the "Stable Diffusion" families come from random weights: say so wherever they show."""
+    from dfd_lib.core import runs
+    from dfd_lib.pipeline.report import write_report
+    from dfd_lib.synth.stable_diffusion import pipeline_label
+
+    note = "random-weight pipeline: not Stable Diffusion images"
+    config = EnrichmentConfig(families=("colour_background", "sd_img2img"), images_per_family=1, sd_image_size=64)
+    rows, failures = enrich_dataset(source_table.iloc[:5], config, tmp_path / "out", progress=False)
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert f"sd_img2img: {note} (the tiny pipeline: no sd_checkpoint given)" in "\n".join(warned), warned
+    counts = family_counts(rows, failures, config)
+    assert counts["note"].to_dict() == {"colour_background": "", "sd_img2img": note}
+    assert family_counts(rows, failures, {"sd_checkpoint": "org/real-sd"})["note"].to_dict() == {
+        "colour_background": "", "sd_img2img": ""}  # a real checkpoint: nothing to say
+    assert family_counts(rows, failures, {"sd_checkpoint": "tiny:.cache/sd"}).loc["sd_img2img", "note"] == note
+    assert pipeline_label(None) == f"tiny-random ({note})" and pipeline_label("org/real-sd") == "org/real-sd"
+
+    # the report shows notebook 03's family table and its records as the notebook saves them
+    run = runs.open_run(tmp_path / "run")
+    run.save_table(counts, "03_family_counts")
+    run.record_metrics(runs.AUGMENT.name, {"pipeline": pipeline_label(config.checkpoint_for("img2img"))})
+    page = write_report(run.root, render_notebooks=False).read_text(encoding="utf-8")
+    assert page.count(note) == 2  # the family table's note and the recorded pipeline

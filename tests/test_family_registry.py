@@ -5,6 +5,7 @@ EnrichmentConfig, and its checkpoint listed by ``dfd check``; a model-backed kin
 a failing request fails alone. Registrations end with each test, so other tests see only the built-ins."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -110,7 +111,9 @@ def _sources(folder: Path) -> pd.DataFrame:
 
 def test_registered_families_are_generated_labelled_counted_and_a_bad_request_fails_alone(toys, tmp_path):
     table = _sources(tmp_path / "src")
-    config = EnrichmentConfig(families=("toy_invert", "toy_tint"), images_per_family=6, sd_batch_size=3, seed=1)
+    # the poison source is bad input on purpose: its images fail alone, within any budget
+    config = EnrichmentConfig(families=("toy_invert", "toy_tint"), images_per_family=6, sd_batch_size=3, seed=1,
+                              max_failed_share=1.0)
     assert EnrichmentConfig().families == BUILTINS  # the default stays the built-ins
     out = tmp_path / "augmented"
     rows, failures = enrich_dataset(table, config, out, progress=False)
@@ -146,10 +149,10 @@ def test_registered_families_are_generated_labelled_counted_and_a_bad_request_fa
     saved = Manifest.load(save_augmented_manifest(rows, tmp_path / "augmented_manifest.csv")).table
     assert list(saved["family"]) == list(rows["family"]) and list(saved["label"]) == list(rows["label"])
     assert [json.loads(p) for p in saved["params"]] == [json.loads(p) for p in rows["params"]]
-    counts = family_counts(rows, failures)
+    counts = family_counts(rows, failures, config)
     assert counts.to_dict("index") == {
-        "toy_invert": {"kind": "edit", "label": "fake", "images": 6, "failed": 0},
-        "toy_tint": {"kind": "toy_model", "label": "fake", "images": len(tinted), "failed": len(failures)}}
+        "toy_invert": {"kind": "edit", "label": "fake", "images": 6, "failed": 0, "note": ""},
+        "toy_tint": {"kind": "toy_model", "label": "fake", "images": len(tinted), "failed": len(failures), "note": ""}}
     grid = plot_enrichment_grid(rows, tmp_path / "grid.png", per_family=1)
     assert [ax.get_ylabel() for ax in grid.axes[::3]] == ["toy_invert\n(edit, fake)", "toy_tint\n(toy_model, fake)"]
 
@@ -236,3 +239,49 @@ def test_cache_keys_are_those_of_the_hard_coded_tables_they_replace():
             for family, donor in (("splice", "/data/b.png"), ("degraded_fake", None), ("sd_img2img", None), ("sd_inpaint", None))}
     assert made == {"splice": "2b997858e79445b0", "degraded_fake": "f130a2de61448e2e",
                     "sd_img2img": "dd76e49d459e5220", "sd_inpaint": "e157ee6617fadcae"}
+
+
+def test_a_family_failing_beyond_its_budget_stops_the_enrichment_and_dfd_augment(toys, tmp_path, capsys):
+    """Every toy_tint image fails (its only real source chokes the model: a stand-in for a bug or an
+    out-of-memory): not a few skipped images but a failed step, with a summary per family."""
+    from dfd_lib.cli import main as dfd_main
+
+    table = _sources(tmp_path / "src").query("source in ('poison', 'fake')").reset_index(drop=True)
+    config = EnrichmentConfig(families=("toy_invert", "toy_tint"), images_per_family=4, sd_batch_size=2, seed=1)
+    out = tmp_path / "augmented"
+    with pytest.raises(RuntimeError, match="toy_tint: 4 planned, 0 made, 4 failed; first reasons: ValueError: the toy "
+                                           "model chokes on poison") as caught:
+        enrich_dataset(table, config, out, progress=False)
+    summary = caught.value.summary
+    assert summary[["planned", "made", "failed"]].to_dict("index") == {
+        "toy_invert": {"planned": 4, "made": 4, "failed": 0}, "toy_tint": {"planned": 4, "made": 0, "failed": 4}}
+    assert "toy_invert:" not in str(caught.value)  # within its budget, so not listed
+    assert len(list((out / "toy_invert").glob("*.png"))) == 4  # what was made is kept
+    # the losses accepted on purpose: the same run goes through, the failures listed
+    rows, failures = enrich_dataset(table, dataclasses.replace(config, max_failed_share=1.0), out, progress=False)
+    assert len(rows) == 4 and len(failures) == 4
+
+    table["resplit_0"] = ["train", "val"]
+    save_resplits(table, tmp_path / "run" / "resplits.csv")
+    capsys.readouterr()
+    assert dfd_main(["augment", "--run-dir", str(tmp_path / "run"), "--families", "toy_tint", "toy_invert",
+                     "--images-per-family", "4"]) == 1
+    assert "toy_tint: 4 planned, 0 made, 4 failed" in capsys.readouterr().err
+
+
+def test_the_failure_budget_is_a_share_of_each_familys_planned_images():
+    from dfd_lib.synth.failure_budget import FailureBudgetExceeded, check_failure_budget
+
+    def outcome(planned: int, failed: int, share: float = 0.1) -> str:
+        rows = pd.DataFrame({"family": ["f"] * (planned - failed)})
+        failures = pd.DataFrame({"family": ["f"] * failed, "reason": [f"reason {i % 2}" for i in range(failed)]})
+        try:
+            check_failure_budget({"f": planned, "g": 16}, rows, failures, share)
+        except FailureBudgetExceeded as exc:
+            return str(exc).splitlines()[1]
+        return "ok"
+
+    assert outcome(16, 0) == outcome(4, 0) == "ok"  # the demo's and smoke profile's families, nothing failing
+    assert outcome(20, 2) == "ok" and outcome(16, 1) == "ok"  # up to 10 % lost
+    assert outcome(20, 3) == "  f: 20 planned, 17 made, 3 failed; first reasons: reason 0; reason 1"
+    assert outcome(4, 1) != "ok" and outcome(4, 4, share=1.0) == "ok"

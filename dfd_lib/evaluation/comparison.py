@@ -266,10 +266,12 @@ def summary_metrics(
 
 
 def ladder_summary(table: pd.DataFrame) -> dict:
-    """``"<rung> <model>" -> {metric: value, its interval, seed mean and sd, verdict, from}`` for ``metrics.json``."""
+    """``"<rung> <model>" -> {metric: value, its interval, seed mean and sd, Holm-adjusted p-value, verdict,
+    from}`` for ``metrics.json``."""
     keys = [c for c in table.columns if c.startswith("test_") or c.startswith("delta_")]
     return {f"{rung} {row['model']}": {**{k.removeprefix("test_"): _rounded(row[k]) for k in keys},
-                                       "verdict": row["verdict"], "from": row["from"], "n_seeds": int(row["n_seeds"])}
+                                       "p_holm": _rounded(row["p_holm"]), "verdict": row["verdict"], "from": row["from"],
+                                       "n_seeds": int(row["n_seeds"])}
             for rung, row in table.iterrows()}
 
 

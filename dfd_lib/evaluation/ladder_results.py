@@ -4,7 +4,10 @@ Every rung is scored on the headline's test rows: models the headline scored alr
 official-split model, the experts) are not scored again, and a rung of several trainings (the
 mixture) scores the mean of their fake-probabilities, as :class:`~dfd_lib.models.experts.MixtureOfExperts`
 does. Each rung gets its test metrics with their bootstrap intervals (the run's own seed), the mean
-and standard deviation across seeds, and the paired bootstrap verdict against the rung below.
+and standard deviation across seeds, and the paired bootstrap verdict against the rung below. The
+ladder draws four such verdicts from one test split, so they carry Holm's correction
+(:mod:`dfd_lib.stats.multiple_testing`): a verdict says *better* or *worse* only when its Holm-adjusted
+p-value is below the family-wise level (1 - the intervals' confidence, 5 % by default), and says so.
 """
 from __future__ import annotations
 
@@ -20,10 +23,12 @@ import pandas as pd
 from dfd_lib.core.figures import save_figure
 from dfd_lib.evaluation.comparison import Headline, metrics_row, score_experts
 from dfd_lib.evaluation.ladder import RUNGS, LadderTrainings
-from dfd_lib.stats.bootstrap import BETTER, INTERVAL_METRICS, WORSE, BootstrapConfig, paired_bootstrap
+from dfd_lib.stats.bootstrap import BETTER, INTERVAL_METRICS, UNCLEAR, WORSE, BootstrapConfig, paired_bootstrap
 from dfd_lib.stats.metrics import LOW_FPRS, tpr_key
+from dfd_lib.stats.multiple_testing import holm_adjusted
 
 VERDICT_METRIC = "auc"
+CORRECTION = "Holm"  # named in every verdict, the table's p_holm column and the figure
 
 
 @dataclass
@@ -33,6 +38,7 @@ class Ladder:
     scores: pd.DataFrame  # per seed and rung ("<seed>/<rung>"): fake-probabilities on the headline's test rows
     seconds: float  # scoring and intervals
     training_seconds: float = 0.0  # the trainings made for the ladder (LadderTrainings.seconds)
+    familywise_level: float = math.nan  # the verdicts' level after Holm's correction (NaN: no bootstrap, no verdicts)
 
 
 def rung_scores(trainings: LadderTrainings, headline: Headline, batch_size: int = 64, device: str | None = None,
@@ -58,8 +64,9 @@ def ladder_table(trainings: LadderTrainings, headline: Headline, bootstrap: Boot
                  batch_size: int = 64, device: str | None = None, progress: bool = True) -> Ladder:
     """One row per rung: what it adds, where its training came from, its test metrics with their
     ``bootstrap`` intervals (the run's seed), their mean and standard deviation across seeds, and the
-    paired bootstrap of its AUC against the rung below (``delta_auc``, its interval and ``verdict``).
-    Empty when the ladder did not run."""
+    paired bootstrap of its AUC against the rung below: ``delta_auc`` and its interval (this comparison
+    alone), its ``p_value``, ``p_holm`` (Holm-adjusted over the ladder's comparisons) and the ``verdict``
+    that ``p_holm`` gives (:func:`holm_verdicts`). Empty when the ladder did not run."""
     started = time.perf_counter()
     if not trainings.enabled:
         return Ladder(table=pd.DataFrame(columns=["rung", "model"]).set_index("rung"), per_seed=pd.DataFrame(),
@@ -81,29 +88,53 @@ def ladder_table(trainings: LadderTrainings, headline: Headline, bootstrap: Boot
             row[f"test_{metric}_seed_sd"] = float(values.std(ddof=1)) if len(values) > 1 else math.nan
         row.update(_against_below(labels, own, scores, first, rung.number, bootstrap))
         rows.append(row)
-    table = pd.DataFrame(rows).set_index("rung")
+    level = 1 - bootstrap.confidence if bootstrap is not None and bootstrap.enabled else math.nan
+    table = holm_verdicts(pd.DataFrame(rows).set_index("rung"), level)
     table["n_seeds"], table["n_test"] = len(trainings.seeds), len(labels)
     return Ladder(table=table, per_seed=per_seed, scores=scores, seconds=time.perf_counter() - started,
-                  training_seconds=trainings.seconds)
+                  training_seconds=trainings.seconds, familywise_level=level)
+
+
+def holm_verdicts(table: pd.DataFrame, level: float) -> pd.DataFrame:
+    """``table`` (one row per rung, with ``delta_auc`` and ``p_value`` against the rung below) with
+    ``p_holm``, the p-values adjusted by Holm's method over the comparisons made, and the ``verdict``
+    at the family-wise ``level``: better or worse than the rung below when ``p_holm`` is below it, else
+    no clear difference; each verdict names the correction. No p-value (no bootstrap): no verdict."""
+    table = table.copy()
+    p_holm = holm_adjusted(table["p_value"])
+    verdicts = []
+    for number, delta, adjusted in zip(table.index, table["delta_auc"], p_holm):
+        if math.isnan(adjusted) or math.isnan(level):
+            verdicts.append("")
+        elif adjusted < level:
+            verdicts.append(f"{BETTER if delta > 0 else WORSE} than rung {number - 1} ({CORRECTION})")
+        else:
+            verdicts.append(f"{UNCLEAR} ({CORRECTION})")
+    at = table.columns.get_loc("p_value") + 1
+    table.insert(at, "p_holm", p_holm)
+    table["verdict"] = verdicts
+    return table
 
 
 def _against_below(labels: np.ndarray, own: np.ndarray, scores: pd.DataFrame, seed: int, number: int,
                    bootstrap: BootstrapConfig | None) -> dict:
-    empty = {"delta_auc": math.nan, "delta_auc_lo": math.nan, "delta_auc_hi": math.nan, "verdict": ""}
+    """The paired bootstrap of rung ``number`` against the rung below; the verdict comes after the
+    correction over all rungs (:func:`holm_verdicts`)."""
+    empty = {"delta_auc": math.nan, "delta_auc_lo": math.nan, "delta_auc_hi": math.nan, "p_value": math.nan, "verdict": ""}
     if number == 1:
         return empty
     below = scores[f"{seed}/{number - 1}"].to_numpy()
     paired = paired_bootstrap(labels, own, below, bootstrap or BootstrapConfig(bootstrap_resamples=0), VERDICT_METRIC)
-    verdict = f"{paired['verdict']} than rung {number - 1}" if paired["verdict"] in (BETTER, WORSE) else paired["verdict"]
     return {"delta_auc": paired["delta"], "delta_auc_lo": paired["delta_lo"], "delta_auc_hi": paired["delta_hi"],
-            "verdict": verdict}
+            "p_value": paired["p_value"], "verdict": ""}
 
 
 def plot_ladder(ladder: Ladder, path: str | os.PathLike | None = None, title: str = "Component ladder on the test split",
                 note: str = ""):
     """The ladder with its whiskers: test AUC and TPR at an FPR of 1 % per rung, the run's model as
     a dot with its bootstrap interval, other seeds as small grey dots, the paired verdict against the
-    rung below written above each whisker; ``note`` goes under the title. None when the ladder is empty."""
+    rung below (Holm-corrected) written above each whisker; ``note`` goes under the title. None when the
+    ladder is empty."""
     import matplotlib.pyplot as plt  # deferred: pyplot is slow to import
 
     table = ladder.table
@@ -133,9 +164,18 @@ def plot_ladder(ladder: Ladder, path: str | os.PathLike | None = None, title: st
         ax.set_ylabel(label)
         ax.grid(axis="y", alpha=0.3)
         ax.legend(loc="lower right", fontsize="x-small")
-    axes[0][0].set_title("▲ / ▼ / ≈: paired bootstrap of the AUC against the rung below", fontsize="small")
+    axes[0][0].set_title(_verdict_legend(ladder), fontsize="small")
     fig.suptitle(title + (f"\n{note}" if note else ""), fontsize="medium")
     fig.tight_layout()
     save_figure(fig, path)
     plt.close(fig)
     return fig
+
+
+def _verdict_legend(ladder: Ladder) -> str:
+    """What the marks above the whiskers mean, the correction included."""
+    compared = int(ladder.table["p_value"].notna().sum()) if "p_value" in ladder.table else 0
+    if not compared or math.isnan(ladder.familywise_level):
+        return "paired bootstrap of the AUC against the rung below: off (no verdicts)"
+    return (f"▲ / ▼ / ≈: paired bootstrap of the AUC against the rung below,\n{CORRECTION}-corrected over its "
+            f"{compared} comparisons (family-wise {ladder.familywise_level:.0%})")

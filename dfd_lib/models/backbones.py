@@ -235,6 +235,41 @@ def hub_weights_file(name: str) -> tuple[Path, str]:
     raise WeightsUnavailableError(name, reason)
 
 
+def load_hub_file(name: str, path: Path, num_classes: int, **timm_kwargs: Any) -> nn.Module:
+    """``name`` with timm's weights from the cached hub file ``path``, every tensor but the classifier's
+    taken from it, else :class:`WeightsUnavailableError` naming the keys the file lacks.
+
+    timm itself loads with ``strict=False`` whenever ``num_classes`` differs from the checkpoint's and
+    reports missing keys at INFO level only, so a partial or mismatched file would give a partly random
+    model. Here timm (its checkpoint filters included) loads the file strictly, into the head the
+    checkpoint has; only then is the head replaced, as the packaged weights' path does."""
+    checkpoint_classes = timm.models.get_pretrained_cfg(name).num_classes
+    try:
+        model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(path)},
+                                  num_classes=checkpoint_classes, **timm_kwargs)
+    except RuntimeError as exc:  # torch's strict load_state_dict: missing, unexpected or misshapen tensors
+        raise WeightsUnavailableError(name, f"the cached file {path} does not fit the model ({_load_error_summary(exc)}); "
+                                            "it is partial or for another model: delete it and fetch it again") from exc
+    if num_classes != checkpoint_classes:
+        model.reset_classifier(num_classes)
+    return model
+
+
+def _load_error_summary(exc: RuntimeError) -> str:
+    """The keys torch's strict ``load_state_dict`` complained about, a few of each kind."""
+    parts = []
+    for label, pattern in (("missing", r"Missing key\(s\) in state_dict: (.*)"),
+                           ("unexpected", r"Unexpected key\(s\) in state_dict: (.*)")):
+        found = re.search(pattern, str(exc))
+        keys = re.findall(r'"([^"]+)"', found[1]) if found else []
+        if keys:
+            parts.append(f"{label} ({len(keys)}): {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}")
+    mismatched = re.findall(r"size mismatch for ([^:]+):", str(exc))
+    if mismatched:
+        parts.append(f"wrong shape ({len(mismatched)}): {', '.join(mismatched[:4])}{' ...' if len(mismatched) > 4 else ''}")
+    return "; ".join(parts) or str(exc).splitlines()[0]
+
+
 def create_backbone(
     name: str,
     pretrained: bool = True,
@@ -246,8 +281,8 @@ def create_backbone(
 
     Weights: ``weights_path`` if given; else, with ``pretrained``, the weights a registry package
     ships (see :data:`PACKAGED_WEIGHTS`), else timm's from the Hugging Face hub or its cache
-    (:func:`hub_weights_file`), else :class:`WeightsUnavailableError`; random only without
-    ``pretrained``. ``model.weights_source`` says which.
+    (:func:`hub_weights_file`, loaded strictly by :func:`load_hub_file`), else
+    :class:`WeightsUnavailableError`; random only without ``pretrained``. ``model.weights_source`` says which.
     """
     name = canonical_backbone_name(name)
     if num_classes < 0:
@@ -266,9 +301,7 @@ def create_backbone(
         source = packaged
     elif pretrained:
         path, source = hub_weights_file(name)
-        # timm loads its own file: a new head when num_classes differs, as with pretrained=True
-        model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(path)},
-                                  num_classes=num_classes, **timm_kwargs)
+        model = load_hub_file(name, path, num_classes, **timm_kwargs)
     else:
         model = timm.create_model(name, pretrained=False, num_classes=num_classes, **timm_kwargs)
         source = "random"

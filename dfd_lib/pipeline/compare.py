@@ -195,12 +195,14 @@ def _csv_difference(path_a: Path, path_b: Path, a: Path, b: Path) -> tuple[float
 
 
 def _max_gap(x: np.ndarray, y: np.ndarray) -> float:
+    """The largest |x - y|: NaN against NaN and equal infinities count as equal (their difference would be
+    NaN), NaN against a number or an infinity against anything else as infinitely far."""
     if x.shape != y.shape:
         return math.inf
     if not np.array_equal(np.isnan(x), np.isnan(y)):
         return math.inf
-    both = ~np.isnan(x)
-    return float(np.max(np.abs(x[both] - y[both]), initial=0.0))
+    differ = ~np.isnan(x) & (x != y)
+    return float(np.max(np.abs(x[differ] - y[differ]), initial=0.0))
 
 
 def _array_difference(x: np.ndarray, y: np.ndarray) -> tuple[float, str]:
@@ -250,7 +252,7 @@ def _value_gap(a, b) -> float:
     if isinstance(a, numbers) and isinstance(b, numbers) and not isinstance(a, bool) and not isinstance(b, bool):
         if math.isnan(a) or math.isnan(b):
             return 0.0 if math.isnan(a) and math.isnan(b) else math.inf
-        return abs(float(a) - float(b))
+        return 0.0 if a == b else abs(float(a) - float(b))  # equal infinities too: inf - inf is NaN
     return 0.0 if json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True) else math.inf
 
 

@@ -6,7 +6,10 @@ model (``model.xml`` + ``model.bin``, or ``model.onnx``) and ``export.json``, wr
 folder without it is an interrupted conversion and is ignored. ``key`` is a digest of the
 weights files' contents, the experts, the image size, the runtime's and torch's versions (and,
 for int8, the calibration images): change the weights (or upgrade OpenVINO) and the old export no
-longer matches; it is removed when the new one is written.
+longer matches; it is removed when the new one is written. Only exports of the same weights are
+removed so: those made from the same weights folder (``export.json`` records it) or from the same
+weights file, and every older one beside the weights; several mixtures can share one ``--out`` /
+``--export-dir`` and each keeps its export.
 
 Converting is a one-off cost: about a minute and 3 GB of memory (4 GB for ONNX) for the released
 7-expert mixture at 512 px (bench/RESULTS.md); loading the export afterwards takes seconds. The model is
@@ -135,12 +138,36 @@ def find_export(root: Path, identity: dict) -> Export | None:
     return Export(model_file, meta, converted=False)
 
 
-def remove_stale(root: Path, identity: dict, keep: Path) -> list[Path]:
-    """Other exports of the same format and precision under ``root`` (older weights, runtimes):
-    never used again, so their disk space is given back."""
+def _read_meta(folder: Path) -> dict | None:
+    try:
+        meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def superseded(meta: dict, identity: dict, weights_dir: Path, private_root: bool) -> bool:
+    """Whether the export described by ``meta`` is replaced by the one of ``identity``, made from
+    ``weights_dir``: it lies in a root only this weights folder uses (beside the weights, or its user
+    cache), or it was made from the same weights (an older runtime, torch or export version), or from
+    the same weights folder (older weights there). Another mixture's export in a shared folder is none
+    of these."""
+    recorded = meta.get("identity") if isinstance(meta.get("identity"), dict) else {}
+    return (private_root or recorded.get("weights_sha256") == identity["weights_sha256"]
+            or meta.get("weights_dir") == str(weights_dir.resolve()))
+
+
+def remove_stale(root: Path, identity: dict, keep: Path, weights_dir: Path) -> list[Path]:
+    """Other exports of the same format and precision under ``root`` made from the same weights
+    (:func:`superseded`): never used again, so their disk space is given back. Folders whose
+    ``export.json`` cannot be read are left alone."""
+    private_root = root.resolve() in {path.resolve() for path in export_roots(weights_dir)}
     removed = []
     for folder in root.glob(f"{identity['format']}-{identity['precision']}-*"):
-        if folder != keep and folder.is_dir():
+        if folder == keep or not folder.is_dir():
+            continue
+        meta = _read_meta(folder)
+        if meta is not None and superseded(meta, identity, weights_dir, private_root):
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder)
     return removed
@@ -192,24 +219,25 @@ def convert_onnx(model: MixtureOfExperts, image_size: int, model_file: Path) -> 
 CONVERTERS = {"openvino": convert_openvino, "onnx": convert_onnx}
 
 
-def write_export(root: Path, identity: dict, build, extra: dict | None = None) -> Export:
-    """Build an export into a temporary folder under ``root`` with ``build(model_file)`` (which may
-    return a dict for ``export.json``), then move it into place with its ``export.json``; stale
-    exports of the same kind are removed."""
+def write_export(root: Path, identity: dict, build, weights_dir: Path, extra: dict | None = None) -> Export:
+    """Build an export of the weights in ``weights_dir`` into a temporary folder under ``root`` with
+    ``build(model_file)`` (which may return a dict for ``export.json``), then move it into place with
+    its ``export.json``; the exports it supersedes are removed (:func:`remove_stale`)."""
     root.mkdir(parents=True, exist_ok=True)
     folder = root / f"{identity['format']}-{identity['precision']}-{identity_key(identity)}"
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=".export-", dir=root) as tmp:
         model_file = Path(tmp) / MODEL_FILE[identity["format"]]
         built = build(model_file) or {}
-        meta = {"identity": identity, "seconds": round(time.perf_counter() - started, 1),
+        meta = {"identity": identity, "weights_dir": str(Path(weights_dir).resolve()),
+                "seconds": round(time.perf_counter() - started, 1),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **built, **(extra or {})}
         (Path(tmp) / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
         Path(tmp).mkdir()  # TemporaryDirectory removes its (now moved) folder on exit
-    for stale in remove_stale(root, identity, keep=folder):
-        log.info("removed stale export %s (made from other weights or another runtime version)", stale)
+    for stale in remove_stale(root, identity, keep=folder, weights_dir=Path(weights_dir)):
+        log.info("removed stale export %s (made from older weights in %s or by another runtime version)", stale, weights_dir)
     return Export(folder / MODEL_FILE[identity["format"]], meta, converted=True)
 
 
@@ -244,7 +272,7 @@ def ensure_export(weights_dir: str | os.PathLike, fmt: str, out: str | os.PathLi
                 weights_dir, fmt, len(config.backbones), config.image_size, root)
     try:
         build = functools.partial(CONVERTERS[fmt], load_weights(weights_dir, config.backbones)[0], config.image_size)
-        return write_export(root, identity, build)
+        return write_export(root, identity, build, weights_dir)
     finally:
         build = None
         _release_memory()

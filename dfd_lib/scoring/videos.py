@@ -46,8 +46,9 @@ def sample_indices(total: int, count: int) -> list[int]:
 
 def sample_frames(path: str | os.PathLike, count: int = DEFAULT_FRAMES) -> list[tuple[int, np.ndarray]]:
     """``(frame index, HxWx3 uint8 RGB)`` for ``count`` frames spread evenly over the video.
-    The frame count comes from the container's duration x fps; frames are decoded in order
-    and only the sampled ones are kept, so memory holds at most ``count`` frames."""
+    The frame count comes from the container's duration x fps; frames are decoded in order and
+    only the sampled ones are kept. A container that hides its length (a stream written to a pipe,
+    a raw H.264 file) is sampled by :func:`_evenly_thinned`. Memory holds at most ``4 * count + 1`` frames."""
     path = Path(path)
     if not path.is_file():
         raise VideoLoadError("no such file", str(path))
@@ -62,16 +63,18 @@ def sample_frames(path: str | os.PathLike, count: int = DEFAULT_FRAMES) -> list[
         width, height = meta["size"]
         duration, fps = float(meta.get("duration") or 0), float(meta.get("fps") or 0)
         estimate = int(round(duration * fps)) if math.isfinite(duration * fps) else 0
-        wanted = set(sample_indices(estimate, count)) if estimate > 0 else None
+        decoded = ((index, np.frombuffer(raw, dtype=np.uint8).reshape(height, width, 3)) for index, raw in enumerate(reader))
         frames: list[tuple[int, np.ndarray]] = []
         try:
-            for index, raw in enumerate(reader):
-                if wanted is None or index in wanted:
-                    frames.append((index, np.frombuffer(raw, dtype=np.uint8).reshape(height, width, 3).copy()))
-                    if wanted is not None and len(frames) == len(wanted):
-                        break
-                    if wanted is None and len(frames) > 4 * count:  # unknown length: thin as we go
-                        frames = frames[::2]
+            if estimate > 0:
+                wanted = set(sample_indices(estimate, count))
+                for index, frame in decoded:
+                    if index in wanted:
+                        frames.append((index, frame.copy()))
+                        if len(frames) == len(wanted):
+                            break
+            else:
+                _evenly_thinned(decoded, count, frames)
         except (OSError, RuntimeError) as exc:
             if not frames:
                 raise VideoLoadError(f"no frame could be decoded: {_last_line(exc)}", str(path)) from None
@@ -79,9 +82,25 @@ def sample_frames(path: str | os.PathLike, count: int = DEFAULT_FRAMES) -> list[
         reader.close()
     if not frames:
         raise VideoLoadError("the video holds no frames", str(path))
-    if wanted is None and len(frames) > count:
+    if estimate <= 0 and len(frames) > count:
         frames = [frames[i] for i in sample_indices(len(frames), count)]
     return frames
+
+
+def _evenly_thinned(decoded, count: int, kept: list[tuple[int, np.ndarray]]) -> None:
+    """Frames of a video of unknown length, evenly spaced over all of it, appended to ``kept``: every
+    ``stride``-th frame is kept, and when more than ``4 * count`` are held the stride doubles and every
+    other kept frame goes, so the frames kept stay ``stride`` apart from the first frame to the last
+    (the caller then picks ``count`` of them evenly). ``kept`` is filled in place, so a decoding error
+    part-way still leaves the frames read so far."""
+    stride = 1
+    for index, frame in decoded:
+        if index % stride:
+            continue
+        kept.append((index, frame.copy()))
+        if len(kept) > 4 * count:
+            stride *= 2
+            kept[:] = [(i, f) for i, f in kept if i % stride == 0]
 
 
 def write_video(path: str | os.PathLike, frames: list[np.ndarray], fps: float = 10.0) -> Path:

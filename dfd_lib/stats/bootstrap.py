@@ -136,13 +136,17 @@ def metrics_with_intervals(labels, scores, config: BootstrapConfig) -> dict:
 
 def paired_bootstrap(labels, scores_a, scores_b, config: BootstrapConfig, metric: str = "auc") -> dict:
     """Does model a beat model b on ``metric``? Both are scored on the same resamples: ``delta``
-    (a minus b on the whole set), its interval, the share of resamples where a does not beat b, and
-    a ``verdict``: :data:`BETTER` when the interval lies wholly on a's side, :data:`WORSE` when
-    wholly on b's, else :data:`UNCLEAR` (for ``eer`` lower is better)."""
+    (a minus b on the whole set), its interval, the share of resamples where a does not beat b, the
+    two-sided bootstrap ``p_value`` of "no difference" (twice the smaller tail's share of resamples on
+    or past zero, counted as (k + 1) / (B + 1) so that it is never 0), and a ``verdict`` for this one
+    comparison: :data:`BETTER` when the interval lies wholly on a's side, :data:`WORSE` when wholly on
+    b's, else :data:`UNCLEAR` (for ``eer`` lower is better). Several verdicts on one test split need a
+    correction (:mod:`dfd_lib.stats.multiple_testing`)."""
     if metric not in INTERVAL_METRICS:
         raise ValueError(f"unknown metric {metric!r}; one of {INTERVAL_METRICS}")
     point = binary_metrics(labels, scores_a)[metric] - binary_metrics(labels, scores_b)[metric]
-    result = {"delta": float(point), "delta_lo": math.nan, "delta_hi": math.nan, "share_not_better": math.nan, "verdict": ""}
+    result = {"delta": float(point), "delta_lo": math.nan, "delta_hi": math.nan, "share_not_better": math.nan,
+              "p_value": math.nan, "verdict": ""}
     if not config.enabled or not _both_classes(labels):
         return result
     counts = resample_counts(labels, config.bootstrap_resamples, config.seed)
@@ -150,7 +154,10 @@ def paired_bootstrap(labels, scores_a, scores_b, config: BootstrapConfig, metric
     sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
     low, high = np.quantile(delta, config.quantiles)
     verdict = BETTER if sign * low > 0 and sign * high > 0 else WORSE if sign * low < 0 and sign * high < 0 else UNCLEAR
-    result.update(delta_lo=float(low), delta_hi=float(high), share_not_better=float(np.mean(sign * delta <= 0)), verdict=verdict)
+    tail = min(int(np.sum(delta <= 0)), int(np.sum(delta >= 0)))
+    p_value = min(1.0, 2 * (tail + 1) / (delta.size + 1))
+    result.update(delta_lo=float(low), delta_hi=float(high), share_not_better=float(np.mean(sign * delta <= 0)),
+                  p_value=p_value, verdict=verdict)
     return result
 
 

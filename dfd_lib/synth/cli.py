@@ -19,6 +19,7 @@ from dfd_lib.core.paths import resolve
 from dfd_lib.data.resplit_table import load_resplits
 from dfd_lib.synth.config import EnrichmentConfig
 from dfd_lib.synth.enrichment import enrich_dataset
+from dfd_lib.synth.failure_budget import FailureBudgetExceeded
 from dfd_lib.synth.summary import family_counts
 
 log = logging.getLogger(__name__)
@@ -39,15 +40,22 @@ def run(args: argparse.Namespace) -> int:
         log.error("dfd augment: %s", exc)
         return 2
     out = resolve(args.out_dir) if args.out_dir else run_dir.path(runs.AUGMENTED_DIR)
-    rows, failures = enrich_dataset(resplits, config, out)
+    try:
+        rows, failures = enrich_dataset(resplits, config, out)
+        over_budget = None
+    except FailureBudgetExceeded as exc:  # every process gathered the same failures, so all of them get here
+        over_budget = exc
 
     state = PartialState()
     if state.is_main_process:
-        print(family_counts(rows, failures).to_string())
-        print(f"{len(rows)} images in {out}; {len(failures)} failed")
+        if over_budget is not None:
+            log.error("dfd augment: %s", over_budget)
+        else:
+            print(family_counts(rows, failures, config).to_string())
+            print(f"{len(rows)} images in {out}; {len(failures)} failed")
     state.wait_for_everyone()
     state.destroy_process_group()  # under accelerate launch: every process leaves the group before exiting
-    return 0
+    return 1 if over_budget is not None else 0
 
 
 if __name__ == "__main__":

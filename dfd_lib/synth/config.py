@@ -9,6 +9,7 @@ from dfd_lib.core.paths import resolve
 from dfd_lib.data.manifest import TRAIN, VAL
 from dfd_lib.synth import factory
 from dfd_lib.synth.diffusion import TINY_PREFIX, is_hub_id
+from dfd_lib.synth.failure_budget import DEFAULT_MAX_FAILED_SHARE
 from dfd_lib.synth.stable_diffusion import DiffusionSettings, task_checkpoint
 
 
@@ -33,6 +34,7 @@ class EnrichmentConfig(StepConfig):
     degrade_fake_fraction: float = 0.0  # share of "degraded" (label-keeping families') images made from fakes (they stay fakes)
     source_splits: tuple[str, ...] = (TRAIN, VAL)  # draw sources only from these splits; empty = every split
     torch_threads: int = 1  # torch CPU threads during the run (1 is fastest for small CPU models); 0 = leave torch's
+    max_failed_share: float = DEFAULT_MAX_FAILED_SHARE  # a family losing more of its planned images stops the step (1 = never)
 
     def __post_init__(self) -> None:
         self.families = factory.check_families(self.families)
@@ -45,6 +47,7 @@ class EnrichmentConfig(StepConfig):
             ("sd_image_size", self.sd_image_size == 0 or self.sd_image_size >= 64, "0 or at least 64"),
             ("degrade_fake_fraction", 0.0 <= self.degrade_fake_fraction <= 1.0, "in [0, 1]"),
             ("torch_threads", self.torch_threads >= 0, ">= 0"),
+            ("max_failed_share", 0.0 <= self.max_failed_share <= 1.0, "in [0, 1]"),
         ]
         for name, ok, requirement in checks:
             if not ok:

@@ -32,6 +32,8 @@ TASKS: tuple[str, ...] = ("img2img", "inpaint")
 TINY_IMAGE_SIZE = 128  # the tiny pipeline's native resolution (UNet sample 16 x VAE factor 8)
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 TINY_PREFIX = "tiny:"  # "tiny:<folder>": the tiny pipeline, written there with save_pretrained on first use
+# what every table and report says of images made by the tiny pipeline (no checkpoint, or tiny:<folder>)
+RANDOM_WEIGHT_NOTE = "random-weight pipeline: not Stable Diffusion images"
 
 
 class DiffusionUnavailableError(FileNotFoundError):
@@ -195,6 +197,11 @@ def tiny_folder(checkpoint: str | os.PathLike | None) -> Path | None:
         save_pipeline(build_tiny_pipeline("img2img"), staging)  # serves inpainting too, as any SD 1.x folder
         os.replace(staging, folder)
     return folder
+
+
+def is_random_weight(checkpoint: str | os.PathLike | None) -> bool:
+    """Whether ``checkpoint`` gives the tiny random-weight pipeline: none at all, or ``tiny:<folder>``."""
+    return not checkpoint or str(checkpoint).startswith(TINY_PREFIX)
 
 
 def is_hub_id(checkpoint: str | os.PathLike | None) -> bool:

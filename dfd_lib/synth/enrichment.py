@@ -8,15 +8,18 @@ then puts it on its source's side of every re-split.
 
 Output goes to ``out_dir/<family>/<id>.png`` with a ``<id>.json`` sidecar holding its row:
 a rerun reuses what exists (resume), a failing image is logged and skipped, and the
-source files are only read. Under ``accelerate launch`` the work list is split between
-processes (``PartialState().split_between_processes``); as a plain call it runs alone
-(``dfd augment`` / ``python -m dfd_lib.synth.cli`` is the command line for that).
+source files are only read. A family that loses more than ``config.max_failed_share`` of its
+planned images stops the run with a summary (:mod:`dfd_lib.synth.failure_budget`). Under
+``accelerate launch`` the work list is split between processes
+(``PartialState().split_between_processes``); as a plain call it runs alone (``dfd augment`` /
+``python -m dfd_lib.synth.cli`` is the command line for that).
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +36,7 @@ from dfd_lib.data.images import ImageLoadError, load_rgb
 from dfd_lib.data.manifest import COLUMNS, Manifest, file_sha1
 from dfd_lib.synth import factory
 from dfd_lib.synth.config import EnrichmentConfig
+from dfd_lib.synth.failure_budget import check_failure_budget
 from dfd_lib.synth.kinds import Family, is_missing
 from dfd_lib.synth.plan import Job, plan_jobs
 
@@ -49,6 +53,8 @@ def enrich_dataset(table: pd.DataFrame, config: EnrichmentConfig, out_dir: str |
     Returns ``(new_rows, failures)``: the manifest rows of every image now in ``out_dir``
     for this plan (made now or by an earlier run), with the extra columns ``parent``,
     ``seed`` and ``params`` (JSON); and one row per image that failed, with its reason.
+    :class:`~dfd_lib.synth.failure_budget.FailureBudgetExceeded` when a family lost more than
+    ``config.max_failed_share`` of its planned images (what was made stays in ``out_dir``).
     """
     missing = [c for c in ("path", "label") if c not in table.columns]
     if missing:
@@ -71,7 +77,9 @@ def enrich_dataset(table: pd.DataFrame, config: EnrichmentConfig, out_dir: str |
     if state.num_processes > 1:
         rows, failures = gather_object(rows), gather_object(failures)
     new_rows = pd.DataFrame(rows, columns=ROW_COLUMNS).sort_values("path", kind="stable").reset_index(drop=True)
-    return new_rows, pd.DataFrame(failures, columns=FAILURE_COLUMNS)
+    failures = pd.DataFrame(failures, columns=FAILURE_COLUMNS)
+    check_failure_budget(Counter(job.family for job in jobs), new_rows, failures, config.max_failed_share)
+    return new_rows, failures
 
 
 def save_augmented_manifest(table: pd.DataFrame, path: str | os.PathLike) -> Path:

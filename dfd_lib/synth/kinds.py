@@ -128,6 +128,11 @@ class ModelKind(ABC):
             raise FileNotFoundError(f"{self.name} checkpoint not found: {path}")
         return f"file:{path}"
 
+    def weights_note(self, family: Family, settings: Mapping[str, Any]) -> str:
+        """What a reader of ``family``'s images must know about the model that made them, with these
+        settings (e.g. that its weights are random); "" when nothing."""
+        return ""
+
     @abstractmethod
     def load(self, family: Family, config: Any, device: Any) -> LoadedModel:
         """The model that makes ``family``'s images, ready on ``device``."""

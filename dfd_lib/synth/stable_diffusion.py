@@ -3,6 +3,7 @@ diffusers pipeline (:mod:`dfd_lib.synth.diffusion`) loaded from the config's che
 pipeline per task, several images per call."""
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from dfd_lib.synth import diffusion
 from dfd_lib.synth.kinds import Family, LoadedModel, ModelKind, text_or_none
 
 MASK_COLUMN = "inpaint_mask"  # optional source-table column: a mask image per source (white = repaint)
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,14 @@ def task_checkpoint(task: str, settings: Mapping[str, Any]) -> str | None:
     """The checkpoint that serves ``task``: ``sd_inpaint_checkpoint`` for inpainting when set, else
     ``sd_checkpoint``; None = the tiny random-weight pipeline."""
     return (settings.get("sd_inpaint_checkpoint") if task == "inpaint" else "") or settings.get("sd_checkpoint") or None
+
+
+def pipeline_label(checkpoint: str | None) -> str:
+    """How a run's records name the pipeline of ``checkpoint``: the checkpoint itself, or for the tiny
+    random-weight pipeline a name that says what its images are."""
+    if diffusion.is_random_weight(checkpoint):
+        return f"{checkpoint or 'tiny-random'} ({diffusion.RANDOM_WEIGHT_NOTE})"
+    return str(checkpoint)
 
 
 def given_mask(source: Mapping | None, image: Image.Image) -> Image.Image | None:
@@ -80,8 +90,15 @@ class StableDiffusionKind(ModelKind):
     def locate(self, checkpoint: str, fetch: bool = False) -> str:
         return diffusion.locate_checkpoint(checkpoint, fetch=fetch)
 
+    def weights_note(self, family: Family, settings: Mapping[str, Any]) -> str:
+        return diffusion.RANDOM_WEIGHT_NOTE if diffusion.is_random_weight(self.checkpoint(family, settings)) else ""
+
     def load(self, family: Family, config: Any, device: Any) -> LoadedModel:
         checkpoint = config.checkpoint_for(family.task)
+        if diffusion.is_random_weight(checkpoint):
+            # meant for tests and the demo; on real data its "Stable Diffusion" fakes are noise-like
+            log.warning("%s: %s (the tiny pipeline: %s); give sd_checkpoint, a real Stable Diffusion checkpoint, "
+                        "for real ones", family.name, diffusion.RANDOM_WEIGHT_NOTE, checkpoint or "no sd_checkpoint given")
         pipe = diffusion.load_pipeline(family.task, checkpoint, seed=config.seed, device=device,
                                        single_file_config=config.sd_single_file_config or None)
         if not checkpoint:

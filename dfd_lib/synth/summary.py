@@ -3,6 +3,8 @@ sources beside their edits and generations."""
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -12,11 +14,13 @@ from dfd_lib.data.images import try_load_rgb
 from dfd_lib.data.manifest import CLASS_NAMES, TRAIN, VAL
 from dfd_lib.data.resplit_table import resplit_columns
 from dfd_lib.synth import factory
+from dfd_lib.synth.kinds import ModelKind
 
 
-def family_counts(rows: pd.DataFrame, failures: pd.DataFrame | None = None) -> pd.DataFrame:
+def family_counts(rows: pd.DataFrame, failures: pd.DataFrame | None = None, settings: Any = None) -> pd.DataFrame:
     """Per new family: its kind and label (from the registry; for a family no longer registered, from its
-    rows), images written and images that failed."""
+    rows), images written, images that failed, and a ``note`` on the model that made them under
+    ``settings`` (the step's EnrichmentConfig or its values; e.g. a random-weight pipeline)."""
     counts = rows.groupby("family").agg(label=("label", "first"), images=("path", "size"))
     counts["label"] = counts["label"].map(CLASS_NAMES)
     failed = failures["family"].value_counts() if failures is not None and len(failures) else pd.Series(dtype=int)
@@ -26,7 +30,21 @@ def family_counts(rows: pd.DataFrame, failures: pd.DataFrame | None = None) -> p
     counts["label"] = [seen if label is None else CLASS_NAMES[label] for (_kind, label), seen in zip(declared, counts["label"])]
     counts["images"] = counts["images"].fillna(0).astype(int)
     counts["failed"] = failed.reindex(counts.index).fillna(0).astype(int)
+    counts["note"] = [_weights_note(name, settings) for name in counts.index]
     return counts
+
+
+def _weights_note(name: str, settings: Any) -> str:
+    """The registered kind's note on the model that made ``name``'s images; "" without ``settings``."""
+    if settings is None:
+        return ""
+    try:
+        family = factory.get_family(name)
+    except ValueError:
+        return ""
+    kind = factory.kind_of(family)
+    values = settings if isinstance(settings, Mapping) else vars(settings)
+    return kind.weights_note(family, values) if isinstance(kind, ModelKind) else ""
 
 
 def _declared(name: str) -> tuple[str, int | None]:
