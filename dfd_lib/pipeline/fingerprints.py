@@ -202,14 +202,15 @@ def read_fingerprints(run_dir: Path) -> dict[str, dict]:
 
 
 def record_fingerprint(run_dir: Path, step_name: str, fingerprint: dict) -> None:
-    """Store what ``step_name`` ran on, once it finished (atomic)."""
+    """Store what ``step_name`` ran on, once it finished (atomic). Keys keep their order: a parameter's
+    mapping (e.g. robustness levels) is replayed by ``dfd rerun`` in the order it ran with."""
     recorded = read_fingerprints(run_dir)
     recorded[step_name] = fingerprint
-    atomic_write(Path(run_dir) / runs.FINGERPRINTS, lambda tmp: tmp.write_text(json.dumps(recorded, indent=1, sort_keys=True)))
+    atomic_write(Path(run_dir) / runs.FINGERPRINTS, lambda tmp: tmp.write_text(json.dumps(recorded, indent=1)))
 
 
 def forget_fingerprint(run_dir: Path, step_name: str) -> None:
     """A step that starts again is not up to date until it finishes."""
     recorded = read_fingerprints(run_dir)
     if recorded.pop(step_name, None) is not None:
-        atomic_write(Path(run_dir) / runs.FINGERPRINTS, lambda tmp: tmp.write_text(json.dumps(recorded, indent=1, sort_keys=True)))
+        atomic_write(Path(run_dir) / runs.FINGERPRINTS, lambda tmp: tmp.write_text(json.dumps(recorded, indent=1)))
