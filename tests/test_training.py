@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from dfd_lib.cli import main as dfd_main
 from dfd_lib.models.checkpoints import load_expert, load_mixture
+from dfd_lib.models.demo_weights import demo_provenance
 from dfd_lib.training.losses import LossConfig
 from dfd_lib.training.mixture_training import train_mixture
 from dfd_lib.training.train_config import TrainConfig
@@ -306,9 +307,12 @@ def test_train_mixture_writes_the_mixture_where_asked(images, tmp_path):
     table = images.copy()
     for i in range(2):
         table[f"resplit_{i}"] = np.where(table["cluster"] == i, "val", "train")
-    result = train_mixture(table, _config(epochs=1, max_steps_per_epoch=1), tmp_path / "experts", mixture_dir=tmp_path / "weights" / "moe")
+    result = train_mixture(table, _config(epochs=1, max_steps_per_epoch=1), tmp_path / "experts", mixture_dir=tmp_path / "weights" / "moe",
+                           provenance=demo_provenance())
     assert result.directory == tmp_path / "weights" / "moe"
     assert load_mixture(result.directory)[1].backbones == [BACKBONE, BACKBONE]
+    provenance = json.loads((result.directory / "config.json").read_text())["provenance"]
+    assert provenance == {**provenance, **demo_provenance()} and provenance["resplits"] == "0,1"  # joined with train_mixture's own
     assert not (tmp_path / "experts" / "mixture").exists() and result.seconds > 0
 
 

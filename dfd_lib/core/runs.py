@@ -8,6 +8,7 @@ reports/<run>/
   params.json, environment.json      written by the pipeline (and timings.json, index.html)
   notebooks/NN_name.ipynb (.html)    executed copies
   manifest.csv                       01: the dataset of this run (split: train / val / test)
+  dataset.json                       01: what it was read from (the names given, whether the built-in demo)
   embeddings/, umap.npy              01: cached embeddings (embeddings/run.json: the entry the map used), their 2-D map
   resplits.csv                       02: manifest + cluster + resplit_<i> columns
   augmented/, augmented_manifest.csv 03: generated images and their rows
@@ -40,6 +41,7 @@ ENVIRONMENT = "environment.json"
 TIMINGS = "timings.json"
 REPORT_PAGE = "index.html"
 MANIFEST = "manifest.csv"
+DATASET = "dataset.json"  # the names of the run's datasets and whether they are the built-in demo (demo weights)
 EMBEDDINGS_DIR = "embeddings"
 EMBEDDINGS_INDEX = "embeddings/run.json"
 UMAP_COORDS = "umap.npy"
@@ -79,13 +81,14 @@ class StepSpec:
         return token in (self.key, self.name, self.name[3:], self.notebook)
 
 
-FEATURES = StepSpec("01_features_umap", writes=(MANIFEST, EMBEDDINGS_DIR, UMAP_COORDS),
+FEATURES = StepSpec("01_features_umap", writes=(MANIFEST, DATASET, EMBEDDINGS_DIR, UMAP_COORDS),
                     external=("dataset", "labels_csv", "val_dataset", "val_labels_csv", "test_dataset", "test_labels_csv",
                               "backbone_weights"))
 CLUSTERS = StepSpec("02_cluster_split", reads=(MANIFEST, EMBEDDINGS_DIR, UMAP_COORDS), writes=(RESPLITS,))
 AUGMENT = StepSpec("03_sd_augment", reads=(RESPLITS,), writes=(AUGMENTED_DIR, AUGMENTED_MANIFEST),
                    external=("sd_checkpoint", "sd_inpaint_checkpoint", "sd_single_file_config"))
-TRAIN = StepSpec("04_train_moe", reads=(MANIFEST, RESPLITS, AUGMENTED_DIR, AUGMENTED_MANIFEST), writes=(EXPERTS_DIR, MOE_WEIGHTS),
+TRAIN = StepSpec("04_train_moe", reads=(MANIFEST, DATASET, RESPLITS, AUGMENTED_DIR, AUGMENTED_MANIFEST),
+                 writes=(EXPERTS_DIR, MOE_WEIGHTS),
                  external=("backbone_weights",))
 INFERENCE = StepSpec("05_inference", reads=(MANIFEST, MOE_WEIGHTS), external=("weights_dir", "folder"))
 STEPS: tuple[StepSpec, ...] = (FEATURES, CLUSTERS, AUGMENT, TRAIN, INFERENCE)

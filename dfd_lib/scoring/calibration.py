@@ -45,6 +45,7 @@ from dfd_lib.models.checkpoints import (
     read_config,
     weights_digest,
 )
+from dfd_lib.models.demo_weights import DEMO_MARKER, is_demo
 from dfd_lib.stats.metrics import checked_arrays, equal_error_rate, tpr_at_fpr
 
 RULES = ("fpr", "eer")
@@ -192,7 +193,8 @@ def read_calibration(config: MixtureConfig) -> Calibration | None:
 @dataclass(frozen=True)
 class VerdictThreshold:
     """The threshold every verdict uses and where it came from: ``calibrated`` (the mixture's
-    config), ``given`` (an explicit value, which wins) or ``not calibrated`` (0.5)."""
+    config), ``given`` (an explicit value, which wins) or ``not calibrated`` (0.5), each followed by
+    ``; demo weights`` for a mixture trained on the built-in demo."""
 
     value: float
     source: str
@@ -215,7 +217,15 @@ class VerdictThreshold:
 
 
 def resolve_threshold(config: MixtureConfig, given: float | None = None) -> VerdictThreshold:
-    """An explicit ``given`` value, else the mixture's calibrated threshold, else 0.5 (not calibrated)."""
+    """An explicit ``given`` value, else the mixture's calibrated threshold, else 0.5 (not calibrated).
+    For demo weights (:mod:`dfd_lib.models.demo_weights`) the source ends in ``; demo weights``."""
+    verdicts = _threshold(config, given)
+    if not is_demo(config):
+        return verdicts
+    return dataclasses.replace(verdicts, source=f"{verdicts.source}; {DEMO_MARKER}")
+
+
+def _threshold(config: MixtureConfig, given: float | None) -> VerdictThreshold:
     calibration = read_calibration(config)
     if given is not None:
         if not 0.0 <= given <= 1.0:

@@ -3,7 +3,8 @@ a CSV, streamed (:mod:`dfd_lib.scoring.stream`): decoding in ``--workers`` proce
 appended as batches finish, ``--resume`` after a crash; ``--faces`` scores face-centred crops.
 
 Unreadable files are listed with their reason on stderr and in the CSV's ``error`` column;
-the exit code is non-zero only when nothing could be scored.
+the exit code is non-zero only when nothing could be scored. Demo weights say so in the summary
+and in every row's ``threshold_source`` (:mod:`dfd_lib.models.demo_weights`).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import logging
 from pathlib import Path
 
 from dfd_lib.models.checkpoints import PREPROCESS_MODES, CheckpointError
+from dfd_lib.models.demo_weights import demo_notice
 from dfd_lib.scoring.backends import BackendUnavailable, add_backend_arguments
 from dfd_lib.scoring.calibration import resolve_threshold
 from dfd_lib.scoring.default_weights import WeightsNotFound, find_weights
@@ -93,4 +95,7 @@ def run(args: argparse.Namespace) -> int:
     failed = f" ({len(summary.failed)} unreadable)" if summary.failed else ""
     print(f"scored {summary.scored} of {summary.files} files -> {out}{failed}{resumed}")
     print(f"verdicts at threshold {verdicts.value:.4f} ({verdicts.note}): {summary.fake} fake")
+    notice = demo_notice(predictor.config)
+    if notice:
+        print(notice)
     return 0 if summary.scored or summary.skipped else 1

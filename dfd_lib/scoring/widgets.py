@@ -5,9 +5,11 @@ recolours the verdicts without rescoring.
 The work is in plain functions — :func:`handle_upload` scores a FileUpload value (a list of
 ``{"name", "type", "size", "content", "last_modified"}`` records, as ipywidgets 8 gives
 them) — so it is tested without a browser by setting the widget's value as an upload does.
+Demo weights show their notice in a banner above the widget.
 """
 from __future__ import annotations
 
+import html
 import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -17,6 +19,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from dfd_lib.data.images import ImageLoadError, load_rgb
+from dfd_lib.models.demo_weights import demo_notice
 from dfd_lib.scoring import explain
 from dfd_lib.scoring.calibration import VerdictThreshold, resolve_threshold
 from dfd_lib.scoring.faces import FaceDetector, FaceScores, face_crops, score_colour, summarise_faces
@@ -178,6 +181,12 @@ def threshold_note_html(verdicts: VerdictThreshold | None, value: float) -> str:
     return f"<small>{verdicts.note}</small>"
 
 
+def notice_html(notice: str) -> str:
+    """A banner for demo weights' notice (:mod:`dfd_lib.models.demo_weights`)."""
+    return (f'<div style="background:#fff3e0;border:2px solid #e65100;border-radius:6px;padding:6px 10px;'
+            f'color:#bf360c;font-weight:600">{html.escape(notice)}</div>')
+
+
 def recolour(app: UploadApp) -> None:
     """Redraw every verdict and bar at the slider's threshold (no rescoring)."""
     threshold = app.threshold.value
@@ -229,10 +238,12 @@ def build_upload_app(predictor: Predictor, threshold: float | VerdictThreshold |
     results_box = widgets.VBox()
     experts = ", ".join(dict.fromkeys(predictor.config.backbones))
     header = widgets.HTML(f"<b>{predictor.num_experts} experts</b> ({experts}) at {predictor.config.image_size} px")
+    notice = demo_notice(predictor.config)
+    banner = [widgets.HTML(notice_html(notice))] if notice else []
     note = widgets.HTML(threshold_note_html(verdicts, slider.value))
     faces_box = widgets.Checkbox(faces, description="score faces", tooltip="crop each face found (1.3x its box) and score it")
-    app = UploadApp(predictor, upload, slider, status, results_box,
-                    widgets.VBox([header, widgets.HBox([upload, slider, faces_box]), note, status, results_box]), with_heatmap,
+    body = widgets.VBox([*banner, header, widgets.HBox([upload, slider, faces_box]), note, status, results_box])
+    app = UploadApp(predictor, upload, slider, status, results_box, body, with_heatmap,
                     verdicts=verdicts, threshold_note=note, faces=faces_box)
     upload.observe(lambda change: handle_upload(app, change["new"]), names="value")
     slider.observe(lambda _change: recolour(app), names="value")

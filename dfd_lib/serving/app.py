@@ -4,7 +4,8 @@ The original release's contract holds byte for byte: ``POST /predict`` with JSON
 ``{"image": "<base64>"}`` answers ``200`` with ``{"result":<fake probability>}`` plus a
 newline, ``Content-Type: application/json`` — exactly what Flask's ``jsonify`` sends, so a
 client written for the original server works unchanged. Around it: a batch endpoint,
-Grad-CAM heatmaps (``POST /explain``), ``GET /health``, the OpenAPI schema (``/openapi.json``,
+Grad-CAM heatmaps (``POST /explain``), ``GET /health`` (with ``demo_weights`` and a ``notice`` for a
+mixture trained on the built-in demo, which the page shows as a banner), the OpenAPI schema (``/openapi.json``,
 ``/docs``), limits on body size and pixel count, an optional bearer token, and a
 ``{"error": "<message>"}`` JSON answer with a 4xx status for every bad request.
 
@@ -34,6 +35,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dfd_lib.data.images import ImageLoadError
+from dfd_lib.models.demo_weights import demo_notice
 from dfd_lib.scoring import explain
 from dfd_lib.scoring.calibration import VerdictThreshold, resolve_threshold
 from dfd_lib.scoring.predictor import Predictor
@@ -73,6 +75,7 @@ class Served:
     max_batch_images: int
     verdicts: VerdictThreshold  # the threshold of every verdict, and where it came from
     faces: FaceServing = field(default_factory=FaceServing)  # face-centred crops (?faces=true)
+    notice: str | None = None  # demo weights say so (dfd_lib.models.demo_weights): /health and the page show it
 
 
 # --------------------------------------------------------------------------- limits
@@ -148,7 +151,9 @@ def create_app(
         raise ValueError("the bearer token must not be empty (leave it unset to serve without one)")
     served = Served(predictor, ModelWorker(predictor, model_batch, max_queue), ImageLimits(max_pixels, min_side, strict_modes),
                     token, max_body_bytes, max_batch_images, resolve_threshold(predictor.config, threshold),
-                    faces or FaceServing())
+                    faces or FaceServing(), demo_notice(predictor.config))
+    if served.notice:
+        log.warning("dfd serve: %s", served.notice)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -304,6 +309,8 @@ async def health(request: Request) -> dict:
                    "min_side": limits.min_side, "max_batch_images": served.max_batch_images,
                    "strict_modes": limits.strict_modes},
         "token_required": served.token is not None,
+        "demo_weights": served.notice is not None,
+        "notice": served.notice,
         "threshold": served.verdicts.info(),
         "faces": served.faces.info(),
         "queue": {"queued": worker.queued, "max_queue": worker.max_queue, "refused": worker.stats.refused},

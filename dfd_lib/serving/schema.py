@@ -25,7 +25,8 @@ def error_response(status: int, message: str, headers: dict[str, str] | None = N
 
 VERDICT = Field(None, description="fake if the probability is at least the threshold, else real")
 THRESHOLD = Field(None, description="the verdicts' threshold")
-THRESHOLD_SOURCE = Field(None, description="calibrated (dfd calibrate), given (--threshold) or not calibrated (0.5)")
+THRESHOLD_SOURCE = Field(None, description="calibrated (dfd calibrate), given (--threshold) or not calibrated (0.5); "
+                                           "'; demo weights' follows for a mixture trained on the built-in demo")
 
 
 class PredictResponse(BaseModel):

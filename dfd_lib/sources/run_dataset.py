@@ -4,10 +4,13 @@ test splits, and write it as the run's ``manifest.csv`` for every later step.
 ``dataset`` may be ``"demo"`` (the embedded demo dataset, built offline if needed),
 ``"demo-smoke"`` (its small test size), a saved manifest CSV, a folder of ``real/``/``fake/``
 trees, or a competition image folder with ``labels_csv``. Separate validation and test sets
-(the competition's ``valset``, a cross-domain test set) can be given the same way.
+(the competition's ``valset``, a cross-domain test set) can be given the same way. The run's
+``dataset.json`` records the names given and whether the images trained on are the built-in demo,
+so the mixture notebook 04 trains says what it was trained on (:mod:`dfd_lib.models.demo_weights`).
 """
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 
@@ -15,10 +18,12 @@ import numpy as np
 import pandas as pd
 
 from dfd_lib.core import runs
+from dfd_lib.core.atomic import atomic_write
 from dfd_lib.core.config import StepConfig
 from dfd_lib.core.paths import resolve
 from dfd_lib.data.manifest import SPLITS, TEST, TRAIN, VAL, Manifest, content_digest
 from dfd_lib.data.readers import read_dataset
+from dfd_lib.models.demo_weights import TRAINED_ON, demo_provenance
 from dfd_lib.sources.demo import SMOKE_SIZE, DemoConfig, demo_dir_for, ensure_demo_dataset
 
 DEMO_NAMES = ("demo", "demo-smoke")
@@ -114,5 +119,31 @@ def prepare_run_dataset(run: runs.RunDir, spec: DatasetSpec) -> Manifest:
         log.warning("this dataset has no 'test' split; give test_dataset for a cross-domain test "
                     "(the headline table needs one)")
     manifest = Manifest(table, pd.concat(skipped, ignore_index=True))
+    write_dataset_record(run, spec)
     manifest.save(run.path(runs.MANIFEST))
     return manifest
+
+
+TRAINING_PARTS = ("dataset", "val_dataset")  # the parts whose images the models train and select on
+
+
+def write_dataset_record(run: runs.RunDir, spec: DatasetSpec) -> dict:
+    """Write ``run/dataset.json``: each part's name as given, and ``demo``: whether the images trained
+    on (``dataset``, ``val_dataset``) include the built-in demo."""
+    parts = {name: getattr(spec, name) for name in (*TRAINING_PARTS, "test_dataset")}
+    record = {"parts": parts, "demo": any(parts[name] in DEMO_NAMES for name in TRAINING_PARTS)}
+    atomic_write(run.path(runs.DATASET), lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n"))
+    return record
+
+
+def dataset_provenance(run: runs.RunDir) -> dict[str, str]:
+    """What a mixture trained on ``run``'s images records of them (``trained_on``, and ``demo_weights``
+    for the built-in demo); ``{}`` for a run folder written before ``dataset.json`` existed."""
+    path = run.path(runs.DATASET)
+    if not path.is_file():
+        return {}
+    record = json.loads(path.read_text())
+    if record.get("demo"):
+        return demo_provenance()
+    names = [record["parts"].get(name) for name in TRAINING_PARTS]
+    return {TRAINED_ON: ", ".join(name for name in names if name)}

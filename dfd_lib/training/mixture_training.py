@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,10 +49,12 @@ def train_mixture(
     resplits: Sequence[int] | None = None,
     resume: bool = True,
     mixture_dir: str | os.PathLike | None = None,
+    provenance: Mapping[str, str] | None = None,
 ) -> MixtureTrainResult:
     """One expert per re-split in ``out_dir/expert_<i>``, then their best EMA weights saved as a
     mixture in ``mixture_dir`` (default ``out_dir/mixture``). ``config`` is shared or one per
-    re-split (the backbone may differ per expert)."""
+    re-split (the backbone may differ per expert). ``provenance`` (e.g. what the images are,
+    :attr:`dfd_lib.training.training_data.TrainingData.provenance`) joins the mixture config's."""
     available = resplit_indices(table)
     chosen = list(available if resplits is None else resplits)
     missing = sorted(set(chosen) - set(available))
@@ -68,10 +70,10 @@ def train_mixture(
          "selection": r.selection, "images_per_s": float(r.history["images_per_s"].mean()), "seconds": r.seconds}
         for i, r in zip(chosen, results)
     ])
-    provenance = {"trained_by": "dfd_lib.training.mixture_training.train_mixture", "resplits": ",".join(map(str, chosen)),
-                  "best_val_auc": ",".join(f"{r.best_val_auc:.4f}" for r in results)}
+    recorded = {"trained_by": "dfd_lib.training.mixture_training.train_mixture", "resplits": ",".join(map(str, chosen)),
+                "best_val_auc": ",".join(f"{r.best_val_auc:.4f}" for r in results), **(provenance or {})}
     directory = Path(mixture_dir) if mixture_dir is not None else Path(out_dir) / MIXTURE_DIR
-    model, mixture_config = mixture_from_experts([r.best_weights for r in results], provenance)
+    model, mixture_config = mixture_from_experts([r.best_weights for r in results], recorded)
 
     if PartialState().is_main_process:
         save_mixture(model, directory, mixture_config)

@@ -7,7 +7,7 @@ import dataclasses
 import json
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -16,6 +16,7 @@ from dfd_lib.core import runs
 from dfd_lib.core.paths import resolve
 from dfd_lib.data.manifest import FAKE, REAL, TEST, TRAIN, VAL, Manifest
 from dfd_lib.data.resplit_table import attach_to_resplits, load_resplits, resplit_column, resplit_indices, save_resplits
+from dfd_lib.sources.run_dataset import dataset_provenance
 from dfd_lib.training.loss_terms import loss_summary_names
 from dfd_lib.training.train_config import TrainConfig
 
@@ -31,6 +32,7 @@ class TrainingData:
     resplits: list[int]  # the re-splits that get an expert
     augmented: int  # augmented rows in ``trainval``
     note: str  # where the augmented rows come from, or why there are none
+    provenance: dict[str, str] = field(default_factory=dict)  # what the images are (01's dataset.json), for the mixture
 
     def summary(self) -> pd.DataFrame:
         """Reals and fakes (and augmented images) on each side of every split."""
@@ -54,7 +56,9 @@ def load_training_data(run: runs.RunDir, use_augmented: bool = True, max_experts
     """The manifest (01), re-splits (02) and, if present and wanted, the augmented rows (03)
     of ``run`` (a :class:`dfd_lib.core.runs.RunDir`), the augmented rows re-attached to their
     sources' sides of every re-split (:func:`dfd_lib.data.resplit_table.attach_to_resplits`, which also
-    checks for leakage). ``max_experts`` > 0 keeps the first re-splits only."""
+    checks for leakage). ``max_experts`` > 0 keeps the first re-splits only. ``provenance`` says what
+    the images are (:func:`dfd_lib.sources.run_dataset.dataset_provenance`; empty for a run folder
+    written before 01 recorded it)."""
     manifest = Manifest.load(run.require(runs.MANIFEST)).table
     resplits = load_resplits(run.require(runs.RESPLITS))
     test = manifest[manifest["split"].astype(str) == TEST].reset_index(drop=True)
@@ -79,7 +83,8 @@ def load_training_data(run: runs.RunDir, use_augmented: bool = True, max_experts
                 + (f" ({attached.attrs['dropped']} dropped: source in no re-split)" if attached.attrs.get("dropped") else ""))
     trainval = pd.concat(parts, ignore_index=True)
     trainval["group"] = trainval["group"].astype(str)
-    return TrainingData(trainval=trainval, test=test, resplits=chosen, augmented=int(trainval["augmented"].sum()), note=note)
+    return TrainingData(trainval=trainval, test=test, resplits=chosen, augmented=int(trainval["augmented"].sum()), note=note,
+                        provenance=dataset_provenance(run))
 
 
 def expert_configs(base: TrainConfig, backbones: Sequence[str], backbone_weights: Sequence[str] | str, count: int) -> list[TrainConfig]:

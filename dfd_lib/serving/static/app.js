@@ -135,6 +135,13 @@ function showThreshold(info) {
   document.querySelectorAll(".result.done").forEach(recolour);
 }
 
+// Demo weights (trained on the kit's own synthetic fakes) say so in a banner above everything else.
+function showNotice(notice) {
+  const banner = $("#demo-notice");
+  banner.textContent = notice || "";
+  banner.hidden = !notice;
+}
+
 async function loadHealth() {
   try {
     const health = await (await fetch("/health")).json();
@@ -145,6 +152,7 @@ async function loadHealth() {
       `${health.model.experts} experts (${[...new Set(health.model.backbones)].join(", ")}) · ` +
       `${health.model.image_size} px · ${health.model.device}`;
     showThreshold(health.threshold);
+    showNotice(health.notice);
     if (health.faces) $("#faces").checked = health.faces.default;
   } catch (err) {
     $("#model-info").textContent = `server unreachable: ${err}`;
