@@ -7,7 +7,7 @@ PROFILE ?= demo
 RUN ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup browser demo lint test data serve bench clean-reports
+.PHONY: help setup browser demo lint test test-fast data serve bench clean-reports
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-14s %s\n", $$1, $$2}'
@@ -34,7 +34,10 @@ lint: setup ## ruff over the library, tests, benchmarks and notebooks; the impor
 	$(BIN)/lint-imports --no-cache
 
 test: setup browser lint ## lint, then every test: library, CLI, server, browser and the notebooks at smoke size
-	$(BIN)/python -m pytest --nbval-lax tests reports/nbval-smoke/notebooks
+	$(BIN)/python -m pytest -n auto --dist loadgroup --nbval-lax tests reports/nbval-smoke/notebooks
+
+test-fast: setup lint ## the inner loop (minutes): lint, then every test not marked slow (no smoke pipelines, no notebooks)
+	$(BIN)/python -m pytest -n auto --dist loadgroup -m "not slow" tests
 
 data: setup ## build only the demo dataset (data/demo/)
 	$(BIN)/dfd build-demo

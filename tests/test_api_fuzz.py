@@ -74,6 +74,7 @@ def test_the_schema_lists_every_endpoint(api_schema):
     assert listed == ENDPOINTS  # a new endpoint must be added to the fuzzing
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("endpoint", ENDPOINTS)
 @pytest.mark.parametrize("token", ["with token", "without token"])
 def test_fuzz_every_endpoint(app, api_schema, endpoint, token):

@@ -111,6 +111,7 @@ def test_pretrained_without_any_weights_stops_with_the_three_ways(tmp_path, monk
     assert random.eval()(torch.zeros(1, 3, 32, 32)).shape == (1, random.num_features)
 
 
+@pytest.mark.slow
 def test_the_original_architectures_load_the_hugging_face_cache_offline(tmp_path, monkeypatch):
     hub = use_hub_cache(monkeypatch, tmp_path / "hf-home")
     for name in sorted(set(ORIGINAL_BACKBONES)):

@@ -130,6 +130,7 @@ def test_the_openvino_predictor_loads_torch_only_when_asked(released_moe, folder
     assert abs(explanation.prob - torch_predictor.predict_one(str(folder / "chelsea.png")).prob) <= TOLERANCE
 
 
+@pytest.mark.slow
 def test_a_stale_export_is_never_used(tmp_path):
     pytest.importorskip("openvino", reason="the openvino extra is not installed (pip install -e .[openvino])")
     from dfd_lib.scoring.export import ensure_export
@@ -151,6 +152,7 @@ def test_a_stale_export_is_never_used(tmp_path):
     assert [p.name for p in (weights / "exports").iterdir()] != [first.folder.name]
 
 
+@pytest.mark.slow
 def test_an_export_written_elsewhere_is_found_with_export_dir(tmp_path, folder, capsys):
     """`dfd export --out DIR` then `dfd predict --export-dir DIR`: the export is used, nothing is
     converted again beside the weights, and the scores are torch's."""
@@ -215,6 +217,7 @@ def test_int8_is_a_separate_model_made_only_when_asked(tmp_path, folder):
     assert 0 <= quantized.prob <= 1 and fp32.prob == pytest.approx(Predictor.load(weights).predict_one(image).prob, abs=TOLERANCE)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["openvino", "onnxruntime"])
 def test_rewritten_convnext_experts_score_like_torch(tmp_path, backend):
     """The released architecture's ConvNeXt-V2 experts are rewritten before conversion
@@ -239,6 +242,7 @@ def test_rewritten_convnext_experts_score_like_torch(tmp_path, backend):
 # --------------------------------------------------------------------------- ONNX Runtime
 
 
+@pytest.mark.slow
 def test_onnxruntime_scores_like_torch(tmp_path):
     pytest.importorskip("onnxruntime", reason="the openvino extra (onnxruntime) is not installed (pip install -e .[openvino])")
     pytest.importorskip("onnx", reason="the openvino extra (onnx) is not installed (pip install -e .[openvino])")
@@ -257,6 +261,7 @@ def test_onnxruntime_scores_like_torch(tmp_path):
 # --------------------------------------------------------------------------- dfd serve
 
 
+@pytest.mark.slow
 def test_dfd_serve_scores_and_explains_with_openvino(tmp_path):
     pytest.importorskip("openvino", reason="the openvino extra is not installed (pip install -e .[openvino])")
     import argparse

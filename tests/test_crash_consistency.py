@@ -7,12 +7,15 @@ import json
 import shlex
 
 import pandas as pd
+import pytest
 
 from dfd_lib.core import runs
 from dfd_lib.core.faults import CRASH_ENV
 from dfd_lib.pipeline.chain import run_pipeline
 from dfd_lib.pipeline.compare import compare_runs
 from dfd_lib.pipeline.parameters import parse_overrides
+
+pytestmark = pytest.mark.slow  # smoke pipelines: the full suite, not the fast tier
 
 # (where the kernel kills itself, the step that fails): DFD_CRASH_AT=<step>/<point>:<n-th pass>
 KILLS = [

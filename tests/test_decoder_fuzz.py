@@ -160,6 +160,7 @@ def _declared_size(data: bytes) -> tuple[int, int] | str:
 HUGE_SIDES = st.integers(int(DEFAULT_MAX_PIXELS ** 0.5) + 1, 2**31 - 1)
 
 
+@pytest.mark.slow
 @FUZZ
 @given(valid_files, HUGE_SIDES, HUGE_SIDES)
 def test_huge_declared_sizes_are_refused_from_the_header(data, width, height):
@@ -181,6 +182,7 @@ def test_wrong_declared_sizes_decode_or_are_refused(data, width, height):
     _check(_declare_size(data, fmt, width, height), fmt, "wrong declared size")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["GIF", "TIFF", "WEBP", "PNG"])
 def test_many_frames_decode_the_first_frame_only(fmt):
     data = _encode(fmt, 32, 24, "RGB", 1, frames=300)

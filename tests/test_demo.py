@@ -10,6 +10,7 @@ from PIL import Image
 from dfd_lib.sources.demo import DemoConfig, build_demo_dataset, ensure_demo_dataset, read_build_info
 
 
+@pytest.mark.slow
 def test_same_seed_gives_same_content_hashes(smoke_demo, tmp_path):
     again = build_demo_dataset(DemoConfig.smoke(), tmp_path / "again", progress=False)
     assert smoke_demo.table["hash"].tolist() == again.table["hash"].tolist()
@@ -64,6 +65,7 @@ def test_config_is_validated():
         DemoConfig(fake_fraction=1.5)
 
 
+@pytest.mark.slow
 def test_a_changed_demo_file_is_rebuilt_not_trusted(tmp_path, caplog):
     # the demo is a build whose manifest's hashes every later step trusts (the embedding cache keys on
     # them): a file changed after the build must not pass under its recorded hash

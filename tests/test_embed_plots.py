@@ -28,6 +28,7 @@ def mapped():
     return emb, fit_umap(emb, n_neighbors=10, seed=0, n_epochs=50), table, blob
 
 
+@pytest.mark.slow
 def test_umap_keeps_blobs_apart(mapped):
     emb, coords, _, blob = mapped
     assert coords.shape == (len(emb), 2) and np.isfinite(coords).all()

@@ -314,6 +314,7 @@ def test_resume_remakes_images_whose_plan_changed(source_table, tmp_path):
     assert "_fingerprint" not in again.columns
 
 
+@pytest.mark.slow
 def test_processes_split_the_work_under_torchrun(resplit_world, tmp_path):
     """Two processes (torchrun, as accelerate launch does on GPUs) each make their share; the
     edits are the same files a single process makes."""

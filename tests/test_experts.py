@@ -47,6 +47,7 @@ def test_deprecated_names_map_to_current_timm_names():
         canonical_backbone_name("no_such_net")
 
 
+@pytest.mark.slow
 def test_original_backbones_are_the_released_seven():
     assert len(ORIGINAL_BACKBONES) == 7
     assert [canonical_backbone_name(n) for n in ORIGINAL_BACKBONES] == list(ORIGINAL_BACKBONES)

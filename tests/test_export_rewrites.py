@@ -51,6 +51,7 @@ def count(model, kind) -> int:
     return sum(type(m) is kind for m in model.modules())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backbones", [("convnextv2_tiny",), ("test_convnext", "test_convnext2")])
 def test_channels_first_convnext_computes_the_same_function_without_permutes(backbones):
     model, x = sensitive_mixture(backbones), photos()

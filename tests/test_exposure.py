@@ -95,6 +95,7 @@ def test_a_token_on_the_command_line_warns(tmp_path, capsys):
     assert "visible to every user" in err and TOKEN_ENV in err
 
 
+@pytest.mark.slow
 def test_dfd_serve_takes_its_token_from_the_environment(weights, tmp_path):
     port = free_port()
     env = {**os.environ, TOKEN_ENV: TOKEN, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}

@@ -14,6 +14,8 @@ from dfd_lib.core import runs
 from dfd_lib.pipeline.chain import run_pipeline
 from dfd_lib.pipeline.compare import compare_runs
 
+pytestmark = pytest.mark.slow  # smoke pipelines: the full suite, not the fast tier
+
 SIZE_MB = 2048  # the smoke run needs about 1 GB, mostly training states (a tmpfs holds only what is written)
 LEFT_FREE_MB = 20  # what the ballast leaves: enough for 01-03's small files, not for 04's checkpoints
 

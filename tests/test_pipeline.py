@@ -59,6 +59,7 @@ def test_parameters_merge_by_precedence(chain):
         select_steps(steps, only="07")
 
 
+@pytest.mark.slow
 def test_chain_runs_records_and_resumes_after_failure(chain):
     result = run_pipeline("tiny", run="r1", overrides={"02.fail": True}, progress=False, **chain)
     run_dir = result.run_dir
@@ -111,6 +112,7 @@ def _resume_args(command: str) -> argparse.Namespace:
     return parser.parse_args(words[2:])
 
 
+@pytest.mark.slow
 def test_printed_resume_command_reuses_the_recorded_profile_and_overrides(chain, monkeypatch):
     # the first command: a profile, -p for both steps; step 02 dies of a passing cause (a flag in the environment)
     first = ["size=5", "scale=4"]
@@ -156,6 +158,7 @@ def test_the_kernels_own_log_stays_out_of_the_terminal(chain, capfd):
     assert "KeyboardInterrupt caught in kernel" not in err and "[IPKernelApp]" not in err
 
 
+@pytest.mark.slow
 def test_rerun_replays_the_recorded_values_with_new_ones_for_any_step(chain, caplog):
     from dfd_lib.pipeline.rerun import rerun
 

@@ -106,6 +106,7 @@ def test_a_video_gives_one_row_and_a_corrupt_one_is_listed(weights, tmp_path, ca
     assert list(table["faces_found"].astype(int)) == [4, 1, 1, 1, 1]  # the video's: frames with a face
 
 
+@pytest.mark.slow
 def test_resume_after_a_crash_scores_only_what_is_missing(weights, tmp_path):
     folder = tmp_path / "many"
     folder.mkdir()

@@ -40,6 +40,7 @@ def _profile(tmp_path, **steps) -> str:
     return str(path)
 
 
+@pytest.mark.slow
 def test_check_of_the_full_profile_lists_what_this_machine_lacks(empty_cache, capsys):
     started = time.perf_counter()
     assert dfd_main(["check", "--profile", "full"]) == 1
@@ -54,6 +55,7 @@ def test_check_of_the_full_profile_lists_what_this_machine_lacks(empty_cache, ca
     assert seconds < 60  # seconds, not hours into a run
 
 
+@pytest.mark.slow
 def test_check_passes_when_the_cache_holds_the_weights(full_cache, tmp_path, capsys):
     assert dfd_main(["check", "--profile", _profile(tmp_path)]) == 0, capsys.readouterr().out
     out = capsys.readouterr().out
@@ -84,6 +86,7 @@ def test_stable_diffusion_loads_by_hub_id_from_the_cache(full_cache):
         diffusion.load_pipeline("img2img", "dfd-tests/not-cached", device="cpu")
 
 
+@pytest.mark.slow
 def test_the_pipeline_checks_before_its_first_step(empty_cache, tmp_path, caplog):
     from dfd_lib.pipeline.chain import run_pipeline
     from dfd_lib.pipeline.steps import PipelineError

@@ -17,6 +17,8 @@ from dfd_lib.pipeline.compare import compare_runs
 from dfd_lib.pipeline.rerun import rerun
 from dfd_lib.pipeline.steps import PipelineError
 
+pytestmark = pytest.mark.slow  # smoke pipelines: the full suite, not the fast tier
+
 
 @pytest.fixture(scope="module")
 def edited_profile_run(smoke_run, tmp_path_factory):

@@ -120,6 +120,7 @@ def test_predict_answers_the_original_contract_byte_for_byte(client, predictor, 
     assert 0.0 <= expected <= 1.0
 
 
+@pytest.mark.slow
 def test_data_url_multipart_and_wrapped_base64_give_the_same_score(client, photos):
     raw = photos["chelsea.png"]
     reference = client.post("/predict", json={"image": b64(raw)}).json()["result"]

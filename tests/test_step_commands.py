@@ -137,6 +137,7 @@ def test_the_commands_take_every_option_of_their_configs():
     assert _options(clustering) == {"run_dir", *ClusterConfig.parameter_names()}
 
 
+@pytest.mark.slow
 def test_the_cluster_command_runs_as_a_module(tmp_path):
     # as accelerate launch -m dfd_lib.steps.clustering starts it
     done = subprocess.run([sys.executable, "-m", "dfd_lib.steps.clustering", "--run-dir", str(tmp_path), "--k-min", "1"],

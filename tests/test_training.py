@@ -338,6 +338,7 @@ def test_gradient_accumulation_and_checkpointing_keep_the_result(images, tmp_pat
         TrainConfig(batch_size=8, grad_accum_steps=3)
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one_with_the_same_global_batch(images, tmp_path):
     """`accelerate launch --multi_gpu --num_processes 2` on this CPU-only machine: two CPU processes over
     gloo (accelerate's `--cpu` alone runs one process unless MPI is set up). Each takes half of every global

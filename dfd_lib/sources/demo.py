@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from filelock import FileLock
 from PIL import Image
 
 from dfd_lib.core.logs import progress_bar
@@ -268,8 +269,16 @@ def read_build_info(out_dir: str | os.PathLike = DEMO_DATA_DIR) -> dict | None:
 
 def ensure_demo_dataset(config: DemoConfig | None = None, out_dir: str | os.PathLike = DEMO_DATA_DIR,
                         progress: bool = True) -> Manifest:
-    """The demo dataset in ``out_dir``, built only if absent or built with another config."""
+    """The demo dataset in ``out_dir``, built only if absent or built with another config. Processes
+    asking at once take turns (a lock file beside ``out_dir``): one builds, the others find it built."""
     config = config or DemoConfig()
+    out_dir = resolve(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(out_dir.with_name(f".{out_dir.name}.lock")):
+        return _ensure_built(config, out_dir, progress)
+
+
+def _ensure_built(config: DemoConfig, out_dir: Path, progress: bool) -> Manifest:
     info = read_build_info(out_dir)
     manifest_path = resolve(out_dir) / "manifest.csv"
     if info is not None and info.get("config") == config.identity() and manifest_path.is_file():
