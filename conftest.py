@@ -3,16 +3,22 @@
 ``pytest --nbval-lax ... reports/nbval-smoke/notebooks`` then runs, in order, exactly the
 notebooks a user opens, at smoke size, sharing one run folder as the pipeline would.
 
-Run on several cores (``pytest -n auto --dist loadgroup``, as ``make test`` does), tests are dealt out in
-groups that keep what must stay together on one worker, in order: the notebooks (one chain), every test
-of the session's reference smoke run (so it is made once), and otherwise each test file (its
-module-scoped fixtures and chains)."""
+Run on several cores (``pytest -n auto``, as ``make test`` does: pytest-xdist), tests are dealt out in
+groups that keep what must stay together on one worker, in order (:func:`worker_group`): the notebooks
+(one chain), the files that use the session's reference smoke run (so it is made once), and otherwise
+each test file (its module-scoped fixtures and chains). The heaviest groups are dealt first."""
 from __future__ import annotations
 
 import os
 import shutil
+from pathlib import PurePosixPath
 
 import pytest
+
+try:
+    from xdist.scheduler import LoadScopeScheduling
+except ImportError:  # pytest-xdist is a dev tool: without it the suite runs on one core
+    LoadScopeScheduling = None
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
@@ -34,15 +40,33 @@ def pytest_sessionstart(session):
         raise RuntimeError(f"could not parameterise the notebooks: {result.steps}")
 
 
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(_group(item)))
+SMOKE_RUN_FILES = ("test_crash_consistency.py", "test_full_disk.py", "test_rerun_compare.py")  # use the smoke_run fixture
+HEAVY_FIRST = ("smoke_run", "tests/test_incremental.py", "notebooks", "tests/test_full_mini.py")  # minutes each
 
 
-def _group(item) -> str:
-    """The worker group of a test (see the module's docstring)."""
-    if item.path.suffix == ".ipynb":
+def worker_group(nodeid: str) -> str:
+    """The group of workers' tests a test belongs to, from its node id."""
+    path = PurePosixPath(nodeid.split("::", 1)[0])
+    if path.suffix == ".ipynb":
         return "notebooks"
-    if "smoke_run" in getattr(item, "fixturenames", ()):
+    if path.name in SMOKE_RUN_FILES:
         return "smoke_run"
-    return item.path.stem
+    return str(path)
+
+
+if LoadScopeScheduling is not None:
+    class WorkerGroupScheduling(LoadScopeScheduling):
+        """pytest-xdist's scope scheduling with :func:`worker_group` as the scope: a group goes whole to one worker."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            return worker_group(nodeid)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    return WorkerGroupScheduling(config, log)
+
+
+def pytest_collection_modifyitems(items):
+    """The heaviest groups first, so that the workers finish together (the order within a group is kept)."""
+    items.sort(key=lambda item: worker_group(item.nodeid) not in HEAVY_FIRST)
