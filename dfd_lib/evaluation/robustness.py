@@ -17,6 +17,7 @@ from PIL import Image
 from dfd_lib.core.figures import save_figure
 from dfd_lib.core.logs import progress_bar
 from dfd_lib.data.images import load_rgb
+from dfd_lib.models.checkpoints import is_mixture_dir
 from dfd_lib.scoring.expert_scores import experts_from_mixture, score_images
 from dfd_lib.scoring.predictor import Predictor, auto_device
 from dfd_lib.stats.bootstrap import BootstrapConfig, metrics_with_intervals
@@ -143,10 +144,10 @@ def mixture_robustness(
 def mixture_predict_fn(weights_dir: str | os.PathLike, device: str | None = None,
                        batch_size: int = 64) -> tuple[Callable[[list], list[float]], int]:
     """The saved mixture's fake-probability of a list of images (0.5 for an unreadable one) and its number of
-    experts. On the CPU each (expert, image) pair is scored once in the process
+    experts. On the CPU (a mixture in the kit's format) each (expert, image) pair is scored once in the process
     (:mod:`dfd_lib.scoring.expert_scores`: the unperturbed images the headline scored are not scored again);
     on a GPU (``device``, default: one when there is one) through the Predictor, as ``dfd predict`` loads it."""
-    if (torch.device(device) if device is not None else auto_device()).type == "cpu":
+    if (torch.device(device) if device is not None else auto_device()).type == "cpu" and is_mixture_dir(weights_dir):
         experts, preprocessing = experts_from_mixture(weights_dir)
 
         def predict(images):

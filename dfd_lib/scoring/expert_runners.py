@@ -4,15 +4,17 @@ plain torch expert (within 1e-5, tests/test_expert_scores.py): the engines behin
 
 - **torch**: a copy of the expert with every batch norm folded into the convolution before it
   (scale and shift moved into the convolution's weights and bias; the activation stays),
-  channels_last memory, ``torch.inference_mode`` and batches. The fold moves probabilities by
-  about 1e-7 (rounding of the folded weights) and saves the batch-norm pass, a third of the
-  forward time of tf_efficientnet_lite0 at 128 px on the development CPU (bench/RESULTS.md).
+  channels_last memory, ``torch.inference_mode`` and batches. The fold moves probabilities by a
+  few 1e-6 at most (rounding of the folded weights; OpenVINO's own fusions move them as much) and
+  saves the batch-norm pass, about a third of the forward time of tf_efficientnet_lite0 at 128 px
+  in channels_last on the development CPU (bench/RESULTS.md, "Notebook 04's evaluation").
 - **openvino** (when installed): the expert converted once (fp32, as :mod:`dfd_lib.scoring.export`
   converts a mixture) and cached under the user's cache folder, keyed by a digest of the expert's
   tensors, its input size and the runtime's and torch's versions, so a reused export provably comes
   from the same weights; compiled for a fixed batch (the last batch is padded, no row depends on
-  another). Converting costs seconds per expert, so an expert is converted only when it has many
-  images to score (``convert_min_images``) or its export is cached already.
+  another), the compiled model cached beside the export. Converting costs seconds per expert, so an
+  expert is converted only when it has many images to score or its export is cached already
+  (:func:`dfd_lib.scoring.expert_scores.choose_engine`).
 """
 from __future__ import annotations
 
@@ -162,7 +164,8 @@ class OpenVINORunner:
         core = ov.Core()
         model = core.read_model(str(model_file))
         model.reshape({model.input(0): [OPENVINO_BATCH, 3, image_size, image_size]})
-        config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
+        # CACHE_DIR: OpenVINO keeps the compiled model beside the export; compiling again takes 0.1 s instead of 0.6
+        config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY", "CACHE_DIR": str(folder / "compiled")}
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
         self.request = core.compile_model(model, "CPU", config).create_infer_request()

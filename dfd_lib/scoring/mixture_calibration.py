@@ -13,6 +13,7 @@ import pandas as pd
 
 from dfd_lib.data.manifest import FAKE, REAL, VAL
 from dfd_lib.data.resplit_table import resplit_column, resplit_indices
+from dfd_lib.models.checkpoints import is_mixture_dir
 from dfd_lib.scoring.calibration import (
     DEFAULT_TARGET_FPR,
     Calibration,
@@ -75,7 +76,7 @@ def calibrate_mixture(weights_dir: str | os.PathLike, table: pd.DataFrame, targe
     (a table like ``table``, or ``(labels, scores)``) whose rates at the threshold are stored
     beside the target. With ``figures_dir``, the ROC and the reliability diagram are drawn there
     (``<figure_prefix>_roc.png``, ``<figure_prefix>_reliability.png``)."""
-    if predictor is None and auto_device().type == "cpu":  # each image once per expert, scores reused within the process
+    if predictor is None and auto_device().type == "cpu" and is_mixture_dir(weights_dir):  # each image once per expert
         table, check = (with_mixture_scores(t, weights_dir, batch_size, progress) for t in (table, check))
     if predictor is None and any(isinstance(t, pd.DataFrame) and "prob_fake" not in t for t in (table, check)):
         predictor = Predictor.load(weights_dir, batch_size=batch_size, malloc_tuning=False)
