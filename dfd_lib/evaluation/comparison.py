@@ -25,12 +25,14 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from dfd_lib.data.manifest import TRAIN, VAL
 from dfd_lib.data.resplit_table import resplit_column
 from dfd_lib.evaluation.robustness import RobustnessResult
 from dfd_lib.models.checkpoints import load_expert, mixture_from_experts
-from dfd_lib.scoring.predictor import Predictor
+from dfd_lib.scoring.expert_scores import ExpertWeights, Preprocessing, expert_from_file, score_images
+from dfd_lib.scoring.predictor import Predictor, auto_device
 from dfd_lib.stats.bootstrap import INTERVAL_METRICS, BootstrapConfig, intervals
 from dfd_lib.stats.group_metrics import per_group_metrics
 from dfd_lib.stats.metrics import LOW_FPRS, binary_metrics, threshold_key, tpr_key
@@ -65,9 +67,36 @@ def score_experts(
     """Fake-probabilities of each expert (``name -> best_ema.safetensors``) on the images of
     ``table``: one column per name, aligned with ``table``'s rows (NaN where an image cannot
     be read). Experts that share their preprocessing run together, so each image is decoded
-    once, through the :class:`dfd_lib.scoring.predictor.Predictor` that ``dfd predict`` uses."""
+    once, and a score an earlier table of the process computed for the same weights and the same
+    input is reused (:mod:`dfd_lib.scoring.expert_scores`). On a GPU (``device``, default: one when
+    there is one) it scores through the :class:`dfd_lib.scoring.predictor.Predictor` that ``dfd predict`` uses
+    (:func:`score_experts_predictor`)."""
     if not weights:
         raise ValueError("no experts to score")
+    if (torch.device(device) if device is not None else auto_device()).type != "cpu":
+        return score_experts_predictor(weights, table, batch_size, device, progress)
+    by_preprocessing: dict[Preprocessing, list[tuple[str, ExpertWeights]]] = {}
+    for name, path in weights.items():
+        expert, preprocessing = expert_from_file(path)
+        by_preprocessing.setdefault(preprocessing, []).append((name, expert))
+    scores = pd.DataFrame(index=table.index, columns=list(weights), dtype=float)
+    paths = [str(p) for p in table["path"]]
+    for preprocessing, named in by_preprocessing.items():
+        probs = score_images([expert for _, expert in named], preprocessing, paths, batch_size=batch_size, progress=progress)
+        for j, (name, _) in enumerate(named):
+            scores[name] = probs[:, j]
+    return scores
+
+
+def score_experts_predictor(
+    weights: Mapping[str, str | os.PathLike],
+    table: pd.DataFrame,
+    batch_size: int = 64,
+    device: str | None = None,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """:func:`score_experts` through the plain torch :class:`dfd_lib.scoring.predictor.Predictor`, nothing
+    reused: the reference the fast path is checked against (tests, bench/bench_eval04.py) and the GPU path."""
     by_preprocessing: dict[tuple, list[str]] = {}
     for name, path in weights.items():
         meta = load_expert(path)[1]

@@ -11,12 +11,15 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+import torch
 from PIL import Image
 
 from dfd_lib.core.figures import save_figure
 from dfd_lib.core.logs import progress_bar
 from dfd_lib.data.images import load_rgb
-from dfd_lib.scoring.predictor import Predictor
+from dfd_lib.models.checkpoints import is_mixture_dir
+from dfd_lib.scoring.expert_scores import experts_from_mixture, score_images
+from dfd_lib.scoring.predictor import Predictor, auto_device
 from dfd_lib.stats.bootstrap import BootstrapConfig, metrics_with_intervals
 from dfd_lib.stats.metrics import LOW_FPRS, tpr_key
 from dfd_lib.synth import edits
@@ -131,15 +134,29 @@ def mixture_robustness(
         return RobustnessResult(table=empty, figure=None, images=0, seconds=0.0)
     started = time.perf_counter()
     rows = stratified_sample(test, max_images, seed)
-    predictor = Predictor.load(weights_dir, device=device, batch_size=batch_size, malloc_tuning=False)
-
-    def predict(images):
-        return [p.prob if p.ok else 0.5 for p in predictor.predict(images)]
-
+    predict, experts = mixture_predict_fn(weights_dir, device, batch_size)
     table = robustness_table(predict, list(rows["path"]), rows["label"].astype(int).tolist(), levels, batch_size=batch_size,
                              bootstrap=bootstrap)
-    figure = plot_robustness(table, figure_path, title=f"Mixture of {predictor.num_experts} experts: test AUC under degradations")
+    figure = plot_robustness(table, figure_path, title=f"Mixture of {experts} experts: test AUC under degradations")
     return RobustnessResult(table=table, figure=figure, images=len(rows), seconds=time.perf_counter() - started)
+
+
+def mixture_predict_fn(weights_dir: str | os.PathLike, device: str | None = None,
+                       batch_size: int = 64) -> tuple[Callable[[list], list[float]], int]:
+    """The saved mixture's fake-probability of a list of images (0.5 for an unreadable one) and its number of
+    experts. On the CPU (a mixture in the kit's format) each (expert, image) pair is scored once in the process
+    (:mod:`dfd_lib.scoring.expert_scores`: the unperturbed images the headline scored are not scored again);
+    on a GPU (``device``, default: one when there is one) through the Predictor, as ``dfd predict`` loads it."""
+    if (torch.device(device) if device is not None else auto_device()).type == "cpu" and is_mixture_dir(weights_dir):
+        experts, preprocessing = experts_from_mixture(weights_dir)
+
+        def predict(images):
+            probs = score_images(experts, preprocessing, images, batch_size=batch_size).mean(axis=1)
+            return [0.5 if np.isnan(p) else float(p) for p in probs]
+
+        return predict, len(experts)
+    predictor = Predictor.load(weights_dir, device=device, batch_size=batch_size, malloc_tuning=False)
+    return (lambda images: [p.prob if p.ok else 0.5 for p in predictor.predict(images)]), predictor.num_experts
 
 
 def stratified_sample(table: pd.DataFrame, max_rows: int, seed: int = 0) -> pd.DataFrame:

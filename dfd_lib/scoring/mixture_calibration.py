@@ -13,6 +13,7 @@ import pandas as pd
 
 from dfd_lib.data.manifest import FAKE, REAL, VAL
 from dfd_lib.data.resplit_table import resplit_column, resplit_indices
+from dfd_lib.models.checkpoints import is_mixture_dir
 from dfd_lib.scoring.calibration import (
     DEFAULT_TARGET_FPR,
     Calibration,
@@ -22,8 +23,9 @@ from dfd_lib.scoring.calibration import (
     write_calibration,
 )
 from dfd_lib.scoring.calibration_plots import plot_calibration
+from dfd_lib.scoring.expert_scores import mixture_scores
 from dfd_lib.scoring.folders import score_paths
-from dfd_lib.scoring.predictor import Predictor
+from dfd_lib.scoring.predictor import Predictor, auto_device
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,16 @@ def scored_labels(table: pd.DataFrame, predictor=None, progress: bool = True) ->
     return table[keep]
 
 
+def with_mixture_scores(table, weights_dir: str | os.PathLike, batch_size: int = 32, progress: bool = True):
+    """``table`` (a DataFrame of ``path`` and ``label``) with the ``prob_fake`` of the mixture in ``weights_dir``
+    (:func:`~dfd_lib.scoring.expert_scores.mixture_scores`: scores the process computed already are reused) and an
+    ``error`` for the unreadable images; anything else (scored already, ``(labels, scores)``, None) as it is."""
+    if not isinstance(table, pd.DataFrame) or "prob_fake" in table:
+        return table
+    probs = mixture_scores(weights_dir, [str(p) for p in table["path"]], batch_size=batch_size, progress=progress)
+    return table.reset_index(drop=True).assign(prob_fake=probs, error=np.where(np.isnan(probs), "unreadable image", ""))
+
+
 def calibrate_mixture(weights_dir: str | os.PathLike, table: pd.DataFrame, target_fpr: float = DEFAULT_TARGET_FPR,
                       rule: str = "fpr", data: str = "", check=None, check_data: str = "",
                       figures_dir: str | os.PathLike | None = None, figure_prefix: str = "calibration",
@@ -64,6 +76,8 @@ def calibrate_mixture(weights_dir: str | os.PathLike, table: pd.DataFrame, targe
     (a table like ``table``, or ``(labels, scores)``) whose rates at the threshold are stored
     beside the target. With ``figures_dir``, the ROC and the reliability diagram are drawn there
     (``<figure_prefix>_roc.png``, ``<figure_prefix>_reliability.png``)."""
+    if predictor is None and auto_device().type == "cpu" and is_mixture_dir(weights_dir):  # each image once per expert
+        table, check = (with_mixture_scores(t, weights_dir, batch_size, progress) for t in (table, check))
     if predictor is None and any(isinstance(t, pd.DataFrame) and "prob_fake" not in t for t in (table, check)):
         predictor = Predictor.load(weights_dir, batch_size=batch_size, malloc_tuning=False)
     rows = scored_labels(table, predictor, progress)
