@@ -32,6 +32,7 @@ from dfd_lib.core.logs import PIPELINE_STEP_ENV
 from dfd_lib.core.paths import NOTEBOOKS_DIR, PIPELINES_DIR, PROJECT_ROOT, REPORTS_DIR
 from dfd_lib.pipeline.environment import snapshot_keeping
 from dfd_lib.pipeline.fingerprints import forget_fingerprint, read_fingerprints, record_fingerprint
+from dfd_lib.pipeline.fingerprints import settled as settled_fingerprint
 from dfd_lib.pipeline.fingerprints import take as take_fingerprint
 from dfd_lib.pipeline.parameters import relative_to_project
 from dfd_lib.pipeline.preflight import check_profile
@@ -235,7 +236,7 @@ def _run_step(step: Step, params: dict, values: dict, record: dict, plan: RunPla
     outcome = _execute(step, step_params, plan.run_dir, prepare_only, kernel_name, log_output, progress)
     if fingerprint is not None and outcome.status == "ok":
         with _disk_errors(plan.run_dir, f"recording step {step.name}"):
-            record_fingerprint(plan.run_dir, step.name, fingerprint)
+            record_fingerprint(plan.run_dir, step.name, settled_fingerprint(fingerprint, step, values))
     return outcome
 
 

@@ -94,27 +94,50 @@ def tree_signature(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _external_items(step: Step, values: Mapping) -> Iterable[tuple[str, str, str]]:
+    """``(label, parameter, value)`` of each non-empty path value of ``step``'s outside parameters."""
+    for name in step.spec.external:
+        value = values.get(name)
+        items = list(value) if isinstance(value, (list, tuple)) else [value]
+        for i, item in enumerate(items):
+            if isinstance(item, str) and item:
+                yield (name if len(items) == 1 else f"{name}[{i}]"), name, item
+
+
+def _is_demo(name: str, item: str) -> bool:
+    return name.endswith("dataset") and item in DEMO_NAMES
+
+
 def external_paths(step: Step, values: Mapping) -> dict[str, Path]:
     """``parameter -> path`` of each file or folder outside the run that ``step``'s parameters name: the
     demo datasets by their folder, local paths as given (a Hugging Face hub id such as ``org/name``, which
     is no local path, is identified by its cached revision instead and left out here)."""
     found: dict[str, Path] = {}
-    for name in step.spec.external:
-        value = values.get(name)
-        items = list(value) if isinstance(value, (list, tuple)) else [value]
-        for i, item in enumerate(items):
-            if not isinstance(item, str) or not item:
-                continue
-            label = name if len(items) == 1 else f"{name}[{i}]"
-            if name.endswith("dataset") and item in DEMO_NAMES:
-                found[label] = demo_dir_for(SMOKE_SIZE if item == "demo-smoke" else int(values.get("demo_size", 2000)))
-            elif resolve(item).exists() or not _looks_like_hub_id(item):
-                found[label] = resolve(item)
+    for label, name, item in _external_items(step, values):
+        if _is_demo(name, item):
+            found[label] = demo_dir_for(SMOKE_SIZE if item == "demo-smoke" else int(values.get("demo_size", 2000)))
+        elif resolve(item).exists() or not _looks_like_hub_id(item):
+            found[label] = resolve(item)
     return found
+
+
+def built_inputs(step: Step, values: Mapping) -> dict[str, Path]:
+    """The outside inputs of :func:`external_paths` that ``step`` builds itself: the demo datasets, which
+    notebook 01 builds from their recipe when absent (or changed), so they are signed as it leaves them."""
+    demo = {label for label, name, item in _external_items(step, values) if _is_demo(name, item)}
+    return {label: path for label, path in external_paths(step, values).items() if label in demo}
 
 
 def _looks_like_hub_id(text: str) -> bool:
     return text.count("/") == 1 and not text.startswith((".", "/", "~")) and not os.path.splitext(text)[1]
+
+
+def settled(fingerprint: dict, step: Step, values: Mapping) -> dict:
+    """``fingerprint`` (taken before ``step`` ran) as it is recorded once the step succeeded: the inputs it
+    built itself (:func:`built_inputs`) signed as they are now, so that a fresh clone's first run, which
+    builds the demo, is up to date after it."""
+    built = {label: tree_signature(path) for label, path in built_inputs(step, values).items()}
+    return {**fingerprint, "external": {**fingerprint["external"], **built}}
 
 
 # --------------------------------------------------------------------------- code
