@@ -173,3 +173,13 @@ def test_openvino_scores_like_torch_and_its_export_is_reused(models, table, monk
     expert, _ = expert_from_file(files["expert 0"])
     assert expert_scores.choose_engine(expert, 1, 32) == "openvino"  # its export is cached
     assert expert_scores.choose_engine(expert, 1, 64) == "torch"  # none at this size, too few images to convert
+
+
+def test_an_export_another_process_wrote_meanwhile_is_kept(tmp_path):
+    pytest.importorskip("openvino")
+    folder = tmp_path / "exports" / "key"
+    folder.mkdir(parents=True)
+    (folder / "model.xml").write_text("theirs")  # written by another worker while this one converted
+    assert expert_runners.convert_expert(_expert(0), 32, folder) == folder / "model.xml"
+    assert (folder / "model.xml").read_text() == "theirs"
+    assert not [p for p in folder.parent.iterdir() if p.name.startswith(".export-")]  # nothing left behind

@@ -135,9 +135,15 @@ def convert_expert(expert: Expert, image_size: int, folder: Path) -> Path:
             traced = torch.jit.trace(_Logits(copy.deepcopy(expert)).eval(), example, check_trace=False)
             converted = ov.convert_model(traced, example_input=example)
         ov.save_model(converted, str(Path(tmp) / "model.xml"), compress_to_fp16=False)  # fp16 would move scores
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
-        Path(tmp).mkdir()  # TemporaryDirectory removes its (now moved) folder on exit
+        if folder.exists() and not (folder / "model.xml").is_file():
+            shutil.rmtree(folder, ignore_errors=True)  # a leftover without its model (e.g. only OpenVINO's compile cache)
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process wrote this export meanwhile: the same key, the same weights; keep theirs
+            if not (folder / "model.xml").is_file():
+                raise
+        else:
+            Path(tmp).mkdir()  # TemporaryDirectory removes its (now moved) folder on exit
     _prune(folder.parent)
     return folder / "model.xml"
 
