@@ -28,6 +28,7 @@ from traitlets.config import Config
 
 from dfd_lib.core import runs
 from dfd_lib.core.atomic import atomic_write
+from dfd_lib.core.faults import RUNNER_ENV
 from dfd_lib.core.logs import PIPELINE_STEP_ENV
 from dfd_lib.core.paths import NOTEBOOKS_DIR, PIPELINES_DIR, PROJECT_ROOT, REPORTS_DIR
 from dfd_lib.pipeline.environment import snapshot_keeping
@@ -288,9 +289,11 @@ def _step_environment(step_name: str):
     library reports progress as log lines (:func:`dfd_lib.core.logs.progress_bar`)."""
     before = os.environ.get(PIPELINE_STEP_ENV)
     os.environ[PIPELINE_STEP_ENV] = step_name
+    os.environ[RUNNER_ENV] = str(os.getpid())
     try:
         yield
     finally:
+        os.environ.pop(RUNNER_ENV, None)
         if before is None:
             os.environ.pop(PIPELINE_STEP_ENV, None)
         else:
