@@ -61,6 +61,36 @@ if LoadScopeScheduling is not None:
         def _split_scope(self, nodeid: str) -> str:
             return worker_group(nodeid)
 
+        def remove_node(self, node):
+            """A crashed worker: its test is reported failed and not run again (it may crash the next worker
+            too), and only its groups' unfinished tests go back, first in the queue. xdist's own version requeues
+            finished groups as well: a worker dealt one sends nothing back, is never dealt more, and the run
+            hangs (seen in CI: one crash, then 90 minutes of nothing)."""
+            workload = self.assigned_work.pop(node)
+            unfinished = {scope: unit for scope, unit in workload.items() if not all(unit.values())}
+            if not unfinished:
+                return None
+            crashed = next(nodeid for unit in unfinished.values() for nodeid, done in unit.items() if not done)
+            for unit in unfinished.values():
+                unit.pop(crashed, None)
+            for scope, unit in reversed(list(unfinished.items())):
+                if unit and not all(unit.values()):
+                    self.workqueue[scope] = unit
+                    self.workqueue.move_to_end(scope, last=False)
+            for other in self.assigned_work:
+                self._reschedule(other)
+            return crashed
+
+        def _reschedule(self, node) -> None:
+            """Deal groups to ``node`` until it holds more than two tests to run (xdist deals one at most)."""
+            if node.shutting_down:
+                return
+            if not self.workqueue:
+                node.shutdown()
+                return
+            while self.workqueue and self._pending_of(self.assigned_work[node]) <= 2:
+                self._assign_work_unit(node)
+
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):

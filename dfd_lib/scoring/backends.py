@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dfd_lib.core.signal_stack import reinstall_signal_stack, release_openvino
+
 BACKENDS = ("torch", "openvino", "onnxruntime")
 EXPORT_FORMAT = {"openvino": "openvino", "onnxruntime": "onnx"}  # backend -> the export it runs
 PACKAGES = {"openvino": ("openvino",), "onnx": ("onnx", "onnxruntime"), "onnxruntime": ("onnxruntime",),
@@ -112,6 +114,10 @@ class OpenVINOMixture(ConvertedMixture):
         model.reshape({model.input(0): shape})
         self.compiled = core.compile_model(model, "CPU", config)
         self.request = self.compiled.create_infer_request()  # one model thread calls it (Predictor, server worker)
+        reinstall_signal_stack()  # OpenVINO swapped it (dfd_lib/core/signal_stack.py)
+
+    def __del__(self):
+        release_openvino(self, "request", "compiled")
 
     def run(self, x: np.ndarray) -> Sequence[np.ndarray]:
         outputs: list[list[np.ndarray]] = [[] for _ in OUTPUT_NAMES]

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dfd_lib.core.signal_stack import reinstall_signal_stack, release_openvino
 from dfd_lib.models.experts import FAKE_CLASS, Expert
 from dfd_lib.scoring.backends import require, runtime_version
 
@@ -175,6 +176,10 @@ class OpenVINORunner:
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
         self.request = core.compile_model(model, "CPU", config).create_infer_request()
+        reinstall_signal_stack()  # OpenVINO swapped it (dfd_lib/core/signal_stack.py)
+
+    def __del__(self):
+        release_openvino(self, "request")
 
     def __call__(self, batch: torch.Tensor) -> np.ndarray:
         x = batch.detach().to("cpu", torch.float32).contiguous().numpy()

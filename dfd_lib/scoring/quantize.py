@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dfd_lib.core.signal_stack import reinstall_signal_stack
 from dfd_lib.data.images import ImageLoadError, is_image_path
 from dfd_lib.data.preprocess import InputTransform
 from dfd_lib.models.checkpoints import CheckpointError, MixtureConfig
@@ -82,7 +83,10 @@ def quantize_ir(fp32_file: Path, batches: list[np.ndarray], out_file: Path) -> N
     ov = require("int8", "openvino")
     nncf = require("int8", "nncf")
     model = ov.Core().read_model(str(fp32_file))
-    quantized = nncf.quantize(model, nncf.Dataset(batches), subset_size=len(batches))
+    try:
+        quantized = nncf.quantize(model, nncf.Dataset(batches), subset_size=len(batches))
+    finally:
+        reinstall_signal_stack()  # NNCF compiles and releases models (dfd_lib/core/signal_stack.py)
     ov.save_model(quantized, str(out_file), compress_to_fp16=False)
 
 
