@@ -78,3 +78,16 @@ def test_a_crashed_worker_neither_hangs_the_run_nor_reruns_its_test():
         ran += progress
         assert progress or (second.shutting_down and replacement.shutting_down), "workers idle with tests left: a hang"
     assert sorted(ran + [crashed]) == sorted(collection) and crashed not in ran  # every other test once
+
+
+def test_the_heaviest_groups_are_dealt_first_in_their_order():
+    conftest = _root_conftest()
+    config = type("Config", (), {"option": type("Option", (), {"loadscopereorder": True})(),
+                                 "getvalue": lambda self, name: ["2*popen"] if name == "tx" else None})()
+    conftest.pytest_xdist_make_scheduler(config, None)
+    assert config.option.loadscopereorder is False  # xdist's reordering by group size would undo the order below
+    items = [type("Item", (), {"nodeid": nodeid})() for nodeid in
+             ["tests/test_logs.py::test_a", "tests/test_full_mini.py::test_b", "reports/x/notebooks/01_a.ipynb::Cell 0",
+              "tests/test_incremental.py::test_c", "tests/test_rerun_compare.py::test_d"]]
+    conftest.pytest_collection_modifyitems(items)
+    assert [conftest.worker_group(item.nodeid) for item in items] == [*conftest.HEAVY_FIRST, "tests/test_logs.py"]
