@@ -18,7 +18,9 @@ from dfd_lib.training.losses import LossConfig
 MIXED_PRECISION = ("no", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 _NESTED = ("loss", "augment")
-_SPEED_ONLY = ("progress", "threads", "num_workers", "log_with")  # how fast or where it is logged, not what is computed
+# how fast it runs, where it logs and how often it saves its state: not what it computes (a training
+# resumed from a step checkpoint ends with the weights of an uninterrupted one)
+_SPEED_ONLY = ("progress", "threads", "num_workers", "log_with", "checkpointing_steps", "checkpoints_total_limit")
 
 
 @dataclass
@@ -53,6 +55,8 @@ class TrainConfig(StepConfig):
     threads: int = 0  # torch CPU threads (a busy shared CPU runs faster with fewer); 0 = torch's default
     progress: bool = True
     log_with: str = "tensorboard"  # accelerate tracker(s) for per-step curves, comma-separated (tensorboard, wandb, mlflow, ...); "" = none
+    checkpointing_steps: int = 0  # also save the whole state every N optimiser steps (a kill loses < N steps); 0 = at epoch ends only
+    checkpoints_total_limit: int = 1  # step checkpoints kept, the newest; an epoch's own state supersedes (removes) them
 
     def __post_init__(self):
         for name in ("lr", "weight_decay", "warmup_epochs", "min_lr_ratio", "ema_decay", "drop_rate", "grad_clip"):
@@ -93,6 +97,8 @@ class TrainConfig(StepConfig):
             ("max_steps_per_epoch", count(self.max_steps_per_epoch, 0), "an int >= 0 (0 = whole epochs)"),
             ("device", self.device in DEVICES, f"one of {DEVICES}"),
             ("threads", count(self.threads, 0), "an int >= 0 (0 = torch's default)"),
+            ("checkpointing_steps", count(self.checkpointing_steps, 0), "an int >= 0 (0 = at epoch ends only)"),
+            ("checkpoints_total_limit", count(self.checkpoints_total_limit, 1), "an int >= 1"),
             ("loss", isinstance(self.loss, LossConfig), "a LossConfig (or a dict of its fields)"),
             ("augment", isinstance(self.augment, TrainAugmentConfig), "a TrainAugmentConfig (or a dict of its fields)"),
         ]

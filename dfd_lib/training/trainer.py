@@ -6,11 +6,13 @@ AdamW (timm's parameter groups), linear warm-up then cosine decay per step, the 
 epoch kept by validation AUC. ``accelerate`` runs it on one CPU process, one GPU (with bf16/fp16
 autocast) or several (``accelerate launch -m dfd_lib.training.cli ...``) without code changes.
 
-Resume: after every epoch the whole training state is saved with accelerate's ``save_state``
+Resume: after every epoch, and with ``TrainConfig.checkpointing_steps`` every N optimiser steps within
+one, the whole training state is saved with accelerate's ``save_state``
 (:mod:`dfd_lib.training.training_state`). A killed run started again with the same arguments
-continues after the last finished epoch and ends with the same weights as an uninterrupted run:
-the data order and the augmentation of each epoch derive from ``(seed, epoch)``, and the RNG states
-(noise of the KL term, dropout) are restored. A state is resumed (or a finished training reused) only
+continues from its newest state — after the last finished epoch, or at the exact step of a step
+checkpoint, the batches already done skipped unread — and ends with the same weights as an
+uninterrupted run: the data order and the augmentation of each epoch derive from ``(seed, epoch)``,
+and the RNG states (noise of the KL term, dropout) are restored. A state is resumed (or a finished training reused) only
 when its key — the training and validation rows' content, the settings, the starting weights — is the
 key of the training asked for (:mod:`dfd_lib.training.training_key`).
 
@@ -19,9 +21,10 @@ batches), and every epoch's validation metrics, go to accelerate's trackers (``T
 TensorBoard by default: ``tensorboard --logdir reports/<run>/experts``) and to ``curves.csv``, which
 the kit's own figures read (:mod:`dfd_lib.training.curves`); see :mod:`dfd_lib.training.training_log`.
 
-Files in ``out_dir``: ``state/`` (training state), ``best_ema.safetensors`` (EMA weights of the
-best epoch, with its metadata), ``history.csv`` (one row per epoch), ``curves.csv`` (one row per
-step), ``tensorboard/`` (the tracker's files), ``train_config.json``.
+Files in ``out_dir``: ``state/`` (training state), ``step_states/`` (step checkpoints of an unfinished
+epoch), ``best_ema.safetensors`` (EMA weights of the best epoch, with its metadata), ``history.csv`` (one
+row per epoch), ``curves.csv`` (one row per step), ``tensorboard/`` (the tracker's files),
+``train_config.json``.
 """
 from __future__ import annotations
 
@@ -30,9 +33,9 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +55,7 @@ from dfd_lib.data.datasets import ManifestDataset, make_loader
 from dfd_lib.models.checkpoints import save_expert_weights
 from dfd_lib.models.experts import Expert, create_ema
 from dfd_lib.stats.metrics import binary_metrics
+from dfd_lib.training.epoch_resume import EpochTotals, epoch_batches, epoch_totals, saved_totals, summed
 from dfd_lib.training.freezing import freeze_backbone_stages, train_mode
 from dfd_lib.training.losses import MultiLoss, loss_names
 from dfd_lib.training.train_config import TrainConfig
@@ -60,9 +64,11 @@ from dfd_lib.training.training_log import CURVES_FILE, TRACKER_PROJECT, log_epoc
 from dfd_lib.training.training_state import (
     Progress,
     discard_training,
-    find_state,
+    find_latest_state,
     load_training_state,
     read_progress,
+    remove_step_states,
+    save_step_state,
     save_training_state,
 )
 
@@ -148,13 +154,13 @@ def train_expert(
     if loop.accelerator.log_with:  # after a discarded training's logs are gone
         loop.accelerator.init_trackers(TRACKER_PROJECT, config=tracker_config(config))
     progress.config = config.to_dict()
-    loop.curves = read_curves(out_dir, progress.global_step) if progress.epoch >= 0 else []
+    loop.curves = read_curves(out_dir, progress.global_step) if progress.global_step else []
     if loop.accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(out_dir / CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(config.to_dict(), indent=2) + "\n"))
     try:
         for epoch in range(progress.epoch + 1, config.epochs):
-            row = _run_epoch(loop, epoch, progress.global_step)
+            row = _run_epoch(loop, epoch, progress, out_dir)
             progress.global_step = row.pop("global_step")
             improved = progress.record(row, -row["val_loss"] if loop.selection == "val_loss" else row["val_auc"])
             log_epoch(loop.accelerator, row, progress.global_step)
@@ -164,6 +170,8 @@ def train_expert(
                 atomic_write(out_dir / HISTORY_FILE, lambda tmp: pd.DataFrame(progress.history).to_csv(tmp, index=False))
                 atomic_write(out_dir / CURVES_FILE, lambda tmp: pd.DataFrame(loop.curves).to_csv(tmp, index=False))
             save_training_state(loop.accelerator, out_dir, progress)
+            if loop.accelerator.is_main_process:
+                remove_step_states(out_dir)  # superseded by the epoch's state, saved first
             if loop.show:
                 log.info(_epoch_summary(loop, row, improved))
     finally:
@@ -239,7 +247,7 @@ def _warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float) -> Cal
 def _resume(loop: _Loop, out_dir: Path, key: dict) -> Progress:
     """The progress of a saved state in ``out_dir`` made from exactly ``key`` (restored into ``loop``), or a
     fresh start; a state made from anything else is removed first, and one line says why."""
-    state = find_state(out_dir)
+    state = find_latest_state(out_dir)  # a step checkpoint goes through the same key check as an epoch's state
     if state is None:
         return _fresh(loop, key)
     changes = key_changes(read_progress(state).key, key)
@@ -251,76 +259,77 @@ def _resume(loop: _Loop, out_dir: Path, key: dict) -> Progress:
         return _fresh(loop, key)
     progress = load_training_state(loop.accelerator, state, loop.optimizer)
     if loop.accelerator.is_main_process:
-        done = progress.epoch + 1 >= loop.config.epochs
-        log.info("%s: %s", out_dir.name, "reused: finished, made from the same rows, settings and weights" if done
-                 else f"resuming after epoch {progress.epoch + 1} of {loop.config.epochs}")
+        log.info("%s: %s", out_dir.name, _resume_message(loop, progress))
     return progress
+
+
+def _resume_message(loop: _Loop, progress: Progress) -> str:
+    if progress.partial:
+        return (f"resuming at step {progress.partial['steps'] + 1} of {loop.steps_per_epoch} in epoch "
+                f"{progress.partial['epoch'] + 1} of {loop.config.epochs}")
+    if progress.epoch + 1 >= loop.config.epochs:
+        return "reused: finished, made from the same rows, settings and weights"
+    return f"resuming after epoch {progress.epoch + 1} of {loop.config.epochs}"
 
 
 def _fresh(loop: _Loop, key: dict) -> Progress:
     return Progress(key=key, weights_source=loop.weights_source)
 
 
-def _run_epoch(loop: _Loop, epoch: int, global_step: int) -> dict:
-    """Train one epoch, validate the EMA weights; the epoch's history row (with the new ``global_step``)."""
+def _run_epoch(loop: _Loop, epoch: int, progress: Progress, out_dir: Path) -> dict:
+    """Train one epoch (from its step checkpoint's position when ``progress`` is one), validate the EMA
+    weights; the epoch's history row (with the new ``global_step``)."""
     loop.train_loader.set_epoch(epoch)  # the order and augmentation of this epoch: from (seed, epoch)
     loop.train_loader.dataset.set_epoch(epoch)
-    lr = loop.optimizer.param_groups[0]["lr"]  # at the epoch's first step
-    started = time.perf_counter()
-    seen, sums, data_seconds, global_step = _train_epoch(loop, epoch, global_step)
-    seconds = time.perf_counter() - started
-    accelerator = loop.accelerator
-    totals = accelerator.reduce(torch.tensor([seen, *sums.values()], dtype=torch.float64, device=accelerator.device), "sum")
-    images = max(1.0, float(totals[0]))
+    totals = epoch_totals(progress.partial, epoch, loop.optimizer.param_groups[0]["lr"], loop.accelerator.is_main_process)
+
+    def checkpoint(global_step: int) -> None:
+        _save_step_checkpoint(loop, out_dir, replace(progress, global_step=global_step), totals)
+
+    global_step = _train_epoch(loop, totals, progress.global_step, checkpoint)
+    sums = summed(loop.accelerator, totals)
+    images = max(1.0, sums[0])
     labels, probs, losses = _predict(loop)
     metrics = binary_metrics(labels, probs) if len(labels) else {"auc": math.nan, "ap": math.nan, "eer": math.nan, "acc_at_0.5": math.nan}
+    seconds = totals.seconds
     return {
-        "epoch": epoch, "lr": lr,
-        **{f"train_{name}": float(totals[i + 1]) / images for i, name in enumerate(sums)},
+        "epoch": epoch, "lr": totals.lr,
+        **{f"train_{name}": sums[i + 1] / images for i, name in enumerate(totals.sums)},
         "val_auc": metrics["auc"], "val_ap": metrics["ap"], "val_eer": metrics["eer"],
         "val_acc": metrics["acc_at_0.5"], "val_loss": float(losses.mean()) if len(losses) else math.nan,
-        "train_images": int(totals[0]), "train_seconds": seconds,
-        "images_per_s": float(totals[0]) / seconds,  # all processes together
-        "data_share": data_seconds / seconds if seconds > 0 else math.nan,
+        "train_images": int(sums[0]), "train_seconds": seconds,
+        "images_per_s": sums[0] / seconds,  # all processes together
+        "data_share": totals.data_seconds / seconds if seconds > 0 else math.nan,
         "global_step": global_step,
     }
 
 
-def _train_epoch(loop: _Loop, epoch: int, global_step: int) -> tuple[int, dict[str, float], float, int]:
-    """One epoch of optimiser steps; (images seen, loss sums, seconds waiting for data, global step)."""
+def _save_step_checkpoint(loop: _Loop, out_dir: Path, progress: Progress, totals: EpochTotals) -> None:
+    """The whole state at this step, with the epoch's totals so far and the curves so far (every process takes part)."""
+    progress.partial = saved_totals(loop.accelerator, totals)
+    if loop.accelerator.is_main_process:  # before the state: a resumed run keeps the rows up to its state's step
+        atomic_write(out_dir / CURVES_FILE, lambda tmp: pd.DataFrame(loop.curves).to_csv(tmp, index=False))
+    save_step_state(loop.accelerator, out_dir, progress, loop.config.checkpoints_total_limit)
+
+
+def _train_epoch(loop: _Loop, totals: EpochTotals, global_step: int, checkpoint: Callable[[int], None]) -> int:
+    """The epoch's optimiser steps from ``totals.steps`` on, counted into ``totals``; the new global step.
+    ``checkpoint(global_step)`` is called every ``checkpointing_steps`` optimiser steps."""
     config, accelerator = loop.config, loop.accelerator
     train_mode(loop.model, loop.frozen)
-    sums = {loss: 0.0 for loss in ("overall", *loss_names())}  # every registered term, 0 when off
-    seen, data_seconds = 0, 0.0
-    bar = progress_bar(total=loop.steps_per_epoch, desc=f"{loop.name} epoch {epoch + 1}/{config.epochs}", unit="step",
+    bar = progress_bar(total=loop.steps_per_epoch, desc=f"{loop.name} epoch {totals.epoch + 1}/{config.epochs}", unit="step",
                        disable=not loop.show, leave=False)
-    batches = iter(loop.train_loader)
-    for step in range(loop.steps_per_epoch):
-        loop.optimizer.zero_grad(set_to_none=True)
-        learned, step_sums = 0, dict.fromkeys(sums, 0.0)
-        for micro in range(config.grad_accum_steps):
-            waited = time.perf_counter()
-            batch = next(batches)
-            data_seconds += time.perf_counter() - waited
-            _note_skipped(loop, batch["skipped"])
-            images, labels = batch["image"], batch["label"]
-            # A batch left with < 2 readable images teaches nothing (and breaks BatchNorm). Under
-            # several processes a skipped step would desynchronise them; unreadable files are rare.
-            if images.shape[0] < 2:
-                continue
-            last = micro == config.grad_accum_steps - 1
-            with nullcontext() if last else accelerator.no_sync(loop.model):  # gradients meet once per step
-                losses = loop.loss_fn(loop.model, images.contiguous(memory_format=loop.memory_format), labels)
-                overall = losses["overall"] / config.grad_accum_steps if config.grad_accum_steps > 1 else losses["overall"]
-                accelerator.backward(overall)
-            learned += images.shape[0]
-            for loss in sums:
-                step_sums[loss] += float(losses[loss].detach()) * images.shape[0]
+    bar.update(totals.steps)  # resumed within the epoch: the steps done before
+    loader, batches = epoch_batches(accelerator, loop.train_loader, totals.steps * config.grad_accum_steps)
+    started, before = time.perf_counter(), totals.seconds
+    for step in range(totals.steps, loop.steps_per_epoch):
+        learned, step_sums = _accumulate(loop, batches, totals)
+        totals.steps = step + 1
         if not learned:
             continue
-        for loss in sums:
-            sums[loss] += step_sums[loss]
-        log_step(loop.accelerator, loop.curves, epoch, global_step + 1, loop.optimizer.param_groups[0]["lr"],
+        for loss in totals.sums:
+            totals.sums[loss] += step_sums[loss]
+        log_step(accelerator, loop.curves, totals.epoch, global_step + 1, loop.optimizer.param_groups[0]["lr"],
                  {loss: value / learned for loss, value in step_sums.items()})
         if config.grad_clip:
             accelerator.clip_grad_norm_(loop.model.parameters(), config.grad_clip)
@@ -328,17 +337,48 @@ def _train_epoch(loop: _Loop, epoch: int, global_step: int) -> tuple[int, dict[s
         loop.scheduler.step()
         global_step += 1
         loop.ema.update(accelerator.unwrap_model(loop.model), step=global_step)
-        seen += learned
+        totals.seen += learned
         bar.update(1)
-        bar.set_postfix({loss: f"{value / seen:.3f}" for loss, value in sums.items()})
+        bar.set_postfix({loss: f"{value / totals.seen:.3f}" for loss, value in totals.sums.items()})
         if loop.on_step is not None:
-            loop.on_step(epoch, step, global_step)
+            loop.on_step(totals.epoch, step, global_step)
+        totals.seconds = before + time.perf_counter() - started
+        # not after the epoch's last step: the epoch's own state follows its validation
+        if config.checkpointing_steps and global_step % config.checkpointing_steps == 0 and step + 1 < loop.steps_per_epoch:
+            checkpoint(global_step)
         crash_point("training.step")
+    totals.seconds = before + time.perf_counter() - started
     bar.close()
     batches.close()  # we stop after `steps`: let accelerate forget this iteration
-    if hasattr(loop.train_loader, "end"):
-        loop.train_loader.end()
-    return seen, sums, data_seconds, global_step
+    if hasattr(loader, "end"):
+        loader.end()
+    return global_step
+
+
+def _accumulate(loop: _Loop, batches: Iterator, totals: EpochTotals) -> tuple[int, dict[str, float]]:
+    """One optimiser step's gradients over ``grad_accum_steps`` micro-batches; (images learned, loss sums)."""
+    config, accelerator = loop.config, loop.accelerator
+    loop.optimizer.zero_grad(set_to_none=True)
+    learned, step_sums = 0, dict.fromkeys(totals.sums, 0.0)
+    for micro in range(config.grad_accum_steps):
+        waited = time.perf_counter()
+        batch = next(batches)
+        totals.data_seconds += time.perf_counter() - waited
+        _note_skipped(loop, batch["skipped"])
+        images, labels = batch["image"], batch["label"]
+        # A batch left with < 2 readable images teaches nothing (and breaks BatchNorm). Under
+        # several processes a skipped step would desynchronise them; unreadable files are rare.
+        if images.shape[0] < 2:
+            continue
+        last = micro == config.grad_accum_steps - 1
+        with nullcontext() if last else accelerator.no_sync(loop.model):  # gradients meet once per step
+            losses = loop.loss_fn(loop.model, images.contiguous(memory_format=loop.memory_format), labels)
+            overall = losses["overall"] / config.grad_accum_steps if config.grad_accum_steps > 1 else losses["overall"]
+            accelerator.backward(overall)
+        learned += images.shape[0]
+        for loss in step_sums:
+            step_sums[loss] += float(losses[loss].detach()) * images.shape[0]
+    return learned, step_sums
 
 
 def _note_skipped(loop: _Loop, skipped: list[tuple[str, str]]) -> None:

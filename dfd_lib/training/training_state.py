@@ -3,9 +3,14 @@ optimiser, the grad scaler, every process's RNG states and the registered object
 learning-rate schedule) together; :class:`Progress` (epochs done, steps, the best epoch, the
 history and the config) is a small JSON file beside them.
 
-The state lives in ``<out_dir>/state/``. It is written into a temporary folder and swapped in
-(the JSON last, marking it complete), so a run killed at any point leaves the previous state or
-the new one, never half of one; a resumed run continues after the last finished epoch.
+The state of the last finished epoch lives in ``<out_dir>/state/``. It is written into a temporary
+folder and swapped in (the JSON last, marking it complete), so a run killed at any point leaves the
+previous state or the new one, never half of one. With ``TrainConfig.checkpointing_steps`` the state
+is also saved within an epoch, every N optimiser steps, to ``<out_dir>/step_states/step-<global step>/``
+(written the same way, under a temporary name renamed into place), with the unfinished epoch's running
+totals in :attr:`Progress.partial`; only the newest ``checkpoints_total_limit`` are kept, and the
+epoch's own state, once saved, supersedes them all. A resumed run continues from whichever complete
+state is newest (:func:`find_latest_state`).
 """
 from __future__ import annotations
 
@@ -22,7 +27,9 @@ from safetensors.torch import load_file
 from dfd_lib.core.faults import crash_point
 
 STATE_DIR = "state"
+STEPS_DIR = "step_states"
 PROGRESS_FILE = "progress.json"
+_STEP_PREFIX = "step-"
 
 
 @dataclass
@@ -37,12 +44,14 @@ class Progress:
     config: dict = field(default_factory=dict)  # the TrainConfig that made it
     key: dict = field(default_factory=dict)  # what it is made from (dfd_lib.training.training_key)
     weights_source: str = ""  # where its backbone's starting weights came from, when it started
+    partial: dict = field(default_factory=dict)  # a step checkpoint's unfinished epoch (epoch_resume.EpochTotals); {} at epoch ends
 
     def record(self, row: dict, score: float) -> bool:
         """Add the epoch ``row``; ``True`` when it is the new best (the first epoch always is, so a run
         whose validation fails still yields weights)."""
         self.history.append(row)
         self.epoch = int(row["epoch"])
+        self.partial = {}
         improved = self.best_epoch < 0 or (score == score and score > self.best_score)
         if improved:
             self.best_epoch, self.best_score = self.epoch, float(score) if score == score else -math.inf
@@ -66,9 +75,8 @@ def read_progress(state_dir: str | os.PathLike) -> Progress:
     return Progress(**json.loads((Path(state_dir) / PROGRESS_FILE).read_text()))
 
 
-def save_training_state(accelerator, out_dir: str | os.PathLike, progress: Progress) -> Path:
-    """Write the whole training state to ``out_dir/state`` (every process takes part)."""
-    final, tmp, old = _paths(Path(out_dir))
+def _write_state(accelerator, tmp: Path, progress: Progress) -> None:
+    """The whole state into the fresh folder ``tmp``, the progress last (every process takes part)."""
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -76,6 +84,13 @@ def save_training_state(accelerator, out_dir: str | os.PathLike, progress: Progr
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / PROGRESS_FILE).write_text(json.dumps(asdict(progress), indent=1))
+
+
+def save_training_state(accelerator, out_dir: str | os.PathLike, progress: Progress) -> Path:
+    """Write the whole training state to ``out_dir/state`` (every process takes part)."""
+    final, tmp, old = _paths(Path(out_dir))
+    _write_state(accelerator, tmp, progress)
+    if accelerator.is_main_process:
         shutil.rmtree(old, ignore_errors=True)
         if final.exists():
             os.replace(final, old)
@@ -84,6 +99,45 @@ def save_training_state(accelerator, out_dir: str | os.PathLike, progress: Progr
         shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def save_step_state(accelerator, out_dir: str | os.PathLike, progress: Progress, keep: int) -> Path:
+    """Write a step checkpoint (``progress.partial`` set) to ``out_dir/step_states/step-<global step>``,
+    then remove all but the newest ``keep`` (every process takes part)."""
+    folder = Path(out_dir) / STEPS_DIR / f"{_STEP_PREFIX}{progress.global_step:09d}"
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    _write_state(accelerator, tmp, progress)
+    if accelerator.is_main_process:
+        crash_point("training.checkpoint")  # the tests kill here: the new checkpoint is not in place yet
+        shutil.rmtree(folder, ignore_errors=True)  # a run killed after this step's rename, then redone
+        os.replace(tmp, folder)
+        for stale in step_states(out_dir)[:-keep]:
+            shutil.rmtree(stale)
+    accelerator.wait_for_everyone()
+    return folder
+
+
+def step_states(out_dir: str | os.PathLike) -> list[Path]:
+    """The complete step checkpoints of ``out_dir``, oldest first (unfinished temporary folders left out)."""
+    folder = Path(out_dir) / STEPS_DIR
+    found = folder.glob(f"{_STEP_PREFIX}*") if folder.is_dir() else []
+    return sorted(path for path in found if (path / PROGRESS_FILE).is_file())
+
+
+def remove_step_states(out_dir: str | os.PathLike) -> None:
+    """Remove every step checkpoint, complete or not: the state of a finished epoch supersedes them."""
+    shutil.rmtree(Path(out_dir) / STEPS_DIR, ignore_errors=True)
+
+
+def find_latest_state(out_dir: str | os.PathLike) -> Path | None:
+    """The newest complete state of ``out_dir``: the newest step checkpoint when it is further on than the
+    last finished epoch's state (a kill mid-epoch), else that epoch's state; None when there is none."""
+    epoch_state, steps = find_state(out_dir), step_states(out_dir)
+    if not steps:
+        return epoch_state
+    if epoch_state is None or read_progress(steps[-1]).global_step > read_progress(epoch_state).global_step:
+        return steps[-1]
+    return epoch_state
 
 
 def load_training_state(accelerator, state_dir: str | os.PathLike, optimizer) -> Progress:
@@ -107,7 +161,7 @@ def discard_training(out_dir: str | os.PathLike, files: tuple[str, ...]) -> None
     """Remove a training's state and ``files`` (its weights, history, curves, tracker logs) from
     ``out_dir``, so a training made from other data or settings is never mixed into a new one."""
     out_dir = Path(out_dir)
-    for folder in (*_paths(out_dir), *(out_dir / name for name in files)):
+    for folder in (*_paths(out_dir), out_dir / STEPS_DIR, *(out_dir / name for name in files)):
         if folder.is_dir():
             shutil.rmtree(folder)
         elif folder.exists():
