@@ -4,7 +4,7 @@
 - :mod:`dfd_lib.cli` — the ``dfd`` command
 - :mod:`dfd_lib.pipeline` — steps, profiles, the papermill chain, preflight, report, rerun and compare
 - :mod:`dfd_lib.serving` — ``dfd serve``: the HTTP API and its web page
-- :mod:`dfd_lib.evaluation` — the headline comparison, loss ablation, component ladder, robustness (04)
+- :mod:`dfd_lib.evaluation` — the linear probe, the headline comparison, loss ablation, component ladder, robustness (04)
 - :mod:`dfd_lib.scoring` — the Predictor, CPU runtimes, calibration, folders, explanations, ``dfd predict`` (05)
 - :mod:`dfd_lib.training` — losses, the training loop, the mixture's training, ``dfd train`` (04)
 - :mod:`dfd_lib.sources` — packaged photos, the demo dataset, the dataset of a run (01)

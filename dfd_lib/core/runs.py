@@ -87,7 +87,7 @@ FEATURES = StepSpec("01_features_umap", writes=(MANIFEST, DATASET, EMBEDDINGS_DI
 CLUSTERS = StepSpec("02_cluster_split", reads=(MANIFEST, EMBEDDINGS_DIR, UMAP_COORDS), writes=(RESPLITS,))
 AUGMENT = StepSpec("03_sd_augment", reads=(RESPLITS,), writes=(AUGMENTED_DIR, AUGMENTED_MANIFEST),
                    external=("sd_checkpoint", "sd_inpaint_checkpoint", "sd_single_file_config"))
-TRAIN = StepSpec("04_train_moe", reads=(MANIFEST, DATASET, RESPLITS, AUGMENTED_DIR, AUGMENTED_MANIFEST),
+TRAIN = StepSpec("04_train_moe", reads=(MANIFEST, DATASET, EMBEDDINGS_DIR, RESPLITS, AUGMENTED_DIR, AUGMENTED_MANIFEST),
                  writes=(EXPERTS_DIR, MOE_WEIGHTS),
                  external=("backbone_weights",))
 INFERENCE = StepSpec("05_inference", reads=(MANIFEST, MOE_WEIGHTS), external=("weights_dir", "folder"))

@@ -1,7 +1,8 @@
 """Notebook 04's comparison, after the authors' motivation figure: (a) one model trained and
 selected on the official split, (b) one expert per cluster re-split, (c) their mixture, all
 scored on the cross-domain test split (the loss ablation is :mod:`dfd_lib.evaluation.ablation`, the
-robustness :mod:`dfd_lib.evaluation.robustness`).
+robustness :mod:`dfd_lib.evaluation.robustness`). Before them, when given, the baseline a user tries
+first: a linear probe on notebook 01's frozen embeddings (:mod:`dfd_lib.evaluation.linear_probe`).
 
 Every model here sees the same images (the train/val rows of the manifest plus the augmented
 rows of notebook 03) with the same losses and schedule: the official-split model differs
@@ -29,6 +30,7 @@ import torch
 
 from dfd_lib.data.manifest import TRAIN, VAL
 from dfd_lib.data.resplit_table import resplit_column
+from dfd_lib.evaluation.linear_probe import LinearProbe
 from dfd_lib.evaluation.robustness import RobustnessResult
 from dfd_lib.models.checkpoints import load_expert, mixture_from_experts
 from dfd_lib.scoring.expert_scores import ExpertWeights, Preprocessing, expert_from_file, score_images
@@ -44,7 +46,7 @@ from dfd_lib.training.training_key import training_record
 
 # The authors' AUCs on their cross-domain test (docs/method.md): their data, not ours.
 AUTHORS_AUC = {"official split": 0.877, "cluster expert (best two)": (0.968, 0.964), "mixture of experts": 0.980}
-OFFICIAL, EXPERT, MIXTURE = "official split", "cluster expert", "mixture"
+OFFICIAL, EXPERT, MIXTURE, PROBE = "official split", "cluster expert", "mixture", "linear probe"
 METRICS = ("auc", "ap", "eer", *(tpr_key(max_fpr) for max_fpr in LOW_FPRS), "acc_at_0.5", "acc_at_eer")
 THRESHOLDS = tuple(threshold_key(max_fpr) for max_fpr in LOW_FPRS)
 NO_INTERVALS = BootstrapConfig(bootstrap_resamples=0)
@@ -138,7 +140,20 @@ class Headline:
     rows: pd.DataFrame  # those test rows, aligned with ``scores``
     unreadable: int  # test images that could not be scored (left out of every metric)
     seconds: float
-    weights: dict[str, Path] = field(default_factory=dict)  # model -> its weights file (the mixture has none)
+    weights: dict[str, Path] = field(default_factory=dict)  # model -> its weights file (the mixture and the probe have none)
+    notes: list[str] = field(default_factory=list)  # how the rows were scored: the probe, images left out
+
+    @property
+    def note(self) -> str:
+        return "\n".join(self.notes)
+
+    @property
+    def probe_model(self) -> str | None:
+        """The linear probe's row, None when the comparison has none."""
+        if "role" not in self.table.columns:
+            return None
+        names = self.table.index[self.table["role"] == PROBE]
+        return str(names[0]) if len(names) else None
 
     def curves(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """``name -> (labels, scores)`` for :func:`dfd_lib.stats.roc_plot.plot_roc_curves`."""
@@ -166,9 +181,11 @@ def headline_comparison(
     device: str | None = None,
     progress: bool = True,
     bootstrap: BootstrapConfig | None = None,
+    probe: LinearProbe | None = None,
 ) -> Headline:
     """Score (a) the official-split model, (b) every expert and (c) their mixture on ``test``,
-    each figure with its ``bootstrap`` interval."""
+    each figure with its ``bootstrap`` interval; with ``probe``, the linear probe's row comes first.
+    The test images any trained model cannot read are left out of every row (the probe's included)."""
     started = time.perf_counter()
     names = expert_names(experts)
     weights = {OFFICIAL: official.best_weights, **{n: r.best_weights for n, r in zip(names, experts.experts)}}
@@ -179,7 +196,14 @@ def headline_comparison(
     scores = scores[readable].reset_index(drop=True)
     rows_scored = test[readable].reset_index(drop=True)
     labels = rows_scored["label"].to_numpy().astype(int)
-    rows = []
+    rows, notes = [], []
+    if probe is not None:
+        probe_scores, missing = probe.scores_of(rows_scored)
+        scores.insert(0, probe.name, probe_scores)
+        rows.append(_probe_row(probe, labels, probe_scores, bootstrap))
+        notes.append(probe.note(missing))
+    if (~readable).any():
+        notes.append(f"{int((~readable).sum())} test image(s) the trained models cannot read are left out of every row")
     trainings = [(OFFICIAL, OFFICIAL, "official val", official)]
     trainings += [(n, EXPERT, f"held-out cluster {i}", r) for n, i, r in zip(names, experts.summary["resplit"], experts.experts)]
     for name, role, val_set, result in trainings:
@@ -192,7 +216,13 @@ def headline_comparison(
     table = pd.DataFrame(rows).set_index("model")
     table["n_test"] = int(readable.sum())
     return Headline(table=table, scores=scores, rows=rows_scored, unreadable=int((~readable).sum()),
-                    seconds=time.perf_counter() - started, weights={name: Path(path) for name, path in weights.items()})
+                    seconds=time.perf_counter() - started, weights={name: Path(path) for name, path in weights.items()},
+                    notes=notes)
+
+
+def _probe_row(probe: LinearProbe, labels: np.ndarray, scores: np.ndarray, bootstrap: BootstrapConfig | None) -> dict:
+    return {"model": probe.name, "role": PROBE, "backbone": probe.backbone, "validated on": "official val",
+            "val_auc": probe.val_auc, "best_epoch": math.nan, **metrics_row(labels, scores, bootstrap)}
 
 
 def per_group_table(headline: Headline, by: str = "family", bootstrap: BootstrapConfig | None = None) -> pd.DataFrame:
@@ -269,6 +299,7 @@ def summary_metrics(
                               zip(table.index, table[["test_auc_lo", "test_auc_hi"]].itertuples())},
         **{f"test_{tpr_key(m)}": table[f"test_{tpr_key(m)}"].round(4).to_dict() for m in LOW_FPRS},
         "official_split_test_auc": float(table.loc[table["role"] == OFFICIAL, "test_auc"].iloc[0]),
+        **({"linear_probe_test_auc": float(table.loc[headline.probe_model, "test_auc"])} if headline.probe_model else {}),
         "expert_test_auc": table.loc[table["role"] == EXPERT, "test_auc"].round(4).tolist(),
         "mixture_test_auc": float(table.loc[table["role"] == MIXTURE, "test_auc"].iloc[0]),
         "official_split_val_auc": official.best_val_auc,

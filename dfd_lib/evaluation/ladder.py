@@ -1,7 +1,9 @@
 """The component ladder: what each ingredient of the method adds, one rung per ingredient, all on
 the same cross-domain test split and at the same training budget (the experts' schedule).
 
-1. official split, no enrichment, CE only: the naive baseline;
+0. a linear probe on notebook 01's frozen embeddings, when the headline has one: nothing trained here
+   (:mod:`dfd_lib.evaluation.linear_probe`), scored by :mod:`dfd_lib.evaluation.ladder_results`;
+1. official split, no enrichment, CE only: the naive fine-tuned baseline;
 2. + the enrichment of notebook 03 (its images in training and validation);
 3. + selection on a held-out cluster: one cluster expert instead of the official-split model;
 4. + the NCE and KL losses: that expert as the method trains it;
@@ -45,8 +47,12 @@ class Rung:
     adds: str  # what it adds over the rung below
 
 
+# rung 0: no training, its scores are the headline's probe row (dfd_lib.evaluation.ladder_results)
+PROBE_RUNG = Rung(0, "linear probe on frozen features",  # the headline names it with its backbone
+                   "the naive baseline: a logistic regression on notebook 01's embeddings")
+PROBE_SOURCE = "notebook 01's embeddings (no training)"
 RUNGS = (
-    Rung(1, "official split, CE only, no enrichment", "the naive baseline"),
+    Rung(1, "official split, CE only, no enrichment", "the backbone fine-tuned: the naive trained baseline"),
     Rung(2, "+ enrichment", "notebook 03's edited and generated images in training and validation"),
     Rung(3, "+ held-out-cluster selection", "one cluster expert: trained without its cluster, its epoch chosen on it"),
     Rung(4, "+ NCE and KL", "the contrastive and noise-consistency losses"),

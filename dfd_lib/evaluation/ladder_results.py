@@ -3,14 +3,17 @@
 Every rung is scored on the headline's test rows: models the headline scored already (the
 official-split model, the experts) are not scored again, and a rung of several trainings (the
 mixture) scores the mean of their fake-probabilities, as :class:`~dfd_lib.models.experts.MixtureOfExperts`
-does. Each rung gets its test metrics with their bootstrap intervals (the run's own seed), the mean
-and standard deviation across seeds, and the paired bootstrap verdict against the rung below. The
-ladder draws four such verdicts from one test split, so they carry Holm's correction
+does. When the headline has a linear probe (:mod:`dfd_lib.evaluation.linear_probe`), it stands below
+them as rung 0, its scores the headline's (the same at every seed: it has no randomness). Each rung
+gets its test metrics with their bootstrap intervals (the run's own seed), the mean and standard
+deviation across seeds, and the paired bootstrap verdict against the rung below. The ladder draws
+four such verdicts from one test split (five with the probe), so they carry Holm's correction
 (:mod:`dfd_lib.stats.multiple_testing`): a verdict says *better* or *worse* only when its Holm-adjusted
 p-value is below the family-wise level (1 - the intervals' confidence, 5 % by default), and says so.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import textwrap
@@ -22,7 +25,7 @@ import pandas as pd
 
 from dfd_lib.core.figures import save_figure
 from dfd_lib.evaluation.comparison import Headline, metrics_row, score_experts
-from dfd_lib.evaluation.ladder import RUNGS, LadderTrainings
+from dfd_lib.evaluation.ladder import PROBE_RUNG, PROBE_SOURCE, RUNGS, LadderTrainings, Rung
 from dfd_lib.stats.bootstrap import BETTER, INTERVAL_METRICS, UNCLEAR, WORSE, BootstrapConfig, paired_bootstrap
 from dfd_lib.stats.metrics import LOW_FPRS, tpr_key
 from dfd_lib.stats.multiple_testing import holm_adjusted
@@ -44,7 +47,8 @@ class Ladder:
 def rung_scores(trainings: LadderTrainings, headline: Headline, batch_size: int = 64, device: str | None = None,
                 progress: bool = True) -> pd.DataFrame:
     """Fake-probabilities of every rung at every seed (column ``"<seed>/<rung>"``) on the headline's
-    test rows; only the trainings the headline did not score are scored here."""
+    test rows; only the trainings the headline did not score are scored here. The headline's probe, if
+    any, is rung 0 at every seed."""
     known = {str(path): headline.scores[name] for name, path in headline.weights.items()}
     missing = {str(r.best_weights): r.best_weights for models in trainings.rungs for results in models.values()
                for r in results if str(r.best_weights) not in known}
@@ -54,7 +58,10 @@ def rung_scores(trainings: LadderTrainings, headline: Headline, batch_size: int 
             raise ValueError("an image the headline scored could not be read again while scoring the ladder")
         known.update({name: fresh[name] for name in fresh.columns})
     columns = {}
+    probe = headline.probe_model
     for seed, models in zip(trainings.seeds, trainings.rungs):
+        if probe is not None:
+            columns[f"{seed}/{PROBE_RUNG.number}"] = headline.scores[probe].to_numpy()
         for number, results in models.items():
             columns[f"{seed}/{number}"] = np.mean([known[str(r.best_weights)].to_numpy() for r in results], axis=0)
     return pd.DataFrame(columns, index=headline.rows.index)
@@ -73,14 +80,15 @@ def ladder_table(trainings: LadderTrainings, headline: Headline, bootstrap: Boot
                       scores=pd.DataFrame(), seconds=0.0)
     scores = rung_scores(trainings, headline, batch_size, device, progress)
     labels = headline.labels
+    rungs = ladder_rungs(headline)
     per_seed = pd.DataFrame([{"rung": rung.number, "seed": seed, **metrics_row(labels, scores[f"{seed}/{rung.number}"].to_numpy())}
-                             for seed in trainings.seeds for rung in RUNGS])
+                             for seed in trainings.seeds for rung in rungs])
     first = trainings.seeds[0]
     rows = []
-    for rung in RUNGS:
+    for rung in rungs:
         own = scores[f"{first}/{rung.number}"].to_numpy()
-        row = {"rung": rung.number, "model": rung.name, "adds": rung.adds, "from": trainings.sources[0][rung.number],
-               **metrics_row(labels, own, bootstrap)}
+        row = {"rung": rung.number, "model": rung.name, "adds": rung.adds,
+               "from": trainings.sources[0].get(rung.number, PROBE_SOURCE), **metrics_row(labels, own, bootstrap)}
         seeded = per_seed[per_seed["rung"] == rung.number]
         for metric in INTERVAL_METRICS:
             values = seeded[f"test_{metric}"]
@@ -93,6 +101,13 @@ def ladder_table(trainings: LadderTrainings, headline: Headline, bootstrap: Boot
     table["n_seeds"], table["n_test"] = len(trainings.seeds), len(labels)
     return Ladder(table=table, per_seed=per_seed, scores=scores, seconds=time.perf_counter() - started,
                   training_seconds=trainings.seconds, familywise_level=level)
+
+
+def ladder_rungs(headline: Headline) -> list[Rung]:
+    """The ladder's rungs: the trained ones, below them rung 0 (named as the headline names it) when the
+    headline has a linear probe."""
+    probe = headline.probe_model
+    return ([dataclasses.replace(PROBE_RUNG, name=probe)] if probe is not None else []) + list(RUNGS)
 
 
 def holm_verdicts(table: pd.DataFrame, level: float) -> pd.DataFrame:
@@ -121,7 +136,7 @@ def _against_below(labels: np.ndarray, own: np.ndarray, scores: pd.DataFrame, se
     """The paired bootstrap of rung ``number`` against the rung below; the verdict comes after the
     correction over all rungs (:func:`holm_verdicts`)."""
     empty = {"delta_auc": math.nan, "delta_auc_lo": math.nan, "delta_auc_hi": math.nan, "p_value": math.nan, "verdict": ""}
-    if number == 1:
+    if f"{seed}/{number - 1}" not in scores.columns:  # the lowest rung
         return empty
     below = scores[f"{seed}/{number - 1}"].to_numpy()
     paired = paired_bootstrap(labels, own, below, bootstrap or BootstrapConfig(bootstrap_resamples=0), VERDICT_METRIC)

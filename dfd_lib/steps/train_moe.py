@@ -1,7 +1,8 @@
 """Step 04, the experts, their mixture and the comparison: :class:`TrainMoeConfig`, notebook 04's one
 config: every training's settings (:class:`~dfd_lib.training.train_config.TrainConfig`, loss
 included), which experts to train (:class:`ExpertsConfig`), what is measured after training
-(:class:`~dfd_lib.evaluation.evaluation_config.EvaluationConfig`) and the test-split intervals
+(:class:`~dfd_lib.evaluation.evaluation_config.EvaluationConfig`), the linear-probe baseline
+(:class:`~dfd_lib.evaluation.linear_probe.LinearProbeConfig`) and the test-split intervals
 (:class:`~dfd_lib.stats.bootstrap.BootstrapConfig`)."""
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from dataclasses import dataclass, field
 
 from dfd_lib.core.config import StepConfig, check_fields, is_int
 from dfd_lib.evaluation.evaluation_config import EvaluationConfig
+from dfd_lib.evaluation.linear_probe import LinearProbeConfig
 from dfd_lib.stats.bootstrap import BootstrapConfig
 from dfd_lib.training.train_config import TrainConfig
 
@@ -47,10 +49,11 @@ class ExpertsConfig(StepConfig):
 
 @dataclass
 class TrainMoeConfig(StepConfig):
-    """Notebook 04: the trainings, the experts, the evaluation and its intervals (``seed`` feeds the
-    training, the evaluation and the intervals)."""
+    """Notebook 04: the trainings, the experts, the evaluation, the linear probe and the intervals
+    (``seed`` feeds the training, the evaluation and the intervals)."""
 
     training: TrainConfig = field(default_factory=TrainConfig)
     experts: ExpertsConfig = field(default_factory=ExpertsConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    probe: LinearProbeConfig = field(default_factory=LinearProbeConfig)
     bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
