@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import platform
 from collections.abc import Iterable, Sequence
@@ -57,6 +58,7 @@ _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 _TRIM_THRESHOLD = 100_000_000_000
 
 
+@functools.cache  # find_library runs `ldconfig -p` in a subprocess: once per process is enough
 def _glibc():
     """The C library when it is glibc (whose ``mallopt`` the two functions below set), else None."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
