@@ -5,6 +5,9 @@ appended as batches finish, ``--resume`` after a crash; ``--faces`` scores face-
 Unreadable files are listed with their reason on stderr and in the CSV's ``error`` column;
 the exit code is non-zero only when nothing could be scored. Demo weights say so in the summary
 and in every row's ``threshold_source`` (:mod:`dfd_lib.models.demo_weights`).
+
+Under ``accelerate launch --num_processes N -m dfd_lib.cli predict ...`` the processes score a
+share of the files each and process 0 merges them into the same CSV (:mod:`dfd_lib.scoring.sharding`).
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from dfd_lib.scoring.calibration import resolve_threshold
 from dfd_lib.scoring.default_weights import WeightsNotFound, find_weights
 from dfd_lib.scoring.faces import add_face_arguments, face_options
 from dfd_lib.scoring.predictor import Predictor
+from dfd_lib.scoring.sharding import Shards, world_size
 from dfd_lib.scoring.stream import StreamOptions, score_stream
 from dfd_lib.scoring.videos import DEFAULT_FRAMES
 
@@ -61,16 +65,30 @@ def stream_options(args: argparse.Namespace) -> StreamOptions:
 
 
 def run(args: argparse.Namespace) -> int:
+    if world_size() == 1:
+        return _run(args, None)
+    # under accelerate launch / torchrun: each process scores its share, process 0 merges (sharding.py)
+    shards = Shards(args.device)
+    try:
+        return _run(args, shards)
+    finally:
+        shards.close()
+
+
+def _run(args: argparse.Namespace, shards: Shards | None) -> int:
+    main = shards is None or shards.is_main
+    device, threads = (args.device, args.threads) if shards is None else (shards.device(args.device), shards.threads(args.threads))
     try:
         options = stream_options(args)
         weights, why = find_weights(args.weights)
     except (ValueError, WeightsNotFound) as exc:
         log.error("dfd predict: %s", exc)
         return 2
-    print(f"dfd predict: weights {why}" if args.weights is None else f"dfd predict: weights {weights}")
+    if main:
+        print(f"dfd predict: weights {why}" if args.weights is None else f"dfd predict: weights {weights}")
     try:
-        predictor = Predictor.load(weights, device=args.device, batch_size=args.batch_size,
-                                   threads=args.threads, preprocess=args.preprocess, backend=args.backend, int8=args.int8,
+        predictor = Predictor.load(weights, device=device, batch_size=args.batch_size,
+                                   threads=threads, preprocess=args.preprocess, backend=args.backend, int8=args.int8,
                                    export_dir=args.export_dir)
         verdicts = resolve_threshold(predictor.config, args.threshold)
     except (BackendUnavailable, CheckpointError, ValueError) as exc:
@@ -78,12 +96,18 @@ def run(args: argparse.Namespace) -> int:
         return 2
     problems: list[str] = []
     out = Path(args.out)
+    options = dataclasses.replace(options, verdicts=verdicts)
     try:
-        summary = score_stream(predictor, args.paths, out, dataclasses.replace(options, verdicts=verdicts),
-                               resume=args.resume, progress=True, problems=problems)
+        if shards is None:
+            summary = score_stream(predictor, args.paths, out, options, resume=args.resume, progress=True, problems=problems)
+        else:
+            summary = shards.score(predictor, args.paths, out, options, resume=args.resume, progress=True, problems=problems)
     except ValueError as exc:  # --resume onto a CSV of other columns
-        log.error("dfd predict: %s", exc)
+        if main:
+            log.error("dfd predict: %s", exc)
         return 2
+    if summary is None:  # not process 0: its rows are in the merged CSV, process 0 reports
+        return 0
     for problem in problems:
         log.warning("dfd predict: %s", problem)
     for path, error in summary.failed:
