@@ -38,7 +38,7 @@ class Shards:
     """This process's place among the N scoring together."""
 
     def __init__(self, device: str | None):
-        from accelerate import PartialState  # only here: a plain `dfd predict` does not import accelerate
+        from accelerate import PartialState  # deferred: a plain `dfd predict` does not import accelerate
 
         cpu = device == "cpu" or (not device and not torch.cuda.is_available())
         self.state = PartialState(cpu=cpu)  # gloo between CPU processes, NCCL between GPUs
