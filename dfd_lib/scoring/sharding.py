@@ -65,7 +65,7 @@ class Shards:
         """Score this process's share, then (process 0) merge the parts into ``out``. Returns the
         summary of all processes on process 0, None on the others. A ``ValueError`` in any
         process (``--resume`` onto other columns) is raised in every process."""
-        from accelerate.utils import gather_object
+        from accelerate.utils import gather_object  # deferred: only under several processes
 
         out = Path(out)
         if resume and self.is_main:
