@@ -2,6 +2,8 @@
 and :class:`UmapConfig`, the notebook's settings of it."""
 from __future__ import annotations
 
+import functools
+import sys
 import warnings
 from dataclasses import dataclass
 
@@ -10,6 +12,8 @@ import numpy as np
 from dfd_lib.core.config import StepConfig, check_fields, is_int, is_number
 
 LARGE_MAP_ROWS = 50_000  # beyond this, fit_umap's defaults trade a little layout polish for speed
+# packages whose numba functions fit_umap compiles: their machine code is kept in numba's on-disk cache
+NUMBA_PACKAGES = ("umap", "pynndescent")
 
 
 @dataclass
@@ -42,6 +46,7 @@ def fit_umap(emb: np.ndarray, n_neighbors: int = 15, min_dist: float = 0.1, seed
     import umap  # deferred: umap-learn compiles with numba on import (seconds)
     from sklearn.decomposition import PCA  # deferred: scikit-learn is slow to import
 
+    cache_numba_functions(NUMBA_PACKAGES)
     x = np.asarray(emb, dtype=np.float32)
     if x.ndim != 2 or len(x) < 4:
         raise ValueError(f"fit_umap needs a 2-D array of at least 4 rows, got shape {x.shape}")
@@ -57,3 +62,27 @@ def fit_umap(emb: np.ndarray, n_neighbors: int = 15, min_dist: float = 0.1, seed
         warnings.filterwarnings("ignore", message=".*n_jobs.*")  # the seed/parallelism trade-off is documented above
         warnings.filterwarnings("ignore", message="Graph is not fully connected")  # separate domains are expected
         return reducer.fit_transform(x).astype(np.float32)
+
+
+@functools.cache
+def cache_numba_functions(packages: tuple[str, ...]) -> int:
+    """Keep the machine code of every numba function of ``packages`` in numba's on-disk cache, as
+    ``@njit(cache=True)`` would; how many functions were switched on.
+
+    umap-learn compiles most of its functions (the fuzzy graph, the layout) at their first call and
+    keeps them only in memory, which costs about 20 s in every new process (each papermill kernel of
+    notebook 01, each test) even for 200 rows. Numba's cache is keyed, as for umap's own cached
+    functions, by the source file's stamp and the CPU, so a changed umap-learn or another machine
+    compiles again. It lives beside the package's source, or where ``NUMBA_CACHE_DIR`` says."""
+    from numba.core.caching import NullCache  # deferred: numba comes with umap-learn, imported only here
+    from numba.core.dispatcher import Dispatcher  # deferred: as above
+
+    switched = 0
+    for name, module in list(sys.modules.items()):
+        if module is None or name.split(".")[0] not in packages:
+            continue
+        for value in list(vars(module).values()):
+            if isinstance(value, Dispatcher) and isinstance(value._cache, NullCache):
+                value.enable_caching()
+                switched += 1
+    return switched
