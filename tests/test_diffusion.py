@@ -3,20 +3,18 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from skimage import data
+from tiny_training import one_torch_thread
 
 from dfd_lib.synth import diffusion as generation
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
+def one_thread():
     """One thread: many times faster for these tiny models on the shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
+from tiny_training import one_torch_thread, write_signal_images
 
 from dfd_lib.data.manifest import Manifest
 from dfd_lib.training.losses import LossConfig
@@ -34,27 +33,14 @@ class Killed(Exception):
 @pytest.fixture(autouse=True)
 def one_thread():
     # one thread: float sums in one order, so a resumed training can equal an uninterrupted one bit for bit
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> pd.DataFrame:
     """24 noisy 40x48 images; fakes carry a learnable signal (a saturated red channel)."""
-    folder = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    rows = []
-    for i in range(24):
-        label = i % 2
-        arr = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)
-        if label:
-            arr[..., 0] = 230
-        path = folder / f"{'fake' if label else 'real'}_{i}.png"
-        Image.fromarray(arr).save(path)
-        rows.append({"path": str(path), "label": label, "group": str(i)})
-    return pd.DataFrame(rows)
+    return write_signal_images(tmp_path_factory.mktemp("images"))
 
 
 def _config(**overrides) -> TrainConfig:
@@ -71,11 +57,8 @@ def _config(**overrides) -> TrainConfig:
 @pytest.fixture(scope="module")
 def whole(images, tmp_path_factory):
     """The uninterrupted training every resumed one must equal."""
-    one_thread = torch.get_num_threads()
-    torch.set_num_threads(1)
-    result = train_expert(images.iloc[:16], images.iloc[16:], _config(), tmp_path_factory.mktemp("whole") / "run")
-    torch.set_num_threads(one_thread)
-    return result
+    with one_torch_thread():
+        return train_expert(images.iloc[:16], images.iloc[16:], _config(), tmp_path_factory.mktemp("whole") / "run")
 
 
 def _assert_same_training(whole, resumed) -> None:

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from PIL import Image
+from tiny_training import one_torch_thread, write_signal_images
 from torch import nn
 
 from dfd_lib.evaluation.ablation import AblationResult, ablation_config, ablation_table, ablation_variants, all_losses_variant
@@ -68,18 +68,7 @@ def toy_term():
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> pd.DataFrame:
     """24 noisy 40x48 images; fakes carry a learnable signal (a saturated red channel)."""
-    folder = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    rows = []
-    for i in range(24):
-        label = i % 2
-        arr = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)
-        if label:
-            arr[..., 0] = 230
-        path = folder / f"{'fake' if label else 'real'}_{i}.png"
-        Image.fromarray(arr).save(path)
-        rows.append({"path": str(path), "label": label, "group": str(i), "cluster": i % 3})
-    return pd.DataFrame(rows)
+    return write_signal_images(tmp_path_factory.mktemp("images"), clusters=3)
 
 
 def _config(**loss) -> TrainConfig:
@@ -90,13 +79,9 @@ def _config(**loss) -> TrainConfig:
 
 @pytest.fixture(scope="module")
 def toy_training(images, tmp_path_factory):
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # a shared CPU: one thread avoids OpenMP oversubscription stalls
-    try:
+    with one_torch_thread():  # a shared CPU: one thread avoids OpenMP oversubscription stalls
         out = tmp_path_factory.mktemp("training") / "expert_0"
         return train_expert(images.iloc[:16], images.iloc[16:], _config(toy_weight=0.5, toy_share=0.25), out)
-    finally:
-        torch.set_num_threads(before)
 
 
 # --------------------------------------------------------------------------- the configs

@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
+from tiny_training import one_torch_thread, write_signal_images
 
 from dfd_lib.cli import main as dfd_main
 from dfd_lib.models.checkpoints import load_expert, load_mixture
@@ -24,27 +24,14 @@ BACKBONE = "test_efficientnet"
 @pytest.fixture(autouse=True)
 def one_thread():
     # the test machine is shared: one thread per process avoids OpenMP oversubscription stalls
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture
 def images(tmp_path) -> pd.DataFrame:
     """24 noisy 40x48 images; fakes carry a learnable signal (a saturated red channel)."""
-    rng = np.random.default_rng(0)
-    rows = []
-    for i in range(24):
-        label = i % 2
-        arr = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)
-        if label:
-            arr[..., 0] = 230
-        path = tmp_path / "images" / f"{'fake' if label else 'real'}_{i}.png"
-        path.parent.mkdir(exist_ok=True)
-        Image.fromarray(arr).save(path)
-        rows.append({"path": str(path), "label": label, "group": str(i), "cluster": i % 3})
-    return pd.DataFrame(rows)
+    return write_signal_images(tmp_path / "images", clusters=3)
 
 
 def _config(**overrides) -> TrainConfig:
