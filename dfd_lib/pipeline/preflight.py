@@ -198,16 +198,28 @@ def _check_disk(values: dict[str, dict], report: Report) -> None:
         side = int(synth.get("sd_image_size") or 512)
         need += int(synth["images_per_family"]) * len(synth["families"]) * side * side * PNG_BYTES_PER_PIXEL
     if train:
-        with torch.device("meta"):
-            sizes = {name: sum(p.numel() for p in Expert(name).parameters()) * 4 for name in known_backbones(train["backbones"])}
-        experts = max(len(train["backbones"]), int(train.get("max_experts") or 0)) + 1 + (3 if train.get("run_ablation") else 0)
-        need += 6 * max(sizes.values(), default=0) * experts  # state (weights, 2 moments, EMA), best EMA, the mixture's share
+        need += 6 * sum(_expert_bytes(train))  # state (weights, 2 moments, EMA), best EMA, the mixture's share
     folder = REPORTS_DIR
     while not folder.exists():
         folder = folder.parent
     free = shutil.disk_usage(folder).free
     line = f"disk: about {need / 2**30:.1f} GiB needed for augmented images and checkpoints, {free / 2**30:.1f} GiB free in {folder}"
     _record(report, need < free, line)
+
+
+def _expert_bytes(train: dict) -> list[int]:
+    """The float32 weights of every model notebook 04 trains, each of its own backbone (a ViT-L expert
+    beside CNNs is not six times a CNN): the experts (backbones cycled), model (a) of the first backbone,
+    and the loss ablation's three of the ablation re-split's backbone."""
+    backbones = [name for name in train["backbones"] if name in set(known_backbones(train["backbones"]))]
+    if not backbones:
+        return []
+    with torch.device("meta"):
+        sizes = {name: sum(p.numel() for p in Expert(name).parameters()) * 4 for name in dict.fromkeys(backbones)}
+    experts = max(len(train["backbones"]), int(train.get("max_experts") or 0))
+    trained = [backbones[i % len(backbones)] for i in range(experts)] + [backbones[0]]
+    trained += [backbones[int(train.get("ablation_resplit") or 0) % len(backbones)]] * (3 if train.get("run_ablation") else 0)
+    return [sizes[name] for name in trained]
 
 
 # --------------------------------------------------------------------------- dfd check
