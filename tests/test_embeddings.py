@@ -2,11 +2,15 @@
 notebook 02 exactly the embeddings notebook 01 mapped."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from hub_cache import cache_timm_weights, use_hub_cache
 from PIL import Image
+from torchvision.transforms import v2
 
 from dfd_lib.core import runs
 from dfd_lib.data.manifest import Manifest
@@ -176,11 +180,6 @@ def test_a_vit_from_the_hub_cache_embeds_with_its_own_preprocessing(images, tmp_
     """Step 01's backbone can be a ViT (as CLIP's ViT-L/14 in the full-foundation profile): a tiny
     random-weight one in a locally built cache, embedded at its own side (``image_size: 0``) with its
     own mean, std and interpolation, keyed on its name."""
-    import json
-
-    from hub_cache import cache_timm_weights, use_hub_cache
-    from torchvision.transforms import v2
-
     hub = use_hub_cache(monkeypatch, tmp_path / "hf-home")
     cache_timm_weights(hub, "test_vit.r160_in1k")
     cache_timm_weights(hub, "test_vit2.r160_in1k")
