@@ -18,8 +18,9 @@ Per tuning mode (``TrainConfig.tuning``; step 04's ``tunings``, one per backbone
 Activations are measured on the backbone at a small side and scaled to the input side (a backbone
 that takes one side only, a ViT, is measured at that side), times the micro-batch with the enabled
 loss terms' noisy copies; ``half``: autocast keeps them in 16 bits. For the CNNs of the full profile
-this is within about 15 % below the peak measured on a CPU at 512 px (bench/RESULTS.md). Gradient
-checkpointing is not modelled: with it the figure is an upper bound.
+this is within about 15 % below the peak measured on a CPU at 512 px; for a ViT at 224 px, where the
+weights' states dominate, 1 % below (ViT-B/16) to 42 % above (ViT-L/14) one measured training step
+(bench/RESULTS.md). Gradient checkpointing is not modelled: with it the figure is an upper bound.
 """
 from __future__ import annotations
 
