@@ -59,7 +59,7 @@ def main() -> None:
     if args.one:
         print(json.dumps(measure(args.one, args.size, args.batch, bool(args.checkpointing))))
         return
-    from dfd_lib.pipeline.preflight import training_memory
+    from dfd_lib.pipeline.memory import training_memory
 
     print(f"peak training memory, one step of CE + NCE + KL (noisy copy of every image) at {args.size} px, "
           f"batch {args.batch}, AdamW, fp32 on the CPU")

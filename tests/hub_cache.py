@@ -14,10 +14,18 @@ from safetensors.torch import save_file
 def cache_timm_weights(hub_cache: Path, name: str, seed: int = 0) -> tuple[str, dict[str, torch.Tensor]]:
     """Random weights of timm model ``name`` (its 1000-class ImageNet head) as the cache entry of
     its hub repo; returns the repo id and the state dict written."""
-    cfg = timm.models.get_pretrained_cfg(name)
-    repo = cfg.hf_hub_id
     torch.manual_seed(seed)
     state = {k: v.contiguous() for k, v in timm.create_model(name, pretrained=False).state_dict().items()}
+    return _write_weights(hub_cache, timm.models.get_pretrained_cfg(name).hf_hub_id, seed, state), state
+
+
+def cache_stand_in(hub_cache: Path, name: str) -> str:
+    """A small file in the place of timm model ``name``'s hub weights, for what only looks the file up and
+    never loads it (`dfd check`, `dfd fetch-weights`): a ViT-L's real 1.2 GB is too much to write in a test."""
+    return _write_weights(hub_cache, timm.models.get_pretrained_cfg(name).hf_hub_id, 0, {"stand_in": torch.zeros(1)})
+
+
+def _write_weights(hub_cache: Path, repo: str, seed: int, state: dict[str, torch.Tensor]) -> str:
     revision = hashlib.sha1(f"{repo}:{seed}".encode()).hexdigest()
     folder = hub_cache / f"models--{repo.replace('/', '--')}"
     snapshot = folder / "snapshots" / revision
@@ -25,7 +33,7 @@ def cache_timm_weights(hub_cache: Path, name: str, seed: int = 0) -> tuple[str, 
     save_file(state, str(snapshot / "model.safetensors"))
     (folder / "refs").mkdir(exist_ok=True)
     (folder / "refs" / "main").write_text(revision)
-    return repo, state
+    return repo
 
 
 def use_hub_cache(monkeypatch, hf_home: Path) -> Path:

@@ -2,11 +2,15 @@
 notebook 02 exactly the embeddings notebook 01 mapped."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from hub_cache import cache_timm_weights, use_hub_cache
 from PIL import Image
+from torchvision.transforms import v2
 
 from dfd_lib.core import runs
 from dfd_lib.data.manifest import Manifest
@@ -170,3 +174,33 @@ def test_a_runs_embeddings_folder_keeps_only_the_entry_its_map_used(images, tmp_
     assert first.cache_path != second.cache_path
     left = sorted(p.name for p in run.path(runs.EMBEDDINGS_DIR).iterdir())
     assert left == sorted([second.cache_path.name, second.cache_path.with_suffix(".json").name, "run.json"])
+
+
+def test_a_vit_from_the_hub_cache_embeds_with_its_own_preprocessing(images, tmp_path, monkeypatch):
+    """Step 01's backbone can be a ViT (as CLIP's ViT-L/14 in the full-foundation profile): a tiny
+    random-weight one in a locally built cache, embedded at its own side (``image_size: 0``) with its
+    own mean, std and interpolation, keyed on its name."""
+    hub = use_hub_cache(monkeypatch, tmp_path / "hf-home")
+    cache_timm_weights(hub, "test_vit.r160_in1k")
+    cache_timm_weights(hub, "test_vit2.r160_in1k")
+    config = EmbeddingConfig("test_vit.r160_in1k", image_size=0, batch_size=4, num_workers=0, device="cpu")
+    result = extract_embeddings(images, config, cache_dir=tmp_path / "cache", progress=False)
+    assert result.weights_source.startswith("hub:timm/test_vit.r160_in1k@")
+    key = json.loads(result.cache_path.with_suffix(".json").read_text())["key"]
+    assert (key["image_size"], key["mean"], key["std"], key["interpolation"]) == (160, [0.5] * 3, [0.5] * 3, "bicubic")
+
+    # row 5 by hand: shorter side to 160 px (bicubic), centre crop, normalised by the model's 0.5/0.5
+    model = create_backbone("test_vit.r160_in1k", num_classes=0).eval()
+    by_hand = v2.Compose([v2.PILToTensor(), v2.Resize(160, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+                          v2.CenterCrop(160), v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.5] * 3, [0.5] * 3)])
+    with torch.no_grad():
+        expected = model(by_hand(Image.open(images["path"].iloc[5]).convert("RGB"))[None])[0].numpy()
+    np.testing.assert_allclose(result.embeddings[4], expected, rtol=1e-3, atol=1e-3)
+
+    own_side = EmbeddingConfig("test_vit.r160_in1k", image_size=160, batch_size=4, num_workers=0, device="cpu")
+    assert extract_embeddings(images, own_side, cache_dir=tmp_path / "cache", progress=False).from_cache  # one entry
+    other = EmbeddingConfig("test_vit2.r160_in1k", image_size=0, batch_size=4, num_workers=0, device="cpu")
+    assert not extract_embeddings(images, other, cache_dir=tmp_path / "cache", progress=False).from_cache
+    with pytest.raises(ValueError, match="test_vit takes 160 px inputs only.*set image_size to 160 or 0"):
+        extract_embeddings(images, EmbeddingConfig("test_vit.r160_in1k", image_size=64, num_workers=0, device="cpu"),
+                           cache_dir=tmp_path / "cache", progress=False)

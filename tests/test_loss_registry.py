@@ -13,7 +13,7 @@ from torch import nn
 
 from dfd_lib.evaluation.ablation import AblationResult, ablation_config, ablation_table, ablation_variants, all_losses_variant
 from dfd_lib.evaluation.ladder import Training
-from dfd_lib.pipeline.preflight import training_memory
+from dfd_lib.pipeline.memory import training_memory
 from dfd_lib.training.curves import plot_training_curves
 from dfd_lib.training.loss_terms import (
     LossOption,

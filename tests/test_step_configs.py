@@ -20,6 +20,7 @@ from pathlib import Path
 import nbformat
 import papermill
 import pytest
+from tuning_modes import NEEDS_TUNING_MODES
 
 from dfd_lib.core import config as configs
 from dfd_lib.core.config import StepConfig
@@ -29,7 +30,7 @@ from dfd_lib.pipeline.profiles import load_profile, notebook_defaults
 from dfd_lib.pipeline.steps import discover_steps
 from dfd_lib.steps.step_configs import STEP_CONFIGS
 
-PROFILES = ("smoke", "demo", "full", "full-mini")
+PROFILES = ("smoke", "demo", "full", "full-mini", pytest.param("full-foundation", marks=NEEDS_TUNING_MODES))
 STEPS = discover_steps(NOTEBOOKS_DIR)
 # where a step reads and writes, not how it computes: the pipeline injects it, a config never holds it
 NOTEBOOK_ONLY = {"run_dir"}

@@ -4,9 +4,11 @@ notebook 02 from the run folder.
 :func:`extract_embeddings` encodes every row of a manifest table with a backbone (a timm
 name built by :func:`dfd_lib.models.backbones.create_backbone`, or any module such as a trained
 expert), decoding in DataLoader workers and writing each batch straight into a memory-mapped
-``.npy`` file, so a dataset of any size never sits in memory as one tensor. The cache key
-covers the manifest's content, the backbone's identity and the preprocessing, so a rerun
-reads the file instead of recomputing. :func:`embed_run` also records which cache entry the
+``.npy`` file, so a dataset of any size never sits in memory as one tensor. The backbone is any
+timm name, a CNN or a ViT such as CLIP's ``vit_large_patch14_clip_224.openai``: its mean, std and
+interpolation come from its own timm data config, and so does its input side with ``image_size: 0``
+(a ViT takes that side only). The cache key covers the manifest's content, the backbone's identity
+and the preprocessing, so a rerun reads the file instead of recomputing. :func:`embed_run` also records which cache entry the
 run's map was drawn from, and :func:`load_run_embeddings` reads exactly that entry back.
 """
 from __future__ import annotations
@@ -45,7 +47,7 @@ class EmbeddingConfig(StepConfig):
     backbone: str = "tf_efficientnet_lite0"  # timm name (lite0 has real ImageNet weights offline)
     backbone_weights: str = ""  # a local .safetensors/.pth file; empty = packaged (or random) weights
     pretrained: bool = True
-    image_size: int = 224  # input side in pixels
+    image_size: int = 224  # input side in pixels; 0 = the backbone's own (its timm data config: 224 for a CLIP ViT-L/14)
     crop_pct: float = 1.0  # 1.0 embeds the whole image (an edit near the border still counts)
     batch_size: int = 64
     num_workers: int = 2  # DataLoader decoding processes
@@ -54,8 +56,8 @@ class EmbeddingConfig(StepConfig):
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.num_workers < 0:
             raise ValueError(f"batch_size must be >= 1 and num_workers >= 0, got {self.batch_size}, {self.num_workers}")
-        if self.image_size < 8:
-            raise ValueError(f"image_size must be at least 8 pixels, got {self.image_size}")
+        if self.image_size != 0 and self.image_size < 8:
+            raise ValueError(f"image_size must be at least 8 pixels (or 0 for the backbone's own), got {self.image_size}")
         if not 0.0 < self.crop_pct <= 1.0:
             raise ValueError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
 
@@ -136,12 +138,29 @@ def _weights_identity(weights_path: str | os.PathLike | None) -> str | None:
     return f"{Path(weights_path).resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
 
 
+def _timm_model_of(module: nn.Module) -> nn.Module:
+    """The first submodule that carries a timm ``pretrained_cfg`` (an Expert wraps its timm model)."""
+    return next((sub for sub in module.modules() if hasattr(sub, "pretrained_cfg")), module)
+
+
 def _data_config_of(module: nn.Module) -> dict[str, Any]:
-    """timm's data config of the first submodule that carries one (an Expert wraps its timm model)."""
-    for sub in module.modules():
-        if hasattr(sub, "pretrained_cfg"):
-            return backbone_data_config(sub)
-    return backbone_data_config(module)
+    """timm's data config of the module's timm model."""
+    return backbone_data_config(_timm_model_of(module))
+
+
+def input_side(image_size: int, module: nn.Module, data_config: dict[str, Any]) -> int:
+    """The side images are embedded at: ``image_size``, or with 0 the backbone's own. A backbone that takes
+    its own side only (a ViT's position embeddings: timm's ``fixed_input_size``) is refused at another
+    side here, by name, rather than failing in its first batch."""
+    own = int(data_config["input_size"][-1])
+    if image_size == 0:
+        return own
+    cfg = getattr(_timm_model_of(module), "pretrained_cfg", {})
+    if cfg.get("fixed_input_size", False) and image_size != own:
+        name = cfg.get("architecture", type(module).__name__)
+        raise ValueError(f"backbone {name} takes {own} px inputs only (timm's data config); "
+                         f"set image_size to {own} or 0, not {image_size}")
+    return int(image_size)
 
 
 def _pooled(output: Any) -> torch.Tensor:
@@ -190,11 +209,12 @@ def extract_embeddings(
     else:
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     data_config = _data_config_of(model)
-    transform = backbone_transform(data_config, image_size=config.image_size, crop_pct=config.crop_pct)
+    side = input_side(config.image_size, model, data_config)
+    transform = backbone_transform(data_config, image_size=side, crop_pct=config.crop_pct)
 
     key_source = json.dumps(
         {"format": CACHE_FORMAT, "manifest": _manifest_identity(table), "rows": len(table),
-         "backbone": identity, "image_size": int(config.image_size), "crop_pct": config.crop_pct,
+         "backbone": identity, "image_size": side, "crop_pct": config.crop_pct,
          "mean": list(data_config["mean"]), "std": list(data_config["std"]),
          "interpolation": data_config["interpolation"]},
         sort_keys=True,
@@ -206,7 +226,7 @@ def extract_embeddings(
     from_cache = meta_path.is_file() and array_path.is_file()
     if not from_cache:
         folder.mkdir(parents=True, exist_ok=True)
-        loader = DataLoader(_ImageRows(table["path"].astype(str).tolist(), transform, int(config.image_size)),
+        loader = DataLoader(_ImageRows(table["path"].astype(str).tolist(), transform, side),
                             batch_size=config.batch_size, shuffle=False, num_workers=config.num_workers,
                             pin_memory=torch.cuda.is_available())
         _compute(loader, model, _resolve_device(config.device), array_path, meta_path, key_source, progress)

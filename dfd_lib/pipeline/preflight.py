@@ -4,8 +4,9 @@ It looks at what the run needs (:mod:`dfd_lib.pipeline.needs`): the datasets exi
 images decodes and their labels parse; settings of different steps agree (:mod:`dfd_lib.pipeline.consistency`:
 the backbones against the number of re-splits, the ablation's re-split); every backbone's and Stable Diffusion checkpoint's weights
 resolve; the disk holds the augmented images and checkpoints; the device (a GPU? bf16?); and an
-estimate of each expert's training memory at the configured batch size against the GPU's (or, on a
-CPU, the machine's) memory. ``dfd pipeline`` runs the same checks before its first step.
+estimate of each expert's training memory in its tuning mode at the configured batch size
+(:mod:`dfd_lib.pipeline.memory`) against the GPU's (or, on a CPU, the machine's) memory. ``dfd pipeline``
+runs the same checks before its first step.
 """
 from __future__ import annotations
 
@@ -25,16 +26,14 @@ from dfd_lib.data.images import ImageLoadError, is_image_path, load_rgb
 from dfd_lib.data.manifest import Manifest, ManifestError
 from dfd_lib.models.backbones import canonical_backbone_name
 from dfd_lib.models.experts import Expert
-from dfd_lib.pipeline import needs
+from dfd_lib.pipeline import memory, needs
 from dfd_lib.pipeline.consistency import cross_step_checks
 from dfd_lib.pipeline.parameters import ParameterError, parse_overrides
 from dfd_lib.pipeline.profiles import step_values
 from dfd_lib.pipeline.steps import PipelineError
-from dfd_lib.training.losses import LossConfig
 
 SAMPLE_IMAGES = 8  # images decoded per dataset
 PNG_BYTES_PER_PIXEL = 1.6  # a PNG of a photo: about half of its 3 raw bytes per pixel
-PROBE_SIZE = 64  # input side of the activation-memory probe
 log = logging.getLogger(__name__)
 
 
@@ -160,10 +159,19 @@ def _check_device_and_memory(values: dict[str, dict], report: Report) -> None:
         report.problems.append(f"04 mixed_precision bf16: {torch.cuda.get_device_name(0)} does not support bf16 (use fp16)")
     if params.get("mixed_precision") in ("bf16", "fp16") and not gpu:
         report.notes.append(f"04 mixed_precision {params['mixed_precision']} applies on a GPU only: float32 here")
-    for name in known_backbones(params["backbones"]):
-        need = training_memory(name, params, half=gpu and params.get("mixed_precision") in ("bf16", "fp16"))
+    try:
+        tunings = memory.expert_tunings(params)
+    except ValueError as exc:
+        report.problems.append(f"04 tunings: {exc}")
+        return
+    known = set(known_backbones(params["backbones"]))
+    for name, tuning in dict.fromkeys((n, t) for n, t in zip(params["backbones"], tunings) if n in known):
+        half = gpu and params.get("mixed_precision") in ("bf16", "fp16")
+        estimate = memory.estimate_training_memory(name, params, tuning, half=half)
+        need = estimate.total
         about = "at most" if params.get("grad_checkpointing") else "about"
-        line = (f"04 training memory of a {name} expert at {params['image_size']} px, batch {params['batch_size']}"
+        mode = "" if tuning == "full" else f" ({tuning}: {estimate.trainable:,} of {estimate.weights:,} parameters train)"
+        line = (f"04 training memory of a {name} expert{mode} at {estimate.side} px, batch {params['batch_size']}"
                 f"{' in ' + str(params['grad_accum_steps']) + ' micro-batches' if int(params.get('grad_accum_steps') or 1) > 1 else ''}: "
                 f"{about} {need / 2**30:.1f} GiB of {available / 2**30:.1f} GiB ({where})")
         _record(report, need < 0.9 * available, line if need < 0.9 * available else
@@ -182,35 +190,6 @@ def known_backbones(names) -> list[str]:
     return known
 
 
-def training_memory(backbone: str, params: dict, half: bool = False) -> float:
-    """Bytes one expert's training holds: weights, gradients, two AdamW moments and the EMA (5 copies of
-    the trainable weights in float32), plus the activations kept for the backward pass, measured on
-    this backbone at a small size and scaled to ``image_size`` and the micro-batch (with the enabled
-    loss terms' noisy copies, ``LossConfig.memory_factor``: the KL term's ``kl_fraction`` of the
-    batch); ``half``: autocast keeps activations in 16 bits. Within about 15 % below the peak
-    measured on a CPU at 512 px (bench/RESULTS.md). Gradient checkpointing is not modelled: with it the
-    figure is an upper bound (it measured 2.5-4x lower)."""
-    expert = Expert(backbone, pretrained=False)
-    weights = sum(p.numel() for p in expert.parameters()) * 4
-    storages: dict[int, int] = {}  # one tensor is often saved by several operations: count its memory once
-    # saved weights (and views of them, as a linear layer saves) do not grow with the image
-    weight_storages = {p.untyped_storage().data_ptr() for p in expert.parameters()}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in weight_storages:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    probe = torch.zeros(2, 3, PROBE_SIZE, PROBE_SIZE)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        expert(probe)["logits"].sum()
-    per_image = sum(storages.values()) / 2 * (int(params["image_size"]) / PROBE_SIZE) ** 2
-    micro_batch = int(params["batch_size"]) // max(1, int(params.get("grad_accum_steps") or 1))
-    images = micro_batch * (1 + LossConfig.from_params(params).memory_factor)  # + the enabled terms' noisy copies
-    return 5 * weights + per_image * images * (0.5 if half else 1.0)
-
-
 def _check_disk(values: dict[str, dict], report: Report) -> None:
     """Room for notebook 03's images and notebook 04's training states under ``reports/``."""
     synth, train = values.get(needs.SYNTH_STEP), values.get(needs.TRAIN_STEP)
@@ -219,16 +198,28 @@ def _check_disk(values: dict[str, dict], report: Report) -> None:
         side = int(synth.get("sd_image_size") or 512)
         need += int(synth["images_per_family"]) * len(synth["families"]) * side * side * PNG_BYTES_PER_PIXEL
     if train:
-        with torch.device("meta"):
-            sizes = {name: sum(p.numel() for p in Expert(name).parameters()) * 4 for name in known_backbones(train["backbones"])}
-        experts = max(len(train["backbones"]), int(train.get("max_experts") or 0)) + 1 + (3 if train.get("run_ablation") else 0)
-        need += 6 * max(sizes.values(), default=0) * experts  # state (weights, 2 moments, EMA), best EMA, the mixture's share
+        need += 6 * sum(_expert_bytes(train))  # state (weights, 2 moments, EMA), best EMA, the mixture's share
     folder = REPORTS_DIR
     while not folder.exists():
         folder = folder.parent
     free = shutil.disk_usage(folder).free
     line = f"disk: about {need / 2**30:.1f} GiB needed for augmented images and checkpoints, {free / 2**30:.1f} GiB free in {folder}"
     _record(report, need < free, line)
+
+
+def _expert_bytes(train: dict) -> list[int]:
+    """The float32 weights of every model notebook 04 trains, each of its own backbone (a ViT-L expert
+    beside CNNs is not six times a CNN): the experts (backbones cycled), model (a) of the first backbone,
+    and the loss ablation's three of the ablation re-split's backbone."""
+    backbones = [name for name in train["backbones"] if name in set(known_backbones(train["backbones"]))]
+    if not backbones:
+        return []
+    with torch.device("meta"):
+        sizes = {name: sum(p.numel() for p in Expert(name).parameters()) * 4 for name in dict.fromkeys(backbones)}
+    experts = max(len(train["backbones"]), int(train.get("max_experts") or 0))
+    trained = [backbones[i % len(backbones)] for i in range(experts)] + [backbones[0]]
+    trained += [backbones[int(train.get("ablation_resplit") or 0) % len(backbones)]] * (3 if train.get("run_ablation") else 0)
+    return [sizes[name] for name in trained]
 
 
 # --------------------------------------------------------------------------- dfd check
