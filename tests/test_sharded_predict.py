@@ -16,7 +16,9 @@ from skimage import data as skdata
 from test_serve import make_tiny_weights
 
 from dfd_lib.cli import main as dfd_main
-from dfd_lib.scoring.sharding import merge_parts, part_path
+from dfd_lib.scoring.predictor import Predictor
+from dfd_lib.scoring.sharding import Shards, merge_parts, part_path
+from dfd_lib.scoring.stream import StreamOptions
 from dfd_lib.scoring.videos import write_video
 
 
@@ -87,3 +89,24 @@ def test_merge_puts_rows_in_input_order_and_removes_the_parts(tmp_path):
     assert out.read_text() == ("path,kind,prob_fake\n/a,video,0.5\n/a,frame,0.25\n/b,image,0.75\n"
                                '/c,image,0.125\n"/d,x",image,\n')
     assert not list(tmp_path.glob("x.csv.part-*"))
+
+
+class FirstOfTwo(Shards):
+    """Process 0 of 2 alone in this process (its barriers have no one to wait for)."""
+
+    def __init__(self):
+        self.rank, self.processes, self.is_main = 0, 2, True
+
+    def gather(self, value):
+        return [value]
+
+
+def test_resume_onto_other_columns_stops_before_anything_is_scored(weights, tmp_path):
+    image = tmp_path / "a.png"
+    Image.fromarray(skdata.astronaut()).resize((64, 64)).save(image)
+    out = tmp_path / "x.csv"
+    out.write_text("path,kind,prob_fake\n/elsewhere.png,image,0.5\n")
+    predictor = Predictor.load(weights, device="cpu", batch_size=2)
+    with pytest.raises(ValueError, match="its columns"):
+        FirstOfTwo().score(predictor, [str(image)], out, StreamOptions(workers=0), resume=True, progress=False)
+    assert not list(tmp_path.glob("x.csv.part-*"))  # found before scoring: no part was written

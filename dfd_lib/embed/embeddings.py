@@ -10,6 +10,11 @@ interpolation come from its own timm data config, and so does its input side wit
 (a ViT takes that side only). The cache key covers the manifest's content, the backbone's identity
 and the preprocessing, so a rerun reads the file instead of recomputing. :func:`embed_run` also records which cache entry the
 run's map was drawn from, and :func:`load_run_embeddings` reads exactly that entry back.
+
+Given a :class:`dfd_lib.core.shards.ShardGroup` (``dfd embed`` under ``accelerate launch
+--num_processes N``), each process embeds every N-th row into a part of the entry and process 0
+merges the parts into the entry one process writes (:mod:`dfd_lib.embed.embedding_parts`); a
+killed run keeps the finished parts.
 """
 from __future__ import annotations
 
@@ -33,8 +38,10 @@ from dfd_lib.core.faults import crash_point
 from dfd_lib.core.logs import progress_bar
 from dfd_lib.core.paths import cache_dir as default_cache_dir
 from dfd_lib.core.paths import resolve
+from dfd_lib.core.shards import ShardGroup
 from dfd_lib.data.images import load_rgb
 from dfd_lib.data.manifest import Manifest
+from dfd_lib.embed.embedding_parts import merge_embedding_parts, part_complete, part_files, part_key_source
 from dfd_lib.models.backbones import backbone_data_config, backbone_transform, create_backbone
 
 CACHE_FORMAT = 1  # bump when the file layout or the meaning of a key changes
@@ -189,11 +196,14 @@ def extract_embeddings(
     cache_dir: str | os.PathLike | None = None,
     model: nn.Module | None = None,
     progress: bool = True,
+    shards: ShardGroup | None = None,
 ) -> EmbeddingResult:
     """Embed every row of ``table`` (a manifest with a ``path`` column), or read the cache.
 
     The backbone is ``config.backbone`` (with ``config.backbone_weights``), or ``model`` when given
     (any module: a trained expert, ...). The cache lives in ``cache_dir`` (default ``<cache>/embeddings``).
+    With ``shards`` every process of the group calls this with the same table; each embeds its shard
+    (on its own GPU under ``device="auto"``) and all return the entry process 0 merged.
     """
     config = config or EmbeddingConfig()
     if "path" not in table.columns:
@@ -226,19 +236,25 @@ def extract_embeddings(
     from_cache = meta_path.is_file() and array_path.is_file()
     if not from_cache:
         folder.mkdir(parents=True, exist_ok=True)
-        loader = DataLoader(_ImageRows(table["path"].astype(str).tolist(), transform, side),
-                            batch_size=config.batch_size, shuffle=False, num_workers=config.num_workers,
-                            pin_memory=torch.cuda.is_available())
-        _compute(loader, model, _resolve_device(config.device), array_path, meta_path, key_source, progress)
+        paths = table["path"].astype(str).tolist()
+        if shards is None:
+            _compute(_loader(paths, transform, side, config), model, _resolve_device(config.device), array_path,
+                     meta_path, key_source, progress)
+        else:
+            _compute_sharded(paths, transform, side, config, model, array_path, meta_path, key_source, progress, shards)
     result = _read_cache(table, array_path, meta_path, from_cache)
     result.weights_source = getattr(model, "weights_source", "") or identity
     return result
 
 
-def embed_run(run: runs.RunDir, table: pd.DataFrame, config: EmbeddingConfig, progress: bool = True) -> EmbeddingResult:
+def embed_run(run: runs.RunDir, table: pd.DataFrame, config: EmbeddingConfig, progress: bool = True,
+              shards: ShardGroup | None = None) -> EmbeddingResult:
     """Notebook 01: embed the run's manifest rows into the run's cache and record which entry the
-    run's map is drawn from, so notebook 02 clusters exactly these embeddings."""
-    result = extract_embeddings(table, config, cache_dir=run.path(runs.EMBEDDINGS_DIR), progress=progress)
+    run's map is drawn from, so notebook 02 clusters exactly these embeddings (``shards``: by
+    several processes, process 0 records)."""
+    result = extract_embeddings(table, config, cache_dir=run.path(runs.EMBEDDINGS_DIR), progress=progress, shards=shards)
+    if shards is not None and not shards.is_main:
+        return result
     index = {"array": result.cache_path.name, "config": config.to_dict(), "weights_source": result.weights_source}
     atomic_write(run.path(runs.EMBEDDINGS_INDEX), lambda tmp: tmp.write_text(json.dumps(index, indent=2)))
     _remove_other_entries(run.path(runs.EMBEDDINGS_DIR), keep=result.cache_path)
@@ -271,8 +287,42 @@ def load_run_embeddings(run: runs.RunDir) -> EmbeddingResult:
     return result
 
 
+def _loader(paths: list[str], transform, side: int, config: EmbeddingConfig) -> DataLoader:
+    return DataLoader(_ImageRows(paths, transform, side), batch_size=config.batch_size, shuffle=False,
+                      num_workers=config.num_workers, pin_memory=torch.cuda.is_available())
+
+
+def _compute_sharded(paths: list[str], transform, side: int, config: EmbeddingConfig, model: nn.Module,
+                     array_path: Path, meta_path: Path, key_source: str, progress: bool, shards: ShardGroup) -> None:
+    """This process's part of the entry (its batches, as one process forms them; kept from a killed run
+    when complete), then process 0's
+    merge; every process returns once the entry is complete, or raises what any process raised."""
+    part_array, part_meta = part_files(array_path, meta_path, shards.rank, shards.processes)
+    part_key = part_key_source(key_source, shards.rank, shards.processes, config.batch_size)
+    error = None
+    try:
+        if not part_complete(part_array, part_meta, part_key):
+            device = _resolve_device(shards.device(config.device) or "auto")
+            _compute(_loader(shards.mine(paths, config.batch_size), transform, config), model, device, part_array, part_meta, part_key,
+                     progress and shards.is_main, allow_empty=True)
+    except (RuntimeError, ValueError, OSError) as exc:
+        error = f"process {shards.rank}: {type(exc).__name__}: {exc}"
+    keys = shards.gather((key_source, error))  # also the barrier: every part is complete
+    error = next((e for _, e in keys if e), None)
+    if error is None and len({k for k, _ in keys}) > 1:
+        error = "the processes were given different tables to embed (their cache keys differ)"
+    if error is None and shards.is_main:
+        try:
+            merge_embedding_parts(array_path, meta_path, key_source, paths, shards.processes, config.batch_size)
+        except (RuntimeError, OSError) as exc:
+            error = str(exc)
+    shards.raise_any(error, RuntimeError)
+
+
 def _compute(loader: DataLoader, model: nn.Module, device: torch.device, array_path: Path, meta_path: Path,
-             key_source: str, progress: bool) -> None:
+             key_source: str, progress: bool, allow_empty: bool = False) -> None:
+    """Embed ``loader``'s rows into the entry ``array_path`` / ``meta_path``; ``allow_empty``: a part
+    whose images all failed (or that has none) is complete with an empty array."""
     paths = loader.dataset.paths
     was_training = model.training
     model = model.to(device).eval()
@@ -300,10 +350,13 @@ def _compute(loader: DataLoader, model: nn.Module, device: torch.device, array_p
         raise
     finally:
         model.train(was_training)
-    if out is None:
+    if out is None and not allow_empty:
         raise RuntimeError(f"none of the {len(paths)} images could be decoded; first reason: {failed[0][1]}")
-    out.flush()
-    del out
+    if out is None:
+        np.save(partial, np.zeros((0, 0), np.float32))
+    else:
+        out.flush()
+        del out
     os.replace(partial, array_path)
     failed_rows = {index for index, _ in failed}
     meta = {"key": json.loads(key_source), "embedded_rows": [i for i in range(len(paths)) if i not in failed_rows],

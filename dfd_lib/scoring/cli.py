@@ -16,6 +16,7 @@ import dataclasses
 import logging
 from pathlib import Path
 
+from dfd_lib.core.shards import world_size
 from dfd_lib.models.checkpoints import PREPROCESS_MODES, CheckpointError
 from dfd_lib.models.demo_weights import demo_notice
 from dfd_lib.scoring.backends import BackendUnavailable, add_backend_arguments
@@ -23,7 +24,7 @@ from dfd_lib.scoring.calibration import resolve_threshold
 from dfd_lib.scoring.default_weights import WeightsNotFound, find_weights
 from dfd_lib.scoring.faces import add_face_arguments, face_options
 from dfd_lib.scoring.predictor import Predictor
-from dfd_lib.scoring.sharding import Shards, world_size
+from dfd_lib.scoring.sharding import Shards
 from dfd_lib.scoring.stream import StreamOptions, score_stream
 from dfd_lib.scoring.videos import DEFAULT_FRAMES
 

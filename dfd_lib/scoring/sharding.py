@@ -6,7 +6,9 @@ The ordered input list (the files one process would score, in its order) is deal
 one-process engine (:func:`dfd_lib.scoring.stream.score_stream`, so ``--resume`` works per part).
 After a barrier process 0 merges the parts into ``OUT`` in the one-process order (the rows of
 a file together, as written), removes them, and alone reports the summary. With ``--resume``
-the rows already in ``OUT`` are kept first and their files skipped, as one process does.
+the rows already in ``OUT`` are kept first and their files skipped, as one process does; an
+``OUT`` of other columns stops every process before anything is scored. The process group, the
+dealing and the part names are :mod:`dfd_lib.core.shards`', shared with ``dfd embed``.
 """
 from __future__ import annotations
 
@@ -15,76 +17,41 @@ import io
 import os
 from pathlib import Path
 
-import torch
-
+from dfd_lib.core.shards import ShardGroup, part_path
 from dfd_lib.scoring.inputs import iter_input_files
 from dfd_lib.scoring.predictor import Predictor
-from dfd_lib.scoring.stream import StreamOptions, StreamSummary, done_paths, score_stream
+from dfd_lib.scoring.stream import StreamOptions, StreamSummary, check_columns, csv_columns, done_paths, score_stream
 
 
-def world_size() -> int:
-    """How many processes ``accelerate launch`` / ``torchrun`` started (1 when run plainly)."""
-    try:
-        return max(1, int(os.environ.get("WORLD_SIZE", "1") or 1))
-    except ValueError:
-        return 1
-
-
-def part_path(out: Path, rank: int, processes: int) -> Path:
-    return Path(out).with_name(f"{Path(out).name}.part-{rank}-of-{processes}")
-
-
-class Shards:
-    """This process's place among the N scoring together."""
-
-    def __init__(self, device: str | None):
-        from accelerate import PartialState  # deferred: a plain `dfd predict` does not import accelerate
-
-        cpu = device == "cpu" or (not device and not torch.cuda.is_available())
-        self.state = PartialState(cpu=cpu)  # gloo between CPU processes, NCCL between GPUs
-        self.rank, self.processes = self.state.process_index, self.state.num_processes
-        self.is_main = self.state.is_main_process
-
-    def device(self, requested: str | None) -> str | None:
-        """An explicit ``--device`` as given; else each process its own GPU, or the CPU."""
-        if requested or not torch.cuda.is_available():
-            return requested
-        return str(self.state.device)
-
-    def threads(self, requested: int | None) -> int | None:
-        """On the CPU the cores are shared between the processes unless ``--threads`` says otherwise."""
-        if requested is not None or torch.cuda.is_available():
-            return requested
-        return max(1, (os.cpu_count() or 1) // self.processes)
-
-    def close(self) -> None:
-        self.state.destroy_process_group()  # every process leaves the group before exiting
+class Shards(ShardGroup):
+    """This process's place among the N scoring together (:class:`dfd_lib.core.shards.ShardGroup`)."""
 
     def score(self, predictor: Predictor, inputs: list[str], out: Path, options: StreamOptions,
               resume: bool = False, progress: bool = True, problems: list[str] | None = None) -> StreamSummary | None:
         """Score this process's share, then (process 0) merge the parts into ``out``. Returns the
         summary of all processes on process 0, None on the others. A ``ValueError`` in any
-        process (``--resume`` onto other columns) is raised in every process."""
-        from accelerate.utils import gather_object  # deferred: only under several processes
-
+        process (``--resume`` onto other columns, found before anything is scored) is raised in
+        every process."""
         out = Path(out)
+        error = None
         if resume and self.is_main:
             done_paths(out)  # drops a line a crash cut short, once, before anyone reads it
-        self.state.wait_for_everyone()
+            error = _columns_error(out, csv_columns(predictor, options))
+        self.raise_any(error)
         prior = done_paths(out) if resume else frozenset()
         listed = problems if self.is_main and problems is not None else []
         files = [str(p) for p in iter_input_files(inputs, listed) if str(p) not in prior]
-        mine, part = files[self.rank :: self.processes], part_path(out, self.rank, self.processes)
-        summary, error = StreamSummary(), None
+        mine, part = self.mine(files), part_path(out, self.rank, self.processes)
+        summary = StreamSummary()
         try:
             if mine:
                 summary = score_stream(predictor, mine, part, options, resume=resume,
                                        progress=progress and self.is_main, problems=[])
             elif not resume:
                 part.unlink(missing_ok=True)  # a part left by an earlier run
-        except ValueError as exc:
+        except ValueError as exc:  # a part of an earlier run with other columns
             error = str(exc)
-        results = gather_object([(summary, error)])  # also the barrier: every part is complete
+        results = self.gather((summary, error))  # also the barrier: every part is complete
         errors = [e for _, e in results if e]
         if errors:
             raise ValueError(errors[0])
@@ -92,16 +59,29 @@ class Shards:
             return None
         parts = [part_path(out, r, self.processes) for r in range(self.processes)]
         merge_parts(parts, out, files, keep=bool(prior))
-        order = {path: i for i, path in enumerate(files)}
-        total = StreamSummary(skipped=len(prior))
-        for one, _ in results:
-            total.files += one.files
-            total.scored += one.scored
-            total.skipped += one.skipped
-            total.fake += one.fake
-            total.failed.extend(one.failed)
-        total.failed.sort(key=lambda item: order.get(item[0], len(order)))
-        return total
+        return _total([one for one, _ in results], files, skipped=len(prior))
+
+
+def _columns_error(out: Path, columns: list[str]) -> str | None:
+    try:
+        check_columns(out, columns)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def _total(summaries: list[StreamSummary], files: list[str], skipped: int) -> StreamSummary:
+    """One summary of every process's, the unreadable files in the one-process order."""
+    order = {path: i for i, path in enumerate(files)}
+    total = StreamSummary(skipped=skipped)
+    for one in summaries:
+        total.files += one.files
+        total.scored += one.scored
+        total.skipped += one.skipped
+        total.fake += one.fake
+        total.failed.extend(one.failed)
+    total.failed.sort(key=lambda item: order.get(item[0], len(order)))
+    return total
 
 
 def merge_parts(parts: list[Path], out: Path, files: list[str], keep: bool = False) -> None:
@@ -136,7 +116,7 @@ def merge_parts(parts: list[Path], out: Path, files: list[str], keep: bool = Fal
     if kept:
         with out.open(newline="") as old:
             existing = old.read()
-        if existing.split("\n", 1)[0].split(",") != header:  # found only now, after scoring: the parts stay
+        if existing.split("\n", 1)[0].split(",") != header:  # Shards.score checked first: a file changed meanwhile
             raise ValueError(f"{out}: its columns are not this run's ({','.join(header)}); "
                              f"resume with the same weights and options, or write to another --out")
     merged = out.with_name(out.name + ".merging")

@@ -90,6 +90,23 @@ def file_rows(item: FileCrops, probs: np.ndarray, experts: np.ndarray, options: 
     return [summary, *(views if options.per_frame else [])]
 
 
+def csv_columns(predictor: Predictor, options: StreamOptions) -> list[str]:
+    """The columns of the CSV :func:`score_stream` writes with this predictor and these options."""
+    verdict_columns = list(VerdictThreshold.COLUMNS) if options.verdicts is not None else []
+    return stream_columns(predictor.num_experts) + verdict_columns
+
+
+def check_columns(path: Path, columns: list[str]) -> None:
+    """A ``ValueError`` when the non-empty CSV ``path`` has other columns (``--resume`` onto another run's CSV)."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with path.open(newline="") as handle:
+        header = handle.readline().strip()
+    if header.split(",") != columns:
+        raise ValueError(f"{path}: its columns ({header}) are not this run's ({','.join(columns)}); "
+                         f"resume with the same weights and options, or write to another --out")
+
+
 class CsvAppender:
     """Appends rows to a CSV, one write and flush per batch; ``resume`` keeps what is there."""
 
@@ -98,10 +115,7 @@ class CsvAppender:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fresh = not (resume and self.path.is_file() and self.path.stat().st_size > 0)
         if not fresh:
-            header = self.path.open(newline="").readline().strip()
-            if header.split(",") != columns:
-                raise ValueError(f"{self.path}: its columns ({header}) are not this run's ({','.join(columns)}); "
-                                 f"resume with the same weights and options, or write to another --out")
+            check_columns(self.path, columns)
         self.handle = self.path.open("w" if fresh else "a", newline="")
         if fresh:
             self.write([])
@@ -172,8 +186,7 @@ def score_stream(predictor: Predictor, inputs: list[str], out: Path, options: St
     loader = DataLoader(dataset, batch_size=None, collate_fn=as_is, num_workers=workers,
                         pin_memory=predictor.device.type == "cuda", worker_init_fn=worker_init if workers else None,
                         prefetch_factor=4 if workers else None, multiprocessing_context="spawn" if workers else None)
-    verdict_columns = list(VerdictThreshold.COLUMNS) if options.verdicts is not None else []
-    writer = CsvAppender(out, stream_columns(predictor.num_experts) + verdict_columns, resume)
+    writer = CsvAppender(out, csv_columns(predictor, options), resume)
     bar = progress_bar(total=total, desc="scoring", unit="file", disable=not progress, smoothing=0.1)
     pending: list[FileCrops] = []
     try:
