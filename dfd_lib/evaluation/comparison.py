@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from dfd_lib.core.shards import ShardGroup, deal, interleave
 from dfd_lib.data.manifest import TRAIN, VAL
 from dfd_lib.data.resplit_table import resplit_column
 from dfd_lib.evaluation.linear_probe import LinearProbe
@@ -65,6 +66,7 @@ def score_experts(
     batch_size: int = 64,
     device: str | None = None,
     progress: bool = True,
+    shards: ShardGroup | None = None,
 ) -> pd.DataFrame:
     """Fake-probabilities of each expert (``name -> best_ema.safetensors``) on the images of
     ``table``: one column per name, aligned with ``table``'s rows (NaN where an image cannot
@@ -72,9 +74,15 @@ def score_experts(
     once, and a score an earlier table of the process computed for the same weights and the same
     input is reused (:mod:`dfd_lib.scoring.expert_scores`). On a GPU (``device``, default: one when
     there is one) it scores through the :class:`dfd_lib.scoring.predictor.Predictor` that ``dfd predict`` uses
-    (:func:`score_experts_predictor`)."""
+    (:func:`score_experts_predictor`).
+
+    With ``shards`` (every process of an ``accelerate launch`` group calls this with the same table)
+    each process scores batches ``r, r+N, ...`` of the rows, on its own GPU when there are GPUs,
+    and every process returns the whole table's scores (:func:`score_experts_sharded`)."""
     if not weights:
         raise ValueError("no experts to score")
+    if shards is not None:
+        return score_experts_sharded(weights, table, shards, batch_size, device, progress)
     if (torch.device(device) if device is not None else auto_device()).type != "cpu":
         return score_experts_predictor(weights, table, batch_size, device, progress)
     by_preprocessing: dict[Preprocessing, list[tuple[str, ExpertWeights]]] = {}
@@ -88,6 +96,18 @@ def score_experts(
         for j, (name, _) in enumerate(named):
             scores[name] = probs[:, j]
     return scores
+
+
+def score_experts_sharded(weights: Mapping[str, str | os.PathLike], table: pd.DataFrame, shards: ShardGroup,
+                          batch_size: int = 64, device: str | None = None, progress: bool = True) -> pd.DataFrame:
+    """:func:`score_experts` by the processes of ``shards``: whole batches dealt, the parts gathered back
+    in ``table``'s order. The scores are one process's where each forward pass sees the same batch (a
+    table of one decoding chunk on the CPU), else within float rounding of a batch's composition."""
+    mine = deal(range(len(table)), shards.rank, shards.processes, block=batch_size)
+    part = score_experts(weights, table.iloc[mine], batch_size, shards.device(device), progress and shards.is_main)
+    parts = shards.gather(part.reset_index(drop=True))
+    rows = interleave([list(one.itertuples(index=False, name=None)) for one in parts], block=batch_size)
+    return pd.DataFrame(rows, index=table.index, columns=list(weights), dtype=float)
 
 
 def score_experts_predictor(
@@ -182,14 +202,16 @@ def headline_comparison(
     progress: bool = True,
     bootstrap: BootstrapConfig | None = None,
     probe: LinearProbe | None = None,
+    shards: ShardGroup | None = None,
 ) -> Headline:
     """Score (a) the official-split model, (b) every expert and (c) their mixture on ``test``,
     each figure with its ``bootstrap`` interval; with ``probe``, the linear probe's row comes first.
-    The test images any trained model cannot read are left out of every row (the probe's included)."""
+    The test images any trained model cannot read are left out of every row (the probe's included).
+    ``shards``: the test split scored by the processes of an ``accelerate launch`` group (:func:`score_experts`)."""
     started = time.perf_counter()
     names = expert_names(experts)
     weights = {OFFICIAL: official.best_weights, **{n: r.best_weights for n, r in zip(names, experts.experts)}}
-    scores = score_experts(weights, test, batch_size=batch_size, device=device, progress=progress)
+    scores = score_experts(weights, test, batch_size=batch_size, device=device, progress=progress, shards=shards)
     mixture_name = f"mixture of {len(names)} experts"
     scores[mixture_name] = scores[names].mean(axis=1)  # MixtureOfExperts: mean of the softmax fake-probabilities
     readable = scores.notna().all(axis=1).to_numpy()
