@@ -39,7 +39,7 @@ GPUS = 8
 STAGES = ("embed", "score")
 
 
-def run_stage(stage: str, work: Path, folder: Path, image_size: int) -> None:
+def run_stage(stage: str, work: Path, folder: Path, image_size: int, threads: int) -> None:
     """One stage in this process (one of several under accelerate launch); process 0 prints its row."""
     import torch
 
@@ -53,7 +53,7 @@ def run_stage(stage: str, work: Path, folder: Path, image_size: int) -> None:
 
     shards = Shards("cpu") if world_size() > 1 else None
     processes = 1 if shards is None else shards.processes
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // processes))
+    torch.set_num_threads(threads)
     out = work / f"{stage}-{processes}"
     # outside the timing, as in every process: the model's loading (and the imports it defers)
     predictor = Predictor.load(work / "moe", device="cpu", batch_size=64, threads=torch.get_num_threads())
@@ -89,12 +89,12 @@ def prepare(work: Path, folder: Path, image_size: int) -> None:
     save_mixture(build_mixture(backbones), work / "moe", MixtureConfig(backbones=backbones, image_size=image_size))
 
 
-def measure(stage: str, processes: int, work: Path, folder: Path, image_size: int) -> dict:
+def measure(stage: str, processes: int, work: Path, folder: Path, image_size: int, threads: int) -> dict:
     launch = (["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
                "--mixed_precision", "no", "--dynamo_backend", "no"] if processes > 1 else [])
     command = [sys.executable, *launch, __file__, "--stage", stage, "--work", str(work), "--folder", str(folder),
-               "--image-size", str(image_size)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // processes))}
+               "--image-size", str(image_size), "--threads", str(threads)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads)}
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - started
@@ -109,17 +109,22 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=2, help="the sharded run's processes (compared with 1)")
     parser.add_argument("--image-size", type=int, default=64, help="side of the JPEGs and of the model inputs")
     parser.add_argument("--keep", type=Path, help="keep the images and work files here")
+    parser.add_argument("--one-threads", type=int, default=None,
+                        help="torch threads of the one-process run (default: every core; the N processes: cores // N each)")
+    parser.add_argument("--threads", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--stage", help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.stage:
-        run_stage(args.stage, args.work, args.folder, args.image_size)
+        run_stage(args.stage, args.work, args.folder, args.image_size, args.threads)
         return
-    n = args.processes
+    n, cores = args.processes, os.cpu_count() or 1
+    threads = {1: args.one_threads or cores, n: max(1, cores // n)}
     root = args.keep or Path(tempfile.mkdtemp(prefix="bench_sharded_"))
     rates: dict[str, float] = {}
-    print(f"sharded embedding and scoring, {args.image_size} px JPEGs, {os.cpu_count()} cores shared by the processes")
+    print(f"sharded embedding and scoring, {args.image_size} px JPEGs, {cores} cores; torch threads: "
+          f"{threads[1]} in the one process, {threads[n]} in each of {n}")
     print(f"{'images':>8s} {'stage':6s} {'1 proc work s':>14s} {f'{n} procs work s':>15s} {'ratio':>6s} "
           f"{'1 proc wall s':>14s} {f'{n} procs wall s':>15s} {'ratio':>6s} {'1 proc img/s':>13s}", flush=True)
     try:
@@ -131,7 +136,7 @@ def main() -> None:
                 write_images(folder, size, args.image_size)
             prepare(work, folder, args.image_size)
             for stage in STAGES:
-                one, many = (measure(stage, p, work, folder, args.image_size) for p in (1, n))
+                one, many = (measure(stage, p, work, folder, args.image_size, threads[p]) for p in (1, n))
                 rates[stage] = size / one["seconds"]
                 print(f"{size:8d} {stage:6s} {one['seconds']:14.1f} {many['seconds']:15.1f} "
                       f"{many['seconds'] / one['seconds']:6.2f} {one['wall']:14.1f} {many['wall']:15.1f} "

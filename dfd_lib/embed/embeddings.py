@@ -12,7 +12,7 @@ and the preprocessing, so a rerun reads the file instead of recomputing. :func:`
 run's map was drawn from, and :func:`load_run_embeddings` reads exactly that entry back.
 
 Given a :class:`dfd_lib.core.shards.ShardGroup` (``dfd embed`` under ``accelerate launch
---num_processes N``), each process embeds every N-th row into a part of the entry and process 0
+--num_processes N``), each process embeds every N-th batch into a part of the entry and process 0
 merges the parts into the entry one process writes (:mod:`dfd_lib.embed.embedding_parts`); a
 killed run keeps the finished parts.
 """
@@ -295,16 +295,16 @@ def _loader(paths: list[str], transform, side: int, config: EmbeddingConfig) -> 
 def _compute_sharded(paths: list[str], transform, side: int, config: EmbeddingConfig, model: nn.Module,
                      array_path: Path, meta_path: Path, key_source: str, progress: bool, shards: ShardGroup) -> None:
     """This process's part of the entry (its batches, as one process forms them; kept from a killed run
-    when complete), then process 0's
-    merge; every process returns once the entry is complete, or raises what any process raised."""
+    when complete), then process 0's merge; every process returns once the entry is complete, or
+    raises what any process raised."""
     part_array, part_meta = part_files(array_path, meta_path, shards.rank, shards.processes)
     part_key = part_key_source(key_source, shards.rank, shards.processes, config.batch_size)
     error = None
     try:
         if not part_complete(part_array, part_meta, part_key):
             device = _resolve_device(shards.device(config.device) or "auto")
-            _compute(_loader(shards.mine(paths, config.batch_size), transform, config), model, device, part_array, part_meta, part_key,
-                     progress and shards.is_main, allow_empty=True)
+            loader = _loader(shards.mine(paths, config.batch_size), transform, config)
+            _compute(loader, model, device, part_array, part_meta, part_key, progress and shards.is_main, allow_empty=True)
     except (RuntimeError, ValueError, OSError) as exc:
         error = f"process {shards.rank}: {type(exc).__name__}: {exc}"
     keys = shards.gather((key_source, error))  # also the barrier: every part is complete
