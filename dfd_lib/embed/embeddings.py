@@ -303,7 +303,7 @@ def _compute_sharded(paths: list[str], transform, side: int, config: EmbeddingCo
     try:
         if not part_complete(part_array, part_meta, part_key):
             device = _resolve_device(shards.device(config.device) or "auto")
-            loader = _loader(shards.mine(paths, config.batch_size), transform, config)
+            loader = _loader(shards.mine(paths, config.batch_size), transform, side, config)
             _compute(loader, model, device, part_array, part_meta, part_key, progress and shards.is_main, allow_empty=True)
     except (RuntimeError, ValueError, OSError) as exc:
         error = f"process {shards.rank}: {type(exc).__name__}: {exc}"
