@@ -104,7 +104,7 @@ def test_dfd_cluster_writes_the_resplits_notebook_02_writes(command_run, noteboo
 
 
 @pytest.mark.parametrize(("command", "message"), [
-    (["embed", "--image-size", "4"], "dfd embed: image_size must be at least 8 pixels, got 4"),
+    (["embed", "--image-size", "4"], "dfd embed: image_size must be at least 8 pixels (or 0 for the backbone's own), got 4"),
     (["embed", "--dataset", "no/such/folder"], "dfd embed: dataset not found:"),
     (["cluster", "--k-min", "5", "--k-max", "3"], "dfd cluster: ClusterConfig.k_max must be an int >= k_min (5), got 3"),
     (["cluster", "--n-clusters", "1"], "dfd cluster: ClusterConfig.n_clusters must be 0 (the sweep's best K) or an int >= 2"),
