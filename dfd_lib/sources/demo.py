@@ -42,6 +42,7 @@ from dfd_lib.sources.photos import available_sources, load_source, random_square
 from dfd_lib.synth import factory
 from dfd_lib.synth.config import EnrichmentConfig
 from dfd_lib.synth.kinds import ModelKind
+from dfd_lib.synth.masks import mask_path_for
 
 SMOKE_SIZE = 200
 log = logging.getLogger(__name__)
@@ -238,7 +239,7 @@ def build_demo_dataset(config: DemoConfig | None = None, out_dir: str | os.PathL
             "group": item.group, "width": item.image.width, "height": item.image.height,
             "hash": hashlib.sha1(data).hexdigest(), "split": item.split, "cluster": pd.NA,
             "parent": item.parent, "params": json.dumps(item.params, sort_keys=True),
-            MASK: _write_mask(item, staging / "masks" / relative.relative_to("images")),
+            MASK: _write_mask(item, mask_path_for(staging, staging / relative.relative_to("images"))),
         })
     manifest = Manifest(pd.DataFrame(rows))
     manifest.save(staging / "manifest.csv")

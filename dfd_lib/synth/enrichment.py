@@ -6,8 +6,8 @@ in batches of one loaded model per family. It returns one manifest row per writt
 image inherits its source's ``group``, ``split`` and ``cluster``; :func:`dfd_lib.data.resplit_table.attach_to_resplits`
 then puts it on its source's side of every re-split.
 
-Output goes to ``out_dir/<family>/<id>.png`` with its manipulation mask in ``<id>.mask.png`` (the
-row's ``mask``; none for degraded reals, see :mod:`dfd_lib.synth.masks`) and a ``<id>.json`` sidecar holding its row:
+Output goes to ``out_dir/<family>/<id>.png`` with its manipulation mask in ``out_dir/masks/<family>/<id>.png``
+(the row's ``mask``; none for degraded reals, see :mod:`dfd_lib.synth.masks`) and a ``<id>.json`` sidecar holding its row:
 a rerun reuses what exists (resume), a failing image is logged and skipped, and the
 source files are only read. A family that loses more than ``config.max_failed_share`` of its
 planned images stops the run with a summary (:mod:`dfd_lib.synth.failure_budget`). Under
@@ -182,13 +182,14 @@ def _failure(job: Job, exc: BaseException) -> dict:
 # --------------------------------------------------------------------------- files
 
 
-def _paths(out_dir: Path, job: Job) -> tuple[Path, Path]:
+def _paths(out_dir: Path, job: Job) -> tuple[Path, Path, Path]:
+    """The image, its row sidecar and its mask."""
     folder = out_dir / job.family
-    return folder / f"{job.id}.png", folder / f"{job.id}.json"
+    return folder / f"{job.id}.png", folder / f"{job.id}.json", masks.mask_path_for(out_dir, folder / f"{job.id}.png")
 
 
 def _load_done(out_dir: Path, job: Job) -> dict | None:
-    image_path, row_path = _paths(out_dir, job)
+    image_path, row_path, mask_path = _paths(out_dir, job)
     if not (image_path.is_file() and row_path.is_file()):
         return None
     try:
@@ -197,10 +198,10 @@ def _load_done(out_dir: Path, job: Job) -> dict | None:
         return None  # a damaged sidecar: make the image again
     if row.pop(_FINGERPRINT_KEY, None) != job.fingerprint:
         return None  # made by another plan (other sources, settings or checkpoint): make it again
-    if MASK not in row or (row[MASK] and not masks.mask_path_for(image_path).is_file()):
+    if MASK not in row or (row[MASK] and not mask_path.is_file()):
         return None  # made before images recorded their masks, or its mask is gone: make it again (same pixels)
     row["path"] = str(image_path)
-    row[MASK] = str(masks.mask_path_for(image_path)) if row[MASK] else None
+    row[MASK] = str(mask_path) if row[MASK] else None
     inherited = _inherited(job.source)
     if any(row.get(name) != value for name, value in inherited.items()):
         # the same image, but its source now sits elsewhere (another clustering, another split): the row
@@ -226,11 +227,11 @@ def _write_sidecar(row_path: Path, row: dict, job: Job) -> None:
 
 def _write(out_dir: Path, job: Job, image: Image.Image, label: int, params: dict, mask: Image.Image | None) -> dict:
     """Write image, mask (if any) then row sidecar, each atomically: an interrupted write never looks done."""
-    image_path, row_path = _paths(out_dir, job)
-    mask_path = masks.mask_path_for(image_path)
+    image_path, row_path, mask_path = _paths(out_dir, job)
     image_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(image_path, lambda tmp: image.save(tmp, format="PNG"))
     if mask is not None:
+        mask_path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(mask_path, lambda tmp: mask.save(tmp, format="PNG"))
     else:
         mask_path.unlink(missing_ok=True)  # a mask left by an earlier plan of this id is not this image's

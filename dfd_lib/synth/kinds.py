@@ -47,9 +47,9 @@ class Family:
     keeps_label: bool = False  # images keep their source's label (a degradation); otherwise they are fakes
 
     def __post_init__(self) -> None:
-        if not _NAME.fullmatch(self.name) or self.name in CLASS_NAMES.values():
-            raise ValueError(f"family name {self.name!r} must be lower-case letters, digits and '_' "
-                             f"(not {list(CLASS_NAMES.values())})")
+        reserved = [*CLASS_NAMES.values(), masks.MASKS_DIR]  # a label, or the folder of the masks
+        if not _NAME.fullmatch(self.name) or self.name in reserved:
+            raise ValueError(f"family name {self.name!r} must be lower-case letters, digits and '_' (not {reserved})")
 
     @property
     def fake_variant(self) -> str:

@@ -19,7 +19,7 @@ from PIL import Image
 from dfd_lib.data.images import ImageLoadError, load_rgb
 from dfd_lib.data.manifest import MASK
 
-MASK_SUFFIX = ".mask.png"  # an enrichment image <id>.png has its mask in <id>.mask.png beside it
+MASKS_DIR = "masks"  # a folder of images keeps its masks in masks/, mirroring it (no family may take the name)
 CHANGED, UNCHANGED = 255, 0
 
 
@@ -42,10 +42,11 @@ def region(mask: Image.Image) -> Image.Image:
     return Image.fromarray(np.where(np.asarray(mask.convert("L")) > 0, CHANGED, UNCHANGED).astype(np.uint8), mode="L")
 
 
-def mask_path_for(image_path: str | os.PathLike) -> Path:
-    """Where the mask of the image at ``image_path`` is written: ``<stem>.mask.png`` beside it."""
-    path = Path(image_path)
-    return path.with_name(path.stem + MASK_SUFFIX)
+def mask_path_for(root: str | os.PathLike, image_path: str | os.PathLike) -> Path:
+    """Where the mask of the image at ``image_path`` (below ``root``) is written: the same place below
+    ``root/masks``, as a PNG. A folder of images stays a folder of images only."""
+    relative = Path(image_path).relative_to(root)
+    return Path(root) / MASKS_DIR / relative.with_suffix(".png")
 
 
 def source_mask(source: Mapping | None, size: tuple[int, int]) -> Image.Image | None:
