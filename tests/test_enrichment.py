@@ -57,7 +57,7 @@ def test_rows_inherit_provenance_and_rerun_resumes(source_table, tmp_path, caplo
     rows, failures = enrich_dataset(source_table, config, out, progress=False)
 
     assert _snapshot(tmp_path / "source") == before  # sources only read
-    assert list(rows.columns) == COLUMNS + ["parent", "seed", "params"]
+    assert list(rows.columns) == COLUMNS + ["parent", "seed", "params", "mask"]
     by_path = source_table.set_index("path")
     broken = str(tmp_path / "source" / "broken.png")
     # with seed 1 the broken file is drawn as a source and as a splice donor: each is one failure
@@ -76,6 +76,9 @@ def test_rows_inherit_provenance_and_rerun_resumes(source_table, tmp_path, caplo
         expected_label = 0 if row.family == "degraded" else 1
         assert row.label == expected_label
         assert parent.label == (1 if row.family == "degraded_fake" else 0)
+        # every fake records its mask beside it (tests/test_factory_masks.py checks what it holds); the
+        # degradations of reals, and of a fake that brings no mask, have none
+        assert pd.isna(row.mask) if row.family.startswith("degraded") else Path(row.mask).is_file()
     assert set(rows["family"]) == set(BUILTIN_FAMILIES) | {"degraded_fake"}
 
     # the rerun writes nothing new and returns the same rows

@@ -5,8 +5,12 @@ the manifest file when below it), ``label`` (0 real, 1 fake), ``family`` (fake f
 ``real``), ``source`` (where the image comes from), ``group`` (id of the original image it
 derives from: images of one group always land on the same side of a split), ``width``,
 ``height``, ``hash`` (sha1 of the file bytes), ``split`` (``train`` / ``val`` / ``test``) and
-``cluster``. Extra columns (augmentation ``params``, ``seed``, ``parent``, re-split columns)
-travel along unchanged. :mod:`dfd_lib.data.readers` builds manifests from datasets on disk.
+``cluster``. The optional ``mask`` column names each image's manipulation mask (a single-channel image
+of the image's size, nonzero where the image was manipulated; stored like ``path``, relative to the
+manifest when below it; empty for reals and for fakes of unknown extent): the factory's fakes bring
+one, and so may a user's own data; :meth:`Manifest.load` checks each is there and of its image's size.
+Extra columns (augmentation ``params``, ``seed``, ``parent``, re-split columns) travel along
+unchanged. :mod:`dfd_lib.data.readers` builds manifests from datasets on disk.
 """
 from __future__ import annotations
 
@@ -16,11 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
+from PIL import Image
 
 from dfd_lib.core.atomic import atomic_write
 
 COLUMNS = ["path", "label", "family", "source", "group", "width", "height", "hash", "split", "cluster"]
 SKIPPED_COLUMNS = ["path", "reason"]
+MASK = "mask"  # optional column: the image's manipulation mask (a path, like ``path``), empty when none
+PATH_COLUMNS = ("path", MASK)  # columns of file paths: stored relative to the manifest's folder when below it
 REAL, FAKE = 0, 1  # the label column
 CLASS_NAMES = {REAL: "real", FAKE: "fake"}
 TRAIN, VAL, TEST = "train", "val", "test"  # the split column; train/val are also the two sides of a re-split
@@ -96,22 +103,80 @@ class Manifest:
         path = Path(path).resolve()
         path.parent.mkdir(parents=True, exist_ok=True)
         table = self.table.copy()
-        table["path"] = [_relative_to(p, path.parent) for p in table["path"]]
+        for column in (c for c in PATH_COLUMNS if c in table.columns):
+            table[column] = [p if _empty(p) else _relative_to(p, path.parent) for p in table[column]]
         _atomic_csv(table, path)
         _atomic_csv(self.skipped, skipped_path(path))
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> Manifest:
+    def load(cls, path: str | os.PathLike, check_masks: bool = True) -> Manifest:
+        """Read ``path``; with ``check_masks`` a ``mask`` that is missing, unreadable or of another size
+        than its image is a :class:`ManifestError` naming the rows (only image headers are read)."""
         path = Path(path).resolve()
         if not path.is_file():
             raise ManifestError(f"manifest file not found: {path}")
-        table = pd.read_csv(path, dtype={"group": str, "hash": str, "source": str, "family": str})
+        table = pd.read_csv(path, dtype={"group": str, "hash": str, "source": str, "family": str, MASK: str})
         if "path" not in table.columns:
             raise ManifestError(f"{path} has no 'path' column; columns: {list(table.columns)}")
-        table["path"] = [str(_absolute(p, path.parent)) for p in table["path"]]
+        for column in (c for c in PATH_COLUMNS if c in table.columns):
+            table[column] = [p if _empty(p) else str(_absolute(p, path.parent)) for p in table[column]]
         skipped = pd.read_csv(skipped_path(path)) if skipped_path(path).is_file() else empty_skipped()
-        return cls(table, skipped)
+        manifest = cls(table, skipped)
+        problems = mask_problems(manifest.table) if check_masks else []
+        if problems:
+            more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+            raise ManifestError(f"{path}: {len(problems)} mask(s) cannot be used: " + "; ".join(problems[:5]) + more)
+        return manifest
+
+    def masked(self) -> pd.Series:
+        """Which rows have a manipulation mask (all False without a ``mask`` column)."""
+        if MASK not in self.table.columns:
+            return pd.Series(False, index=self.table.index)
+        return ~self.table[MASK].map(_empty).astype(bool)
+
+
+def mask_problems(table: pd.DataFrame) -> list[str]:
+    """One line per row whose ``mask`` cannot be used: missing, not an image, or not of its image's size
+    (the ``width``/``height`` columns, else the image's own header)."""
+    if MASK not in table.columns:
+        return []
+    problems = []
+    for row in table[~table[MASK].map(_empty).astype(bool)].itertuples(index=False):
+        row = row._asdict()
+        mask, image = str(row[MASK]), str(row["path"])
+        try:
+            mask_size = _image_size(mask)
+        except (OSError, ValueError) as exc:
+            problems.append(f"mask {mask} of {image}: {'missing' if not Path(mask).exists() else f'not an image ({exc})'}")
+            continue
+        try:
+            size = _recorded_size(row) or _image_size(image)
+        except (OSError, ValueError):
+            continue  # an unreadable image is the readers' to report, not the mask's
+        if mask_size != size:
+            problems.append(f"mask {mask} is {mask_size[0]}x{mask_size[1]} but its image {image} is {size[0]}x{size[1]}")
+    return problems
+
+
+def _image_size(path: str) -> tuple[int, int]:
+    with Image.open(path) as image:
+        return image.size
+
+
+def _recorded_size(row: dict) -> tuple[int, int] | None:
+    width, height = row.get("width"), row.get("height")
+    return None if _empty(width) or _empty(height) else (int(width), int(height))
+
+
+def _empty(value) -> bool:
+    """An empty cell: None, NaN / NA or ""."""
+    if value is None or (isinstance(value, str) and value == ""):
+        return True
+    try:
+        return bool(pd.isna(value))
+    except (TypeError, ValueError):
+        return False
 
 
 def skipped_path(manifest_path: Path) -> Path:

@@ -5,7 +5,9 @@ packages (:mod:`dfd_lib.sources.photos`). Fakes are made from those reals by the
 kit's one fake factory (:mod:`dfd_lib.synth.factory`), the code notebook 03's enrichment runs: its
 edits and its Stable Diffusion regenerations (here with a small pipeline with random weights built
 in-process; the same code runs a real checkpoint in notebook 03), or any other registered fake family.
-Every fake names its family and its parent real image, and shares the parent's ``group``.
+Every fake names its family and its parent real image, and shares the parent's ``group``; its
+manipulation mask (:mod:`dfd_lib.synth.masks`: the pixels an edit changed, the whole image for img2img)
+lies in ``masks/``, mirroring ``images/``, and the manifest's ``mask`` column names it.
 
 Like the competition, the dataset has an "official" random train/val split, and a ``test``
 set built like the hidden test: its reals come from sources and its fakes from families that
@@ -35,16 +37,20 @@ from PIL import Image
 
 from dfd_lib.core.logs import progress_bar
 from dfd_lib.core.paths import DEMO_DATA_DIR, resolve
-from dfd_lib.data.manifest import CLASS_NAMES, FAKE, REAL, TEST, TRAIN, VAL, Manifest, file_sha1
+from dfd_lib.data.manifest import CLASS_NAMES, FAKE, MASK, REAL, TEST, TRAIN, VAL, Manifest, ManifestError, file_sha1
 from dfd_lib.sources.photos import available_sources, load_source, random_square_crop
 from dfd_lib.synth import factory
 from dfd_lib.synth.config import EnrichmentConfig
 from dfd_lib.synth.kinds import ModelKind
+from dfd_lib.synth.masks import mask_path_for
 
 SMOKE_SIZE = 200
 log = logging.getLogger(__name__)
 # Bump when the generators change what a given config produces, so older builds are rebuilt.
 GENERATOR_VERSION = 2
+# Bump when what a build writes beside its images changes (1: the fakes' masks); the images, and so the
+# content digest, stay those of GENERATOR_VERSION: an older build is rebuilt to the same images.
+LAYOUT_VERSION = 1
 BUILD_INFO = "build_info.json"
 
 
@@ -111,6 +117,7 @@ class _Item:
     split: str
     parent: str = ""
     params: dict = field(default_factory=dict)
+    mask: Image.Image | None = None  # the manipulation mask (fakes); None for reals
 
 
 def _make_reals(sources: list[str], count: int, split_name: str, config: DemoConfig,
@@ -141,7 +148,7 @@ def _make_fakes(reals: list[_Item], families: tuple[str, ...], count: int, confi
         donor = reals[int(rng.integers(len(reals)))].image  # drawn for every family, donor or not: fixed draw order
         image, params = kind.make(family, parent.image, rng, donor=donor)
         fakes[i] = _Item(f"f{start + i:05d}", image, FAKE, family.name, parent.source, parent.group, parent.split,
-                         parent.id, params)
+                         parent.id, params, kind.mask(family, parent.image, image, None))
     settings = _generation_settings(config, tuple(requests))
     for family in factory.model_families(requests):
         kind, jobs = factory.kind_of(family), requests[family.name]
@@ -152,7 +159,8 @@ def _make_fakes(reals: list[_Item], families: tuple[str, ...], count: int, confi
                 raise image  # our own images and models: a failure here is a bug, not bad input
             i, parent, request = jobs[index]
             fakes[i] = _Item(f"f{start + i:05d}", image, FAKE, family.name, parent.source, parent.group, parent.split,
-                             parent.id, kind.params(family, request, loaded.name, settings))
+                             parent.id, kind.params(family, request, loaded.name, settings),
+                             kind.mask(family, request, image, settings))
     return [f for f in fakes if f is not None]
 
 
@@ -180,7 +188,7 @@ def _encode_png(image: Image.Image) -> bytes:
 
 def build_demo_dataset(config: DemoConfig | None = None, out_dir: str | os.PathLike = DEMO_DATA_DIR,
                        progress: bool = True) -> Manifest:
-    """Build the demo dataset into ``out_dir`` (``images/`` + ``manifest.csv`` + ``build_info.json``).
+    """Build the demo dataset into ``out_dir`` (``images/`` + ``masks/`` + ``manifest.csv`` + ``build_info.json``).
 
     The new dataset is written beside ``out_dir`` and moved into place only when complete,
     so a failed build leaves an earlier dataset intact.
@@ -231,6 +239,7 @@ def build_demo_dataset(config: DemoConfig | None = None, out_dir: str | os.PathL
             "group": item.group, "width": item.image.width, "height": item.image.height,
             "hash": hashlib.sha1(data).hexdigest(), "split": item.split, "cluster": pd.NA,
             "parent": item.parent, "params": json.dumps(item.params, sort_keys=True),
+            MASK: _write_mask(item, mask_path_for(staging, staging / relative.relative_to("images"))),
         })
     manifest = Manifest(pd.DataFrame(rows))
     manifest.save(staging / "manifest.csv")
@@ -241,6 +250,8 @@ def build_demo_dataset(config: DemoConfig | None = None, out_dir: str | os.PathL
         "images": len(manifest),
         "content_digest": hashlib.sha1("".join(manifest.table["hash"]).encode()).hexdigest(),
         "counts": {f"{s}/{f}": int(n) for (s, f), n in counts.items()},
+        "layout_version": LAYOUT_VERSION,
+        "masks": int(manifest.masked().sum()),
         "build_seconds": round(elapsed, 1),
         "note": "fakes made by dfd-kit's own generators over real photos: mechanics only, not real deepfakes",
     }
@@ -255,6 +266,15 @@ def build_demo_dataset(config: DemoConfig | None = None, out_dir: str | os.PathL
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         staging.rename(out_dir)
     return Manifest.load(out_dir / "manifest.csv")
+
+
+def _write_mask(item: _Item, target: Path) -> str | None:
+    """Write ``item``'s mask to ``target``; its path, or None for an item without one (a real)."""
+    if item.mask is None:
+        return None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(_encode_png(item.mask))
+    return str(target)
 
 
 def demo_dir_for(n_images: int) -> Path:
@@ -282,10 +302,18 @@ def _ensure_built(config: DemoConfig, out_dir: Path, progress: bool) -> Manifest
     info = read_build_info(out_dir)
     manifest_path = resolve(out_dir) / "manifest.csv"
     if info is not None and info.get("config") == config.identity() and manifest_path.is_file():
-        manifest = Manifest.load(manifest_path)
-        changed = changed_files(manifest.table)
-        if not changed:
-            return manifest
+        if info.get("layout_version") != LAYOUT_VERSION:
+            log.warning("the demo dataset in %s was built before its fakes recorded their masks: building it again "
+                        "(the same images)", resolve(out_dir))
+            return build_demo_dataset(config, out_dir, progress=progress)
+        try:
+            manifest = Manifest.load(manifest_path)
+        except ManifestError as exc:  # e.g. a mask deleted since the build
+            changed = [str(exc)]
+        else:
+            changed = changed_files(manifest.table)
+            if not changed:
+                return manifest
         log.warning("the demo dataset in %s differs from its build (%d file(s) changed or missing, e.g. %s): "
                     "building it again", resolve(out_dir), len(changed), changed[0])
     return build_demo_dataset(config, out_dir, progress=progress)
@@ -321,7 +349,8 @@ def run(args: argparse.Namespace) -> int:
     info = read_build_info(args.out) or {}
     print(manifest.summary().to_string())
     print(f"\n{len(manifest)} images in {resolve(args.out)} ({time.perf_counter() - started:.1f} s this call, "
-          f"{info.get('build_seconds', '?')} s to build); content digest {info.get('content_digest', '?')}")
+          f"{info.get('build_seconds', '?')} s to build); content digest {info.get('content_digest', '?')}; "
+          f"{info.get('masks', '?')} fakes with their manipulation masks (masks/, the manifest's mask column)")
     print("Note: the demo's fakes are made by dfd-kit's own generators over real photos; figures on it show the"
           " method's mechanics, never accuracy on real deepfakes.")
     return 0

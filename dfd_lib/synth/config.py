@@ -28,7 +28,9 @@ class EnrichmentConfig(StepConfig):
     steps: int = 4  # denoising steps before strength is applied
     guidance_scale: float = 1.0  # <= 1 disables classifier-free guidance; 5-8 suits real checkpoints
     sd_batch_size: int = 8  # images per Stable Diffusion call (and per call of any model-backed family)
-    keep_unmasked: bool = True  # inpainting: paste the source back outside the mask (a fake differs only inside it)
+    # inpainting: paste the source back outside the mask (a fake differs only inside it; its mask is exactly the changed
+    # pixels); off: the VAE changes every pixel slightly and the mask is the repainted region
+    keep_unmasked: bool = True
     sd_image_size: int = 0  # Stable Diffusion working size; 0 = the pipeline's native size
     device: str = ""  # cpu, cuda, cuda:1; empty = this process's accelerate device (CUDA if present)
     degrade_fake_fraction: float = 0.0  # share of "degraded" (label-keeping families') images made from fakes (they stay fakes)

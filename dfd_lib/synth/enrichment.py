@@ -6,7 +6,8 @@ in batches of one loaded model per family. It returns one manifest row per writt
 image inherits its source's ``group``, ``split`` and ``cluster``; :func:`dfd_lib.data.resplit_table.attach_to_resplits`
 then puts it on its source's side of every re-split.
 
-Output goes to ``out_dir/<family>/<id>.png`` with a ``<id>.json`` sidecar holding its row:
+Output goes to ``out_dir/<family>/<id>.png`` with its manipulation mask in ``out_dir/masks/<family>/<id>.png``
+(the row's ``mask``; none for degraded reals, see :mod:`dfd_lib.synth.masks`) and a ``<id>.json`` sidecar holding its row:
 a rerun reuses what exists (resume), a failing image is logged and skipped, and the
 source files are only read. A family that loses more than ``config.max_failed_share`` of its
 planned images stops the run with a summary (:mod:`dfd_lib.synth.failure_budget`). Under
@@ -33,15 +34,15 @@ from dfd_lib.core.atomic import atomic_write
 from dfd_lib.core.faults import crash_point
 from dfd_lib.core.logs import progress_bar
 from dfd_lib.data.images import ImageLoadError, load_rgb
-from dfd_lib.data.manifest import COLUMNS, Manifest, file_sha1
-from dfd_lib.synth import factory
+from dfd_lib.data.manifest import COLUMNS, MASK, Manifest, file_sha1
+from dfd_lib.synth import factory, masks
 from dfd_lib.synth.config import EnrichmentConfig
 from dfd_lib.synth.failure_budget import check_failure_budget
 from dfd_lib.synth.kinds import Family, is_missing
 from dfd_lib.synth.plan import Job, plan_jobs
 
 FAILURE_COLUMNS = ["id", "family", "parent", "reason"]
-ROW_COLUMNS = COLUMNS + ["parent", "seed", "params"]
+ROW_COLUMNS = COLUMNS + ["parent", "seed", "params", MASK]
 _FINGERPRINT_KEY = "_fingerprint"  # sidecar only, not a manifest column
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,8 @@ def enrich_dataset(table: pd.DataFrame, config: EnrichmentConfig, out_dir: str |
 
     Returns ``(new_rows, failures)``: the manifest rows of every image now in ``out_dir``
     for this plan (made now or by an earlier run), with the extra columns ``parent``,
-    ``seed`` and ``params`` (JSON); and one row per image that failed, with its reason.
+    ``seed``, ``params`` (JSON) and ``mask`` (its mask file, or empty); and one row per image
+    that failed, with its reason.
     :class:`~dfd_lib.synth.failure_budget.FailureBudgetExceeded` when a family lost more than
     ``config.max_failed_share`` of its planned images (what was made stays in ``out_dir``).
     """
@@ -135,10 +137,11 @@ def _run_image_job(family: Family, job: Job, out_dir: Path) -> dict:
         donor = load_rgb(job.donor_path) if job.donor_path else None
     except ImageLoadError as exc:
         raise ImageLoadError(f"donor {job.donor_path}: {exc.reason}") from exc
-    made, params = factory.kind_of(family).make(family, image, np.random.default_rng(job.seed), donor=donor)
+    kind = factory.kind_of(family)
+    made, params = kind.make(family, image, np.random.default_rng(job.seed), donor=donor)
     if job.donor_path:
         params["donor"] = job.donor_path
-    return _write(out_dir, job, made, family.label_for(job.source["label"]), params)
+    return _write(out_dir, job, made, family.label_for(job.source["label"]), params, kind.mask(family, image, made, job.source))
 
 
 def _run_model_jobs(family: Family, jobs: list[Job], config: EnrichmentConfig, device, out_dir: Path,
@@ -163,8 +166,9 @@ def _run_model_jobs(family: Family, jobs: list[Job], config: EnrichmentConfig, d
             continue
         params = kind.params(family, request, loaded.name, config)
         try:
-            rows.append(_write(out_dir, job, image, family.label_for(job.source["label"]), params))
-        except OSError as exc:
+            mask = kind.mask(family, request, image, config)
+            rows.append(_write(out_dir, job, image, family.label_for(job.source["label"]), params, mask))
+        except (OSError, ValueError) as exc:
             failures.append(_failure(job, exc))
     return rows
 
@@ -178,13 +182,14 @@ def _failure(job: Job, exc: BaseException) -> dict:
 # --------------------------------------------------------------------------- files
 
 
-def _paths(out_dir: Path, job: Job) -> tuple[Path, Path]:
+def _paths(out_dir: Path, job: Job) -> tuple[Path, Path, Path]:
+    """The image, its row sidecar and its mask."""
     folder = out_dir / job.family
-    return folder / f"{job.id}.png", folder / f"{job.id}.json"
+    return folder / f"{job.id}.png", folder / f"{job.id}.json", masks.mask_path_for(out_dir, folder / f"{job.id}.png")
 
 
 def _load_done(out_dir: Path, job: Job) -> dict | None:
-    image_path, row_path = _paths(out_dir, job)
+    image_path, row_path, mask_path = _paths(out_dir, job)
     if not (image_path.is_file() and row_path.is_file()):
         return None
     try:
@@ -193,7 +198,10 @@ def _load_done(out_dir: Path, job: Job) -> dict | None:
         return None  # a damaged sidecar: make the image again
     if row.pop(_FINGERPRINT_KEY, None) != job.fingerprint:
         return None  # made by another plan (other sources, settings or checkpoint): make it again
+    if MASK not in row or (row[MASK] and not mask_path.is_file()):
+        return None  # made before images recorded their masks, or its mask is gone: make it again (same pixels)
     row["path"] = str(image_path)
+    row[MASK] = str(mask_path) if row[MASK] else None
     inherited = _inherited(job.source)
     if any(row.get(name) != value for name, value in inherited.items()):
         # the same image, but its source now sits elsewhere (another clustering, another split): the row
@@ -217,17 +225,23 @@ def _write_sidecar(row_path: Path, row: dict, job: Job) -> None:
     atomic_write(row_path, lambda tmp: tmp.write_text(sidecar, encoding="utf-8"))
 
 
-def _write(out_dir: Path, job: Job, image: Image.Image, label: int, params: dict) -> dict:
-    """Write image then row sidecar, each atomically: an interrupted write never looks done."""
-    image_path, row_path = _paths(out_dir, job)
+def _write(out_dir: Path, job: Job, image: Image.Image, label: int, params: dict, mask: Image.Image | None) -> dict:
+    """Write image, mask (if any) then row sidecar, each atomically: an interrupted write never looks done."""
+    image_path, row_path, mask_path = _paths(out_dir, job)
     image_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(image_path, lambda tmp: image.save(tmp, format="PNG"))
+    if mask is not None:
+        mask_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(mask_path, lambda tmp: mask.save(tmp, format="PNG"))
+    else:
+        mask_path.unlink(missing_ok=True)  # a mask left by an earlier plan of this id is not this image's
     source = job.source
     row = {
         "path": str(image_path), "label": int(label), "family": job.family, "source": source.get("source"),
         "group": source.get("group"), "width": image.width, "height": image.height,
         "hash": file_sha1(image_path), "split": source.get("split"), "cluster": source.get("cluster"),
         "parent": str(source["path"]), "seed": job.seed, "params": json.dumps(params, sort_keys=True),
+        MASK: str(mask_path) if mask is not None else None,
     }
     row = {k: (None if is_missing(v) else (v.item() if isinstance(v, np.generic) else v)) for k, v in row.items()}
     _write_sidecar(row_path, row, job)

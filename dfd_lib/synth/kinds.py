@@ -10,6 +10,9 @@ whether it takes a donor image, and what runs it. A kind is either
   for a family, how to draw one request from the rng, how to run a batch, and what each image
   records; :meth:`ModelKind.generate` isolates a failing request from the rest of its batch.
 
+Each kind also says what an image's manipulation mask is (``mask``, see :mod:`dfd_lib.synth.masks`):
+an edit's, the pixels it changed; a model's, by default the whole image.
+
 Kinds and families are registered by name in :mod:`dfd_lib.synth.factory`.
 """
 from __future__ import annotations
@@ -26,6 +29,7 @@ from PIL import Image
 
 from dfd_lib.core.paths import resolve
 from dfd_lib.data.manifest import CLASS_NAMES, FAKE, REAL
+from dfd_lib.synth import masks
 
 _NAME = re.compile(r"[a-z][a-z0-9_]*")  # a family names a folder and starts every image id
 FAKE_SUFFIX = "_fake"  # a label-keeping family's images made from fakes go under <name>_fake
@@ -43,9 +47,9 @@ class Family:
     keeps_label: bool = False  # images keep their source's label (a degradation); otherwise they are fakes
 
     def __post_init__(self) -> None:
-        if not _NAME.fullmatch(self.name) or self.name in CLASS_NAMES.values():
-            raise ValueError(f"family name {self.name!r} must be lower-case letters, digits and '_' "
-                             f"(not {list(CLASS_NAMES.values())})")
+        reserved = [*CLASS_NAMES.values(), masks.MASKS_DIR]  # a label, or the folder of the masks
+        if not _NAME.fullmatch(self.name) or self.name in reserved:
+            raise ValueError(f"family name {self.name!r} must be lower-case letters, digits and '_' (not {reserved})")
 
     @property
     def fake_variant(self) -> str:
@@ -83,6 +87,18 @@ class ImageKind:
         if family.needs_donor:
             return family.run(image, donor if donor is not None else image, rng)
         return family.run(image, rng)
+
+    def mask(self, family: Family, image: Image.Image, made: Image.Image, source: Mapping | None) -> Image.Image | None:
+        """The manipulation mask of ``made``, made by ``family`` from ``image`` (``source``: its manifest row).
+
+        A fake family's mask is the pixels it changed (the whole image if it changed the size). A
+        label-keeping family (a degradation) manipulates nothing: an image made from a real has no mask;
+        one made from a fake keeps the mask its source brings, if any (the fake's region is still where it
+        was manipulated; the degradation's slight change everywhere is not a manipulation).
+        """
+        if family.keeps_label:
+            return masks.source_mask(source, made.size) if int((source or {}).get("label", REAL)) == FAKE else None
+        return masks.changed_pixels(image, made) if image.size == made.size else masks.whole_image(made.size)
 
     def cache_key(self, family: Family, config: Any, source: Mapping) -> dict:
         """Settings beyond source, donor and seed that decide an image: none, for an image kind."""
@@ -150,6 +166,11 @@ class ModelKind(ABC):
     @abstractmethod
     def params(self, family: Family, request: Any, model_name: str, config: Any) -> dict:
         """What describes one made image (stored, as JSON, in its manifest row)."""
+
+    def mask(self, family: Family, request: Any, made: Image.Image, config: Any) -> Image.Image | None:
+        """The manipulation mask of ``made``, the image of ``request``: by default the whole image (a
+        model that makes an image anew changed every pixel); a kind that edits a region says which."""
+        return masks.whole_image(made.size)
 
     def cache_key(self, family: Family, config: Any, source: Mapping) -> dict:
         """Settings beyond source and seed that decide an image (a resumed run remakes an image when

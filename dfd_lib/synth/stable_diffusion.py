@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 from dfd_lib.data.images import ImageLoadError, load_rgb
-from dfd_lib.synth import diffusion
+from dfd_lib.synth import diffusion, masks
 from dfd_lib.synth.kinds import Family, LoadedModel, ModelKind, text_or_none
 
 MASK_COLUMN = "inpaint_mask"  # optional source-table column: a mask image per source (white = repaint)
@@ -136,6 +136,17 @@ class StableDiffusionKind(ModelKind):
         if request.mask_path:
             params["mask"] = request.mask_path
         return params
+
+    def mask(self, family: Family, request: DiffusionRequest, made: Image.Image, config: Any) -> Image.Image | None:
+        """img2img: the whole image. Inpainting with ``keep_unmasked`` (the default): exactly the pixels that
+        differ from the source, all inside the inpainting mask. Without it the VAE's decoding (and the
+        resizes) change every pixel slightly: the mask is then the region the pipeline repainted (the
+        inpainting mask's nonzero pixels), not every changed pixel."""
+        if request.mask is None:
+            return masks.whole_image(made.size)
+        if config.diffusion.keep_unmasked:
+            return masks.changed_pixels(request.image, made)
+        return masks.region(request.mask)
 
     def cache_key(self, family: Family, config: Any, source: Mapping) -> dict:
         settings: DiffusionSettings = config.diffusion
