@@ -61,7 +61,6 @@ from dfd_lib.training.losses import MultiLoss, loss_names
 from dfd_lib.training.train_config import TrainConfig
 from dfd_lib.training.training_key import key_changes, training_key
 from dfd_lib.training.training_log import CURVES_FILE, TRACKER_PROJECT, log_epoch, log_step, read_curves, tracker_config, trackers
-from dfd_lib.training.tuning import apply_tuning, merged_expert
 from dfd_lib.training.training_state import (
     Progress,
     discard_training,
@@ -72,6 +71,7 @@ from dfd_lib.training.training_state import (
     save_step_state,
     save_training_state,
 )
+from dfd_lib.training.tuning import apply_tuning, merged_expert
 
 BEST_WEIGHTS = "best_ema.safetensors"
 HISTORY_FILE = "history.csv"

@@ -22,6 +22,7 @@ from torch import nn
 from dfd_lib.models.experts import Expert
 from dfd_lib.training.freezing import frozen_modules
 from dfd_lib.training.train_config import TUNINGS
+
 FOUNDATION_EXTRA = "pip install dfd-kit[foundation]  (or: pip install peft)"
 
 
