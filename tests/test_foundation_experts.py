@@ -294,3 +294,47 @@ def test_gradcam_maps_a_vit_over_its_patch_grid(mixture):
     assert np.isfinite(vit_map).all() and 0 <= vit_map.min() and vit_map.max() <= 1 and vit_map.std() > 1e-3
     assert result.prob == pytest.approx(predictor.predict_one(skdata.coffee()).prob, abs=1e-6)
     assert (mixture / CONFIG_FILE).is_file()
+
+
+# --------------------------------------------------------------------------- end to end through notebook 04
+
+
+@pytest.mark.slow
+@pytest.mark.notebook
+@pytest.mark.skipif(not openvino_installed(), reason="the openvino extra is not installed")
+def test_notebook_04_trains_a_cnn_and_vit_mixture_that_predict_and_serve_score(tmp_path, monkeypatch, capsys):
+    """The smoke profile with three experts: lite0 trained fully, the ViT frozen with a new head, the ViT with
+    LoRA (pretrained from a Hugging Face cache built here); the mixture scores alike in `dfd predict` with torch
+    and OpenVINO, and in the server."""
+    from hub_cache import cache_timm_weights, use_hub_cache
+
+    from dfd_lib.core import runs
+    from dfd_lib.pipeline.chain import run_pipeline
+
+    hub = use_hub_cache(monkeypatch, tmp_path / "hf-home")
+    cache_timm_weights(hub, "test_vit.r160_in1k")
+    overrides = {"02.n_clusters": "3", "04.backbones": f"[{CNN}, {VIT}, {VIT}]", "04.tunings": "[full, frozen, lora]",
+                 "04.lora_rank": "4", "04.ladder_seeds": "0", "04.run_ablation": "false", "04.robustness_images": "20"}
+    result = run_pipeline("smoke", run="foundation", overrides=overrides, reports_dir=tmp_path / "reports", progress=False,
+                          write_report=False)
+    assert result.ok, [step.error for step in result.steps]
+    run = runs.RunDir(result.run_dir)
+    weights = run.path(runs.MOE_WEIGHTS)
+    config = read_config(weights)
+    assert config.expert_sizes == [64, 160, 160]
+    trained = [json.loads((run.path(runs.EXPERTS_DIR) / f"expert_{i}" / "train_config.json").read_text())["tuning"]
+               for i in range(3)]
+    assert trained == ["full", "frozen", "lora"]
+    test_rows = pd.read_csv(run.path(runs.MANIFEST)).query("split == 'test'")["path"].head(4)
+    images = [p if p.startswith("/") else str(run.path(runs.MANIFEST).parent / p) for p in test_rows]
+    tables = {}
+    for backend in ("torch", "openvino"):
+        out = tmp_path / f"{backend}.csv"
+        assert dfd_main(["predict", *images, "--weights", str(weights), "--out", str(out), "--backend", backend]) == 0
+        tables[backend] = pd.read_csv(out)
+    columns = ["prob_fake", "prob_expert_0", "prob_expert_1", "prob_expert_2"]
+    assert np.abs(tables["torch"][columns].to_numpy(float) - tables["openvino"][columns].to_numpy(float)).max() < 1e-5
+    with TestClient(create_app(weights)) as client:
+        raw = open(images[0], "rb").read()
+        served = client.post("/predict", json={"image": base64.b64encode(raw).decode()}).json()["result"]
+    assert served == pytest.approx(float(tables["torch"]["prob_fake"][0]), abs=1e-6)
