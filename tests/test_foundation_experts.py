@@ -1,5 +1,5 @@
 """Foundation-model experts (issue 27): a timm ViT as an expert, trained frozen (the head only) or with LoRA
-(peft's adapters, merged into plain timm weights on save), and a mixture of a CNN expert and a ViT expert
+(peft's adapters, merged into plain timm weights on save) or Effort's SVD residual, and a mixture of a CNN expert and a ViT expert
 that take different inputs (the CNN at the training size, the ViT at its own size, mean, std and
 interpolation), scored by the Predictor, ``dfd predict`` with torch and OpenVINO, the server, Grad-CAM and
 the widget. The ViT is timm's ``test_vit`` (a 0.4M-parameter ViT at 160 px, random weights); the CNN is
@@ -7,6 +7,7 @@ the widget. The ViT is timm's ``test_vit`` (a 0.4M-parameter ViT at 160 px, rand
 from __future__ import annotations
 
 import base64
+import copy
 import io
 import json
 import subprocess
@@ -39,6 +40,7 @@ from dfd_lib.scoring import explain, widgets
 from dfd_lib.scoring.expert_runners import openvino_installed
 from dfd_lib.scoring.predictor import Predictor
 from dfd_lib.serving.app import create_app
+from dfd_lib.training.effort import SVDResidualLinear, attention_linears
 from dfd_lib.training.train_config import TrainConfig
 from dfd_lib.training.trainer import train_expert
 from dfd_lib.training.training_data import expert_configs
@@ -168,6 +170,48 @@ def test_a_merged_lora_expert_loads_and_scores_without_peft(tmp_path):
     assert float(out.stdout.strip().splitlines()[-1]) < 1e-5
 
 
+def test_effort_trains_the_residual_singular_subspace_of_the_attention_only(images, vit_start, tmp_path):
+    torch.manual_seed(0)
+    expert = Expert(VIT, weights_path=vit_start["path"])
+    reference = copy.deepcopy(expert).eval()
+    apply_tuning(expert, "effort", effort_rank=2)
+    qkv = expert.baseline_extractor.blocks[0].attn.qkv
+    dim = qkv.in_features
+    assert isinstance(qkv, SVDResidualLinear) and qkv.blocks == 3  # q, k and v decomposed apart, as CLIP's projections
+    assert qkv.U_residual.shape == (3, dim, 2) and qkv.S_residual.shape == (3, 2) and qkv.V_residual.shape == (3, 2, dim)
+    for block in qkv.weight_main.detach().split(dim):
+        assert torch.linalg.matrix_rank(block).item() == dim - 2  # the principal part: all but the last 2 directions
+    x = torch.randn(2, 3, 160, 160)
+    with torch.no_grad():  # the decomposition starts as the pretrained layer
+        assert torch.allclose(expert.eval()(x)["logits"], reference(x)["logits"], atol=1e-5)
+    trainable = {n.rsplit(".", 1)[-1] for n, p in expert.named_parameters() if p.requires_grad}
+    assert trainable == {"U_residual", "S_residual", "V_residual", "weight", "bias"}  # weight and bias: the head's
+    assert all(".attn." in n or ".head." in n for n, p in expert.named_parameters() if p.requires_grad)
+    result = _train(images, tmp_path / "effort", backbone=VIT, weights_path=vit_start["path"], tuning="effort")
+    saved = {k.removeprefix("baseline_extractor."): v for k, v in load_file(str(result.best_weights)).items()}
+    assert set(saved) == {k.removeprefix("baseline_extractor.") for k in Expert(VIT).state_dict()}  # plain timm keys
+    attention = {f"{name}.weight" for name, _, _ in attention_linears(Expert(VIT).baseline_extractor)}
+    changed = {k for k in saved if not _is_head(k) and not torch.equal(saved[k], vit_start["state"][k])}
+    assert changed and changed <= attention
+
+
+def test_lora_reaches_an_attention_that_reads_its_qkv_weight():
+    """timm's EVA (EVA-02), BEiT and Swin V2 read ``qkv.weight`` with their separate q/v biases; adapted, they call ``qkv``."""
+    torch.manual_seed(0)
+    expert = Expert("eva02_tiny_patch14_224")
+    attn = expert.baseline_extractor.blocks[0].attn
+    assert attn.q_bias is not None and not attn.qkv_bias_separate
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        before = expert.eval()(x)["logits"]
+    add_lora(expert, 4, 8)
+    calls = []
+    attn.qkv.register_forward_hook(lambda *_: calls.append(1))
+    with torch.no_grad():
+        assert torch.allclose(expert(x)["logits"], before, atol=1e-5)  # the same sum, B = 0 at the start
+    assert calls == [1] and attn.qkv_bias_separate
+
+
 def test_lora_without_peft_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "peft", None)
     with pytest.raises(ImportError, match=r"pip install dfd-kit\[foundation\]"):
@@ -175,16 +219,16 @@ def test_lora_without_peft_names_the_extra(monkeypatch):
 
 
 def test_tuning_settings_are_checked_and_keyed_only_when_set(images):
-    for bad in (dict(tuning="partial"), dict(lora_rank=0), dict(lora_alpha=-1)):
+    for bad in (dict(tuning="partial"), dict(lora_rank=0), dict(lora_alpha=-1), dict(effort_rank=0)):
         with pytest.raises(ValueError, match="TrainConfig"):
             TrainConfig(**bad)
     base = TrainConfig(pretrained=False)
-    older = {k: v for k, v in base.to_dict().items() if k not in ("tuning", "lora_rank", "lora_alpha")}
+    older = {k: v for k, v in base.to_dict().items() if k not in ("tuning", "lora_rank", "lora_alpha", "effort_rank")}
     assert base.same_run_as(older)  # a training recorded before these fields existed is still the same run
     assert TrainConfig(pretrained=False, lora_rank=4).result_settings() != base.result_settings()
     keys = [training_key(images, images, TrainConfig(pretrained=False, **s), "random")["config"]
-            for s in ({}, {"tuning": "full"}, {"tuning": "lora"}, {"tuning": "frozen"})]
-    assert keys[0] == keys[1] and len(set(keys)) == 3
+            for s in ({}, {"tuning": "full"}, {"tuning": "lora"}, {"tuning": "frozen"}, {"tuning": "effort"})]
+    assert keys[0] == keys[1] and len(set(keys)) == 4
 
 
 def test_tunings_follow_the_backbones_like_their_weights():

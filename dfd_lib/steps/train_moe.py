@@ -33,7 +33,7 @@ class ExpertsConfig(StepConfig):
     backbones: list[str] = field(default_factory=_default_backbones)
     # local weights file per backbone (cycled like backbones), empty for package or random weights
     backbone_weights: list[str] = field(default_factory=list)
-    # what of each backbone trains (cycled like backbones): full, frozen (head only) or lora; empty: all full
+    # what of each backbone trains (cycled like backbones): full, frozen (head only), lora or effort; empty: all full
     tunings: list[str] = field(default_factory=list)
     max_experts: int = 0  # experts to train (the first re-splits), 0 for one per re-split
     use_augmented: bool = True  # add notebook 03's augmented images to the training and validation sets

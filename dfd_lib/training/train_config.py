@@ -21,9 +21,9 @@ _NESTED = ("loss", "augment")
 # how fast it runs, where it logs and how often it saves its state: not what it computes (a training
 # resumed from a step checkpoint ends with the weights of an uninterrupted one)
 _SPEED_ONLY = ("progress", "threads", "num_workers", "log_with", "checkpointing_steps", "checkpoints_total_limit")
-TUNINGS = ("full", "frozen", "lora")  # what of the expert trains (dfd_lib.training.tuning)
+TUNINGS = ("full", "frozen", "lora", "effort")  # what of the expert trains (dfd_lib.training.tuning)
 # settings added after trainings were recorded: part of a training's key only when set, so older keys stay valid
-_KEYED_WHEN_SET = {"tuning": "full", "lora_rank": 8, "lora_alpha": 16}
+_KEYED_WHEN_SET = {"tuning": "full", "lora_rank": 8, "lora_alpha": 16, "effort_rank": 1}
 
 
 @dataclass
@@ -54,9 +54,12 @@ class TrainConfig(StepConfig):
     channels_last: bool = True
     max_steps_per_epoch: int = 0  # cap on optimiser steps per epoch (CPU budgets, smoke runs); 0 = whole epochs
     freeze_stages: int = 0  # with tuning "full": the first N stage groups of the backbone (stem first) stay frozen (training.freezing)
-    tuning: str = "full"  # what trains: "full" every weight, "frozen" the head only, "lora" LoRA adapters + head (training.tuning)
+    # what trains (training.tuning): "full" every weight, "frozen" the head only, "lora" LoRA adapters + head,
+    # "effort" the residual singular subspace of the self-attention weights (Effort) + head
+    tuning: str = "full"
     lora_rank: int = 8  # with tuning "lora": the adapters' rank r
     lora_alpha: int = 16  # with tuning "lora": the adapters' scale is lora_alpha / lora_rank
+    effort_rank: int = 1  # with tuning "effort": the trained residual's rank per weight matrix (the paper's: 1)
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     threads: int = 0  # torch CPU threads (a busy shared CPU runs faster with fewer); 0 = torch's default
     progress: bool = True
@@ -103,6 +106,7 @@ class TrainConfig(StepConfig):
             ("tuning", self.tuning in TUNINGS, f"one of {TUNINGS}"),
             ("lora_rank", count(self.lora_rank, 1), "an int >= 1"),
             ("lora_alpha", count(self.lora_alpha, 1), "an int >= 1"),
+            ("effort_rank", count(self.effort_rank, 1), "an int >= 1"),
             ("max_steps_per_epoch", count(self.max_steps_per_epoch, 0), "an int >= 0 (0 = whole epochs)"),
             ("device", self.device in DEVICES, f"one of {DEVICES}"),
             ("threads", count(self.threads, 0), "an int >= 0 (0 = torch's default)"),

@@ -191,9 +191,9 @@ def _build_loop(train_table: pd.DataFrame, val_table: pd.DataFrame, config: Trai
     set_seed(config.seed)
     weights = config.weights_path or None
     model = Expert(config.backbone, pretrained=config.pretrained, weights_path=weights, drop_rate=config.drop_rate)
-    # what trains: with tuning "full" all but the first freeze_stages stage groups; "frozen" / "lora" freeze the backbone
+    # what trains: with tuning "full" all but the first freeze_stages stage groups; the other tunings freeze the backbone
     frozen = (freeze_backbone_stages(model, config.freeze_stages) if config.tuning == "full"
-              else apply_tuning(model, config.tuning, config.lora_rank, config.lora_alpha))
+              else apply_tuning(model, config.tuning, config.lora_rank, config.lora_alpha, config.effort_rank))
     if config.grad_checkpointing:
         model.baseline_extractor.set_grad_checkpointing(True)  # timm: recompute activations in the backward pass
     inputs = expert_input(model.baseline_extractor, config.image_size)  # a ViT keeps its own size, the rest image_size
