@@ -347,8 +347,8 @@ def test_gradcam_maps_a_vit_over_its_patch_grid(mixture):
 @pytest.mark.notebook
 @pytest.mark.skipif(not openvino_installed(), reason="the openvino extra is not installed")
 def test_notebook_04_trains_a_cnn_and_vit_mixture_that_predict_and_serve_score(tmp_path, monkeypatch, capsys):
-    """The smoke profile with three experts: lite0 trained fully, the ViT frozen with a new head, the ViT with
-    LoRA (pretrained from a Hugging Face cache built here); the mixture scores alike in `dfd predict` with torch
+    """The smoke profile with four experts: lite0 trained fully, the ViT frozen with a new head, with LoRA and
+    with Effort (pretrained from a Hugging Face cache built here); the mixture scores alike in `dfd predict` with torch
     and OpenVINO, and in the server."""
     from hub_cache import cache_timm_weights, use_hub_cache
 
@@ -357,7 +357,7 @@ def test_notebook_04_trains_a_cnn_and_vit_mixture_that_predict_and_serve_score(t
 
     hub = use_hub_cache(monkeypatch, tmp_path / "hf-home")
     cache_timm_weights(hub, "test_vit.r160_in1k")
-    overrides = {"02.n_clusters": "3", "04.backbones": f"[{CNN}, {VIT}, {VIT}]", "04.tunings": "[full, frozen, lora]",
+    overrides = {"02.n_clusters": "4", "04.backbones": f"[{CNN}, {VIT}, {VIT}, {VIT}]", "04.tunings": "[full, frozen, lora, effort]",
                  "04.lora_rank": "4", "04.ladder_seeds": "0", "04.run_ablation": "false", "04.robustness_images": "20"}
     result = run_pipeline("smoke", run="foundation", overrides=overrides, reports_dir=tmp_path / "reports", progress=False,
                           write_report=False)
@@ -365,10 +365,10 @@ def test_notebook_04_trains_a_cnn_and_vit_mixture_that_predict_and_serve_score(t
     run = runs.RunDir(result.run_dir)
     weights = run.path(runs.MOE_WEIGHTS)
     config = read_config(weights)
-    assert config.expert_sizes == [64, 160, 160]
+    assert config.expert_sizes == [64, 160, 160, 160]
     trained = [json.loads((run.path(runs.EXPERTS_DIR) / f"expert_{i}" / "train_config.json").read_text())["tuning"]
-               for i in range(3)]
-    assert trained == ["full", "frozen", "lora"]
+               for i in range(4)]
+    assert trained == ["full", "frozen", "lora", "effort"]
     test_rows = pd.read_csv(run.path(runs.MANIFEST)).query("split == 'test'")["path"].head(4)
     images = [p if p.startswith("/") else str(run.path(runs.MANIFEST).parent / p) for p in test_rows]
     tables = {}
@@ -376,7 +376,7 @@ def test_notebook_04_trains_a_cnn_and_vit_mixture_that_predict_and_serve_score(t
         out = tmp_path / f"{backend}.csv"
         assert dfd_main(["predict", *images, "--weights", str(weights), "--out", str(out), "--backend", backend]) == 0
         tables[backend] = pd.read_csv(out)
-    columns = ["prob_fake", "prob_expert_0", "prob_expert_1", "prob_expert_2"]
+    columns = ["prob_fake", "prob_expert_0", "prob_expert_1", "prob_expert_2", "prob_expert_3"]
     assert np.abs(tables["torch"][columns].to_numpy(float) - tables["openvino"][columns].to_numpy(float)).max() < 1e-5
     with TestClient(create_app(weights)) as client:
         raw = open(images[0], "rb").read()
