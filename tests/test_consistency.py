@@ -36,6 +36,9 @@ def test_weights_and_the_ablation_resplit_must_name_something():
                                             {"backbones": ["a", "b"], "backbone_weights": ["w1", "w2", "w3"], "ablation_resplit": 3}))
     assert any("04.backbone_weights lists 3 files for 2 backbones" in p for p in problems)
     assert any("04.ablation_resplit=3 names no expert: at most 3 experts train" in p for p in problems)
+    tuned, _ = cross_step_checks(_values({"n_clusters": 3, "merge_single_class": False},
+                                            {"backbones": ["a", "b"], "tunings": ["full", "lora", "frozen"]}))
+    assert any("04.tunings lists 3 tunings for 2 backbones" in p for p in tuned)
     fine = cross_step_checks(_values({"n_clusters": 3, "merge_single_class": False},
                                      {"backbones": ["a"], "backbone_weights": "w", "ablation_resplit": 3, "run_ablation": False,
                                       "ladder_seeds": 0}))

@@ -44,6 +44,7 @@ LIBRARY_ONLY = {
     "TrainMoeConfig": {
         "backbone": "set per expert from the notebook's `backbones` list (training_data.expert_configs)",
         "weights_path": "set per expert from the notebook's `backbone_weights` list",
+        "tuning": "set per expert from the notebook's `tunings` list",
         "min_lr_ratio": "the method's schedule, fixed in TrainConfig",
         "ema_warmup": "the method's EMA, fixed in TrainConfig",
         "drop_rate": "the method's regularisation, fixed in TrainConfig",

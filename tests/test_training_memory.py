@@ -24,7 +24,7 @@ def test_the_parameter_counts_of_each_mode():
     # LoRA of rank 4 on each block's qkv (64->192), proj (64->64), fc1 (64->192), fc2 (192->64): rank * (in + out)
     adapters = 6 * 4 * ((64 + 192) + (64 + 64) + (64 + 192) + (192 + 64))
     assert memory.lora_parameters(expert, 4) == adapters
-    full, frozen, lora = (memory.estimate_training_memory(TINY_VIT, PARAMS, mode) for mode in memory.TUNINGS)
+    full, frozen, lora = (memory.estimate_training_memory(TINY_VIT, PARAMS, mode) for mode in ("full", "frozen", "lora"))
     assert (full.weights, full.trainable) == (every, every)
     assert (frozen.weights, frozen.trainable) == (every, head)
     assert (lora.weights, lora.trainable) == (every + adapters, adapters + head)
@@ -53,7 +53,7 @@ def test_the_arithmetic_of_an_estimate():
 @pytest.mark.parametrize("name", [TINY_VIT, "vit_large_patch14_clip_224.openai", "vit_base_patch16_siglip_224.webli"])
 def test_frozen_costs_less_than_lora_which_costs_less_than_full(name):
     params = {**PARAMS, "image_size": 512, "batch_size": 32, "lora_rank": 8}
-    full, frozen, lora = (memory.estimate_training_memory(name, params, mode) for mode in memory.TUNINGS)
+    full, frozen, lora = (memory.estimate_training_memory(name, params, mode) for mode in ("full", "frozen", "lora"))
     assert frozen.total < lora.total < full.total
     # frozen keeps no backbone activations; LoRA keeps nearly all of them (its adapters need the layers' inputs)
     assert frozen.activations_per_image < 0.2 * lora.activations_per_image <= 0.2 * full.activations_per_image
@@ -64,7 +64,7 @@ def test_vit_large_at_224_px():
     """The figures README quotes (ViT-L/14 at 224 px, batch 32 with the KL term's copies, float32)."""
     params = {"image_size": 512, "batch_size": 32, "kl_weight": 1.0, "lora_rank": 8}
     full, frozen, lora = (memory.estimate_training_memory("vit_large_patch14_clip_224.openai", params, mode)
-                          for mode in memory.TUNINGS)
+                          for mode in ("full", "frozen", "lora"))
     assert full.side == 224 and full.weights == 303_181_826  # CLIP ViT-L/14's 303 M and the 2-class head
     assert lora.trainable == 24 * 8 * ((1024 + 3072) + (1024 + 1024) + (1024 + 4096) + (4096 + 1024)) + 2050
     gib = [round(e.total / 2**30) for e in (full, lora, frozen)]
@@ -97,3 +97,21 @@ def test_dfd_check_estimates_each_expert_in_its_mode():
     report = preflight.Report()
     preflight._check_device_and_memory({"04_train_moe": {**params, "tunings": ["lora", "full"]}}, report)
     assert report.problems == ["04 tunings: 2 tunings for 3 backbones: give one for all or one per backbone"]
+
+
+@pytest.mark.parametrize(("tuning", "settings"), [("lora", {"lora_rank": 4}), ("effort", {"effort_rank": 2})])
+def test_the_adapter_counts_match_the_trainings_own(tuning, settings):
+    """The estimate's trainable parameters are those the training really trains in that mode
+    (dfd_lib.training.tuning on a real tiny ViT, peft for LoRA)."""
+    if tuning == "lora":
+        pytest.importorskip("peft")
+    from dfd_lib.training.tuning import apply_tuning
+
+    torch.manual_seed(0)
+    expert = Expert(TINY_VIT)
+    apply_tuning(expert, tuning, lora_rank=settings.get("lora_rank", 8), effort_rank=settings.get("effort_rank", 1))
+    trains = sum(p.numel() for p in expert.parameters() if p.requires_grad)
+    estimate = memory.estimate_training_memory(TINY_VIT, {**PARAMS, **settings}, tuning)
+    assert estimate.trainable == trains
+    frozen, full = (memory.estimate_training_memory(TINY_VIT, PARAMS, mode) for mode in ("frozen", "full"))
+    assert frozen.total < estimate.total < full.total

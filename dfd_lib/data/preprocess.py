@@ -47,3 +47,50 @@ class InputTransform:
 
     def __call__(self, rgb: np.ndarray) -> torch.Tensor:
         return self.resize(self.normalise(rgb))
+
+
+def tile_origins(sizes: Sequence[int]) -> list[int]:
+    """The top row of each expert's input in a tiled input (:class:`TiledTransform`): stacked
+    downwards in expert order, each in the left columns."""
+    tops, top = [], 0
+    for size in sizes:
+        tops.append(top)
+        top += int(size)
+    return tops
+
+
+def tiled_shape(sizes: Sequence[int]) -> tuple[int, int, int]:
+    """``(3, H, W)`` of the tiled input of experts whose input sides are ``sizes``."""
+    return 3, sum(int(s) for s in sizes), max(int(s) for s in sizes)
+
+
+def untile(x: torch.Tensor, sizes: Sequence[int]) -> list[torch.Tensor]:
+    """The experts' ``(B, 3, S_i, S_i)`` inputs inside a tiled ``(B, 3, H, W)`` batch (views, no copy)."""
+    return [x[:, :, top : top + size, :size] for top, size in zip(tile_origins(sizes), sizes)]
+
+
+class TiledTransform:
+    """HxWx3 uint8 RGB -> one ``(3, H, W)`` tensor holding every expert's own input: a mixture whose
+    experts differ in input size or normalisation (a ViT at 224 px beside CNNs at 512 px) still takes a
+    single tensor per image, so batching, the runtimes and the server stay the same code. Expert ``i``'s
+    input (``transforms[i]`` of the image, exactly what it was trained on) is the ``S_i`` x ``S_i``
+    square at row :func:`tile_origins` ``[i]``, column 0; the rest is zeros. The mixture cuts it out
+    again (:func:`untile`)."""
+
+    def __init__(self, transforms: Sequence[InputTransform]):
+        if not transforms:
+            raise ValueError("a tiled input needs at least one expert's transform")
+        self.transforms = list(transforms)
+        self.sizes = [t.image_size for t in self.transforms]
+        self.shape = tiled_shape(self.sizes)
+
+    @property
+    def image_size(self) -> int:
+        """The largest expert input side."""
+        return max(self.sizes)
+
+    def __call__(self, rgb: np.ndarray) -> torch.Tensor:
+        out = torch.zeros(self.shape)
+        for transform, top, size in zip(self.transforms, tile_origins(self.sizes), self.sizes):
+            out[:, top : top + size, :size] = transform(rgb)
+        return out

@@ -122,7 +122,7 @@ def score_experts_predictor(
     by_preprocessing: dict[tuple, list[str]] = {}
     for name, path in weights.items():
         meta = load_expert(path)[1]
-        key = (meta["image_size"], tuple(meta["mean"]), tuple(meta["std"]))
+        key = (meta["image_size"], tuple(meta["mean"]), tuple(meta["std"]), meta.get("interpolation", "bilinear"))
         by_preprocessing.setdefault(key, []).append(name)
     scores = pd.DataFrame(index=table.index, columns=list(weights), dtype=float)
     paths = [str(p) for p in table["path"]]

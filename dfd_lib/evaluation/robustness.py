@@ -18,7 +18,7 @@ from dfd_lib.core.figures import save_figure
 from dfd_lib.core.logs import progress_bar
 from dfd_lib.data.images import load_rgb
 from dfd_lib.models.checkpoints import is_mixture_dir
-from dfd_lib.scoring.expert_scores import experts_from_mixture, score_images
+from dfd_lib.scoring.expert_scores import experts_from_mixture, score_grouped
 from dfd_lib.scoring.predictor import Predictor, auto_device
 from dfd_lib.stats.bootstrap import BootstrapConfig, metrics_with_intervals
 from dfd_lib.stats.metrics import LOW_FPRS, tpr_key
@@ -148,10 +148,10 @@ def mixture_predict_fn(weights_dir: str | os.PathLike, device: str | None = None
     (:mod:`dfd_lib.scoring.expert_scores`: the unperturbed images the headline scored are not scored again);
     on a GPU (``device``, default: one when there is one) through the Predictor, as ``dfd predict`` loads it."""
     if (torch.device(device) if device is not None else auto_device()).type == "cpu" and is_mixture_dir(weights_dir):
-        experts, preprocessing = experts_from_mixture(weights_dir)
+        experts, preprocessings = experts_from_mixture(weights_dir)
 
         def predict(images):
-            probs = score_images(experts, preprocessing, images, batch_size=batch_size).mean(axis=1)
+            probs = score_grouped(experts, preprocessings, images, batch_size=batch_size).mean(axis=1)
             return [0.5 if np.isnan(p) else float(p) for p in probs]
 
         return predict, len(experts)

@@ -333,3 +333,24 @@ def backbone_transform(
             raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
         config["crop_pct"] = crop_pct
     return create_transform(**config, is_training=is_training)
+
+
+def takes_native_input(model: nn.Module) -> bool:
+    """Whether ``model`` is a vision transformer (timm's ``patch_embed``: ViT, DeiT, EVA, CLIP, SigLIP,
+    DINOv2, BEiT, ...): pretrained at one input size, its position embeddings tied to that size's grid,
+    so as an expert it keeps its own size and interpolation; a convolutional backbone takes any size."""
+    return getattr(model, "patch_embed", None) is not None
+
+
+def expert_input(model: nn.Module, image_size: int) -> dict[str, Any]:
+    """An expert's preprocessing, ``{image_size, mean, std, interpolation}``: mean and std always from the
+    backbone's data config (:func:`backbone_data_config`); a convolutional backbone at ``image_size`` with
+    bilinear resizing (the method's), a vision transformer at its own size and interpolation
+    (:func:`takes_native_input`)."""
+    config = backbone_data_config(model)
+    mean, std = [float(v) for v in config["mean"]], [float(v) for v in config["std"]]
+    if not takes_native_input(model):
+        return {"image_size": int(image_size), "mean": mean, "std": std, "interpolation": "bilinear"}
+    interpolation = config.get("interpolation", "bicubic")
+    return {"image_size": int(config["input_size"][-1]), "mean": mean, "std": std,
+            "interpolation": interpolation if interpolation in ("bilinear", "bicubic") else "bicubic"}

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from dfd_lib.core.atomic import atomic_write
 from dfd_lib.core.config import StepConfig
-from dfd_lib.data.preprocess import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS
+from dfd_lib.data.preprocess import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, InputTransform, TiledTransform
 from dfd_lib.models.backbones import canonical_backbone_name
 from dfd_lib.models.experts import Expert, MixtureOfExperts, build_mixture
 
@@ -58,6 +58,9 @@ class MixtureConfig(StepConfig):
     # the verdict threshold chosen by `dfd calibrate` with its ROC point (dfd_lib.scoring.calibration); empty: not calibrated
     calibration: dict = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    # one {image_size, mean, std, interpolation} per expert when the experts differ (a ViT at 224 px beside CNNs
+    # at 512 px: each its own backbone's); empty: every expert takes the shared fields above (written only when set)
+    expert_inputs: list[dict] = field(default_factory=list)
 
     def __post_init__(self):
         if isinstance(self.backbones, str) or not self.backbones:
@@ -83,9 +86,63 @@ class MixtureConfig(StepConfig):
         threshold = self.calibration.get("threshold") if self.calibration else 0.0
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
             raise ValueError(f"MixtureConfig.calibration needs a threshold in [0, 1], got {threshold!r}")
+        self.expert_inputs = self._checked_expert_inputs()
+
+    def _checked_expert_inputs(self) -> list[dict]:
+        if isinstance(self.expert_inputs, (str, Mapping)) or not isinstance(self.expert_inputs, Sequence):
+            raise ValueError(f"MixtureConfig.expert_inputs must be a list (one entry per expert), got {self.expert_inputs!r}")
+        if self.expert_inputs and len(self.expert_inputs) != len(self.backbones):
+            raise ValueError(f"MixtureConfig.expert_inputs has {len(self.expert_inputs)} entries for {len(self.backbones)} experts")
+        checked = []
+        for i, entry in enumerate(self.expert_inputs):
+            unknown = set(entry) - set(EXPERT_INPUT_FIELDS) if isinstance(entry, Mapping) else {"(not a mapping)"}
+            if unknown:
+                raise ValueError(f"MixtureConfig.expert_inputs[{i}]: unknown field(s) {sorted(unknown)}; "
+                                 f"an entry holds {EXPERT_INPUT_FIELDS}")
+            shared = {"image_size": self.image_size, "mean": self.mean, "std": self.std, "interpolation": self.interpolation}
+            one = MixtureConfig(backbones=[self.backbones[i]], **{**shared, **entry})  # the shared fields' checks
+            checked.append({"image_size": one.image_size, "mean": list(one.mean), "std": list(one.std),
+                            "interpolation": one.interpolation})
+        return checked
+
+    @property
+    def shared_input(self) -> bool:
+        """Whether every expert takes the same input (the shared fields): one transform, no tiling."""
+        return not self.expert_inputs
+
+    @property
+    def expert_sizes(self) -> list[int]:
+        """Each expert's input side."""
+        return [e["image_size"] for e in self.expert_inputs] if self.expert_inputs else [self.image_size] * len(self.backbones)
+
+    def expert_transforms(self) -> list[InputTransform]:
+        """Each expert's own preprocessing."""
+        entries = self.expert_inputs or [{"image_size": self.image_size, "mean": self.mean, "std": self.std,
+                                          "interpolation": self.interpolation}] * len(self.backbones)
+        return [InputTransform(e["image_size"], e["mean"], e["std"], e["interpolation"], self.antialias) for e in entries]
+
+    def transform(self) -> InputTransform | TiledTransform:
+        """The model input of an image: the shared ``(3, S, S)`` transform, or with :attr:`expert_inputs` the tiled
+        ``(3, H, W)`` one holding each expert's own input (:class:`~dfd_lib.data.preprocess.TiledTransform`)."""
+        if self.shared_input:
+            return InputTransform(self.image_size, self.mean, self.std, self.interpolation, self.antialias)
+        return TiledTransform(self.expert_transforms())
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """``(3, H, W)`` of one model input (:meth:`transform`)."""
+        if self.shared_input:
+            return 3, self.image_size, self.image_size
+        return TiledTransform(self.expert_transforms()).shape
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2)
+        saved = dataclasses.asdict(self)
+        if not saved["expert_inputs"]:  # a mixture with one preprocessing keeps the file older readers know
+            saved.pop("expert_inputs")
+        return json.dumps(saved, indent=2)
+
+
+EXPERT_INPUT_FIELDS = ("image_size", "mean", "std", "interpolation")
 
 
 # --------------------------------------------------------------------------- writing
@@ -191,6 +248,7 @@ def load_mixture(directory: str | os.PathLike) -> tuple[MixtureOfExperts, Mixtur
         raise CheckpointError(f"{weights}: cannot read safetensors file: {exc}") from None
     model = build_on_meta(config.backbones)
     assign_state(model, state, released_layout=False, source=str(weights))
+    model.input_sizes = None if config.shared_input else config.expert_sizes
     return model, config
 
 
@@ -230,14 +288,16 @@ def load_expert(weights_path: str | os.PathLike) -> tuple[Expert, dict]:
 
 def mixture_from_experts(weights_paths: Sequence[str | os.PathLike],
                          provenance: dict | None = None) -> tuple[MixtureOfExperts, MixtureConfig]:
-    """The experts' weights files as one mixture and its config (our checkpoint format)."""
+    """The experts' weights files as one mixture and its config (our checkpoint format). Experts trained
+    with one preprocessing share the config's fields; experts that differ (a ViT at its own size beside
+    CNNs) each keep theirs in :attr:`MixtureConfig.expert_inputs`."""
     experts, metas = zip(*(load_expert(path) for path in weights_paths))
-    first = metas[0]
-    for meta in metas[1:]:
-        if (meta["image_size"], meta["mean"], meta["std"]) != (first["image_size"], first["mean"], first["std"]):
-            raise ValueError("the experts differ in image size or normalisation; a mixture shares one preprocessing")
+    inputs = [{"image_size": int(meta["image_size"]), "mean": [float(v) for v in meta["mean"]],
+               "std": [float(v) for v in meta["std"]], "interpolation": meta.get("interpolation", "bilinear")}
+              for meta in metas]
+    shared = all(entry == inputs[0] for entry in inputs)
     config = MixtureConfig(
-        backbones=[e.backbone_name for e in experts], image_size=first["image_size"], mean=first["mean"], std=first["std"],
-        interpolation="bilinear", antialias=True, preprocess="default", ema_folded=True, provenance=provenance or {},
+        backbones=[e.backbone_name for e in experts], **inputs[0], antialias=True, preprocess="default", ema_folded=True,
+        provenance=provenance or {}, expert_inputs=[] if shared else inputs,
     )
-    return MixtureOfExperts(list(experts)), config
+    return MixtureOfExperts(list(experts), None if shared else config.expert_sizes), config

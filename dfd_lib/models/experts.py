@@ -17,6 +17,7 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 from dfd_lib.data.manifest import FAKE
+from dfd_lib.data.preprocess import untile
 from dfd_lib.models.backbones import canonical_backbone_name, create_backbone
 
 # The 7 experts of the released checkpoint, in checkpoint order (docs/method.md).
@@ -65,20 +66,39 @@ class Expert(nn.Module):
 
 
 class MixtureOfExperts(nn.Module):
-    """Experts scored together: ``prob`` is the mean of their softmax class-1 probabilities."""
+    """Experts scored together: ``prob`` is the mean of their softmax class-1 probabilities.
 
-    def __init__(self, experts: Sequence[Expert]):
+    ``input_sizes`` (one side per expert) says the input is tiled: each expert takes its own square
+    of it (:class:`dfd_lib.data.preprocess.TiledTransform`), for experts that differ in input size or
+    normalisation; None (the default): every expert takes the whole input."""
+
+    def __init__(self, experts: Sequence[Expert], input_sizes: Sequence[int] | None = None):
         super().__init__()
         if len(experts) == 0:
             raise ValueError("a mixture needs at least one expert")
         self.experts = nn.ModuleList(experts)
+        self.input_sizes = input_sizes
+
+    @property
+    def input_sizes(self) -> list[int] | None:
+        return self._input_sizes
+
+    @input_sizes.setter
+    def input_sizes(self, sizes: Sequence[int] | None) -> None:
+        if sizes is not None and len(sizes) != len(self.experts):
+            raise ValueError(f"{len(sizes)} input sizes for {len(self.experts)} experts")
+        self._input_sizes = None if sizes is None else [int(s) for s in sizes]
+
+    def expert_inputs(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Each expert's input in the batch ``x``."""
+        return [x] * len(self.experts) if self._input_sizes is None else untile(x, self._input_sizes)
 
     @property
     def backbones(self) -> list[str]:
         return [expert.backbone_name for expert in self.experts]
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        logits = torch.stack([expert(x)["logits"] for expert in self.experts], dim=1)  # (B, E, 2)
+        logits = torch.stack([expert(xi)["logits"] for expert, xi in zip(self.experts, self.expert_inputs(x))], dim=1)  # (B, E, 2)
         expert_probs = logits.float().softmax(dim=-1)[..., FAKE_CLASS]  # (B, E)
         return {"prob": expert_probs.mean(dim=1), "expert_probs": expert_probs, "logits": logits}
 

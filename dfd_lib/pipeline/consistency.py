@@ -8,7 +8,7 @@ so these checks bound it: what can never work is a problem, what depends on the 
 - **Backbones against K.** Expert *i* trains backbone ``backbones[i % len(backbones)]``: fewer
   backbones than experts are cycled. More backbones than experts is an error, never a silently
   dropped backbone (here when it can never fit, at training time when K turned out too small).
-- ``backbone_weights`` holds none, one (for every backbone) or one per backbone.
+- ``backbone_weights`` and ``tunings`` each hold none, one (for every backbone) or one per backbone.
 - The loss ablation and the component ladder repeat the expert of ``ablation_resplit``: it must be one
   of the experts that train.
 """
@@ -61,11 +61,12 @@ def cross_step_checks(values: dict[str, dict]) -> tuple[list[str], list[str]]:
     elif len(backbones) > count.low:
         notes.append(f"04.backbones: {len(backbones)} backbones need {len(backbones)} re-splits ({count.why}); "
                      f"with fewer, 04 stops and says which backbones would not train")
-    weights = train.get("backbone_weights") or []
-    weights = [weights] if isinstance(weights, str) else list(weights)
-    if len(weights) not in (0, 1, len(backbones)):
-        problems.append(f"04.backbone_weights lists {len(weights)} files for {len(backbones)} backbones: "
-                        "give none, one, or one per backbone")
+    for name, what in (("backbone_weights", "files"), ("tunings", "tunings")):
+        values = train.get(name) or []
+        values = [values] if isinstance(values, str) else list(values)
+        if len(values) not in (0, 1, len(backbones)):
+            problems.append(f"04.{name} lists {len(values)} {what} for {len(backbones)} backbones: "
+                            "give none, one, or one per backbone")
     resplit = int(train.get("ablation_resplit", 0))
     if train.get("run_ablation", True) or int(train.get("ladder_seeds", 1)) > 0:
         if resplit >= count.high:

@@ -14,6 +14,9 @@ Per tuning mode (``TrainConfig.tuning``; step 04's ``tunings``, one per backbone
   parameters each: the weights with the adapters and the EMA's copy, the adapters' and the head's
   gradients and moments, and the activations the backward pass through the frozen backbone keeps
   (measured with the adapters in place).
+- ``effort``: Effort's residual of rank ``effort_rank`` on each self-attention linear layer (``U``, ``S``
+  and ``V`` per q/k/v block), and the head, train; the rest as for ``lora`` (the backward pass runs
+  through the backbone's attention layers).
 
 Activations are measured on the backbone at a small side and scaled to the input side (a backbone
 that takes one side only, a ViT, is measured at that side), times the micro-batch with the enabled
@@ -31,10 +34,10 @@ from torch import nn
 
 from dfd_lib.models.backbones import backbone_data_config
 from dfd_lib.models.experts import Expert
+from dfd_lib.training.effort import attention_linears
 from dfd_lib.training.losses import LossConfig
+from dfd_lib.training.train_config import TUNINGS, TrainConfig
 
-TUNINGS = ("full", "frozen", "lora")  # TrainConfig.tuning's values
-DEFAULT_LORA_RANK = 8
 PROBE_SIZE = 64  # input side of the activation probe (a backbone of one fixed side: that side)
 FLOAT32 = 4
 
@@ -89,6 +92,17 @@ def lora_parameters(expert: Expert, rank: int) -> int:
     return sum(rank * (layer.in_features + layer.out_features) for layer in lora_targets(expert))
 
 
+def effort_targets(expert: Expert) -> list[nn.Linear]:
+    """The layers Effort decomposes: the backbone's self-attention linear layers (:mod:`dfd_lib.training.effort`)."""
+    return [layer for _name, layer, _blocks in attention_linears(expert.baseline_extractor)]
+
+
+def effort_parameters(expert: Expert, rank: int) -> int:
+    """Effort's residual ``U`` (rows x k), ``S`` (k) and ``V`` (k x in) per row block of every decomposed layer."""
+    return sum(blocks * rank * (layer.out_features // blocks + 1 + layer.in_features)
+               for _name, layer, blocks in attention_linears(expert.baseline_extractor))
+
+
 def expert_side(expert: Expert, image_size: int) -> tuple[int, bool]:
     """``(side, fixed)``: the side the expert trains at (its own for a backbone that takes one side only,
     timm's ``fixed_input_size``: a ViT) and whether it is fixed."""
@@ -106,11 +120,12 @@ def estimate_training_memory(backbone: str, params: dict, tuning: str = "full", 
     with torch.device("meta"):
         expert = Expert(backbone, pretrained=False)
     side, fixed = expert_side(expert, int(params["image_size"]))
-    rank = int(params.get("lora_rank") or DEFAULT_LORA_RANK)
+    rank = int(params.get("effort_rank") or TrainConfig.effort_rank) if tuning == "effort" else \
+        int(params.get("lora_rank") or TrainConfig.lora_rank)
     base = sum(p.numel() for p in expert.parameters())
     head = sum(p.numel() for p in expert.baseline_extractor.get_classifier().parameters())
-    adapters = lora_parameters(expert, rank) if tuning == "lora" else 0
-    trainable = {"full": base, "frozen": head, "lora": adapters + head}[tuning]
+    adapters = {"lora": lora_parameters, "effort": effort_parameters}.get(tuning, lambda _expert, _rank: 0)(expert, rank)
+    trainable = {"full": base, "frozen": head, "lora": adapters + head, "effort": adapters + head}[tuning]
     probe = side if fixed else PROBE_SIZE
     per_image = _activation_bytes(expert, probe, tuning, rank) * (side / probe) ** 2
     micro_batch = int(params["batch_size"]) // max(1, int(params.get("grad_accum_steps") or 1))
@@ -131,8 +146,8 @@ def _activation_bytes(expert: Expert, side: int, tuning: str, rank: int) -> floa
     for parameter in expert.parameters():
         parameter.requires_grad_(tuning == "full" or id(parameter) in head)
     handles, adapters = [], []
-    if tuning == "lora":
-        for layer in lora_targets(expert):
+    if tuning in ("lora", "effort"):  # Effort's trained residual is a low-rank path too, on the attention layers
+        for layer in (lora_targets(expert) if tuning == "lora" else effort_targets(expert)):
             adapter = (torch.empty(rank, layer.in_features, device="meta", requires_grad=True),
                        torch.empty(layer.out_features, rank, device="meta", requires_grad=True))
             adapters += adapter

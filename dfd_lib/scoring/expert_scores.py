@@ -93,20 +93,24 @@ def expert_from_file(path: str | os.PathLike) -> tuple[ExpertWeights, Preprocess
     path = Path(path).resolve()
     stat = path.stat()
     expert, meta = _file_expert(path, stat.st_size, stat.st_mtime_ns)
-    return expert, Preprocessing(int(meta["image_size"]), tuple(meta["mean"]), tuple(meta["std"]))
+    return expert, Preprocessing(int(meta["image_size"]), tuple(meta["mean"]), tuple(meta["std"]),
+                                 meta.get("interpolation", "bilinear"))
 
 
-def experts_from_mixture(weights_dir: str | os.PathLike) -> tuple[list[ExpertWeights], Preprocessing]:
-    """The experts of a mixture folder (ours: ``model.safetensors`` + ``config.json``) and its preprocessing."""
+def experts_from_mixture(weights_dir: str | os.PathLike) -> tuple[list[ExpertWeights], list[Preprocessing]]:
+    """The experts of a mixture folder (ours: ``model.safetensors`` + ``config.json``) and each one's preprocessing
+    (the same for all but in a mixture whose experts differ: ``MixtureConfig.expert_inputs``)."""
     model, config = load_mixture(weights_dir)
     experts = [ExpertWeights(state_digest(e.backbone_name, e.state_dict()), e.backbone_name,
                              functools.partial(lambda e: e, e)) for e in model.experts]
     return experts, mixture_preprocessing(config)
 
 
-def mixture_preprocessing(config: MixtureConfig, decode: str = "default") -> Preprocessing:
-    return Preprocessing(config.image_size, tuple(config.mean), tuple(config.std), config.interpolation, config.antialias,
-                         decode)
+def mixture_preprocessing(config: MixtureConfig, decode: str = "default") -> list[Preprocessing]:
+    """Each expert's preprocessing in a mixture's config."""
+    shared = {"image_size": config.image_size, "mean": config.mean, "std": config.std, "interpolation": config.interpolation}
+    return [Preprocessing(int(e["image_size"]), tuple(e["mean"]), tuple(e["std"]), e["interpolation"], config.antialias, decode)
+            for e in config.expert_inputs or [shared] * len(config.backbones)]
 
 
 class ScoreCache:
@@ -217,9 +221,22 @@ def score_images(experts: Sequence[ExpertWeights], preprocessing: Preprocessing,
     return probs
 
 
+def score_grouped(experts: Sequence[ExpertWeights], preprocessings: Sequence[Preprocessing], sources: Sequence[ImageSource],
+                  batch_size: int = 64, cache: ScoreCache | None = None, engine: str | None = None,
+                  progress: bool = False) -> np.ndarray:
+    """:func:`score_images` for experts each with its own preprocessing: those that share one run together."""
+    groups: dict[Preprocessing, list[int]] = {}
+    for i, preprocessing in enumerate(preprocessings):
+        groups.setdefault(preprocessing, []).append(i)
+    sources = list(sources)
+    probs = np.full((len(sources), len(experts)), np.nan)
+    for preprocessing, indices in groups.items():
+        probs[:, indices] = score_images([experts[i] for i in indices], preprocessing, sources, batch_size, cache, engine, progress)
+    return probs
+
+
 def mixture_scores(weights_dir: str | os.PathLike, sources: Sequence[ImageSource], batch_size: int = 64,
                    cache: ScoreCache | None = None, engine: str | None = None, progress: bool = False) -> np.ndarray:
     """The fake-probability of the mixture in ``weights_dir`` (the mean of its experts') per source, NaN when unreadable."""
-    experts, preprocessing = experts_from_mixture(weights_dir)
-    probs = score_images(experts, preprocessing, sources, batch_size, cache, engine, progress)
-    return probs.mean(axis=1)
+    experts, preprocessings = experts_from_mixture(weights_dir)
+    return score_grouped(experts, preprocessings, sources, batch_size, cache, engine, progress).mean(axis=1)

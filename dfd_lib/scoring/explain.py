@@ -7,12 +7,18 @@ model input (``image_size`` x ``image_size``) and stretched back over the origin
 
 The target layer is found by running the backbone once and taking the module whose output
 *is* the feature map ``forward_features`` returns, so any timm backbone works without a
-table of layer names per architecture.
+table of layer names per architecture. A vision transformer's ``forward_features`` returns tokens,
+not a map: its Grad-CAM is taken on the input of its last block (the last block's first norm, the
+usual choice for ViTs: a class-token model's final norm passes no gradient to the patch tokens), the
+patch tokens reshaped to their grid. A mixture whose experts take their own input sizes (a tiled input,
+:class:`dfd_lib.data.preprocess.TiledTransform`) gives each expert's map at its own size, stretched to
+the largest before they are averaged.
 """
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +33,7 @@ from torch import nn
 
 from dfd_lib.core.figures import save_figure
 from dfd_lib.data.images import ImageSource, load_rgb
+from dfd_lib.models.backbones import takes_native_input
 from dfd_lib.models.checkpoints import MixtureConfig
 from dfd_lib.models.experts import FAKE_CLASS, Expert, MixtureOfExperts
 from dfd_lib.scoring.predictor import Predictor
@@ -58,9 +65,14 @@ class _ExpertLogits(nn.Module):
         return self.expert(x)["logits"]
 
 
-def target_layer(net: nn.Module) -> nn.Module:
+def target_layer(net: nn.Module, size: int = _PROBE_SIZE) -> nn.Module:
     """The outermost module of ``net`` whose output is the feature map ``forward_features``
-    returns (the last spatial map before pooling)."""
+    returns (the last spatial map before pooling); for a vision transformer, its last block's first
+    norm (see the module's docstring). ``size``: the input side to probe a backbone with (a ViT's own)."""
+    if takes_native_input(net):
+        last = net.blocks[-1] if hasattr(net, "blocks") and len(net.blocks) else None
+        if last is not None and isinstance(getattr(last, "norm1", None), nn.Module):
+            return last.norm1
     outputs: list[tuple[nn.Module, torch.Tensor]] = []
     hooks = [
         module.register_forward_hook(lambda m, _inp, out: outputs.append((m, out)))
@@ -68,12 +80,16 @@ def target_layer(net: nn.Module) -> nn.Module:
     ]
     try:
         param = next(net.parameters())
-        probe = torch.zeros(1, 3, _PROBE_SIZE, _PROBE_SIZE, device=param.device, dtype=param.dtype)
+        probe = torch.zeros(1, 3, size, size, device=param.device, dtype=param.dtype)
         with torch.no_grad():
             features = net.forward_features(probe)
     finally:
         for hook in hooks:
             hook.remove()
+    if isinstance(features, torch.Tensor) and features.dim() == 3 and takes_native_input(net):  # tokens: the final norm's
+        same = [module for module, out in outputs if out is features]
+        if same:
+            return same[-1]
     if not isinstance(features, torch.Tensor) or features.dim() != 4:
         raise ValueError(f"{type(net).__name__}: forward_features does not return a 4-D feature map; Grad-CAM needs one")
     same = [module for module, out in outputs if out is features]
@@ -85,23 +101,50 @@ def target_layer(net: nn.Module) -> nn.Module:
     return spatial[-1]
 
 
+def token_grid(net: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """grad-cam's ``reshape_transform`` for a vision transformer: ``(B, N, D)`` tokens -> ``(B, D, h, w)``,
+    the prefix tokens (class, registers) dropped, the patch tokens on their square grid."""
+    prefix = int(getattr(net, "num_prefix_tokens", 1))
+
+    def reshape(tokens: torch.Tensor) -> torch.Tensor:
+        patches = tokens[:, prefix:]
+        side = math.isqrt(patches.shape[1])
+        if side * side != patches.shape[1]:
+            raise ValueError(f"{type(net).__name__}: {patches.shape[1]} patch tokens do not form a square grid")
+        return patches.reshape(tokens.shape[0], side, side, tokens.shape[-1]).permute(0, 3, 1, 2)
+
+    return reshape
+
+
+def expert_gradcam(expert: Expert, batch: torch.Tensor) -> np.ndarray:
+    """One expert's Grad-CAM maps for the fake class on its own input ``(B, 3, S, S)``: ``(B, S, S)`` in [0, 1]."""
+    net = expert.baseline_extractor
+    reshape = token_grid(net) if takes_native_input(net) else None
+    # the weights are frozen, so the input carries the graph the gradients flow through
+    batch = batch.detach().clone().requires_grad_(True)
+    layer = target_layer(net, batch.shape[-1] if takes_native_input(net) else _PROBE_SIZE)
+    with torch.enable_grad(), GradCAM(_ExpertLogits(expert), [layer], reshape_transform=reshape) as cam:
+        return cam(input_tensor=batch, targets=[ClassifierOutputTarget(FAKE_CLASS)] * len(batch)).astype(np.float32)
+
+
+def _stretched(maps: np.ndarray, side: int) -> np.ndarray:
+    if maps.shape[-1] == side:
+        return maps
+    return np.stack([cv2.resize(m, (side, side), interpolation=cv2.INTER_LINEAR) for m in maps])
+
+
 def gradcam_maps(model: MixtureOfExperts, batch: torch.Tensor, experts: Sequence[int] | None = None) -> np.ndarray:
     """Grad-CAM maps for the fake class: ``(B, E', S, S)`` float32 in [0, 1] for the experts
-    ``experts`` (default: all). ``batch`` is preprocessed ``(B, 3, S, S)``."""
+    ``experts`` (default: all). ``batch`` is preprocessed ``(B, 3, S, S)`` (or tiled: each expert's map
+    at its own size, stretched to the largest ``S``)."""
     indices = list(range(len(model.experts))) if experts is None else list(experts)
     for i in indices:
         if not 0 <= i < len(model.experts):
             raise ValueError(f"expert {i} does not exist: the mixture has experts 0..{len(model.experts) - 1}")
-    # the weights are frozen, so the input carries the graph the gradients flow through
-    batch = batch.detach().clone().requires_grad_(True)
-    maps = []
-    with torch.enable_grad():
-        for i in indices:
-            expert = model.experts[i]
-            wrapper = _ExpertLogits(expert)
-            with GradCAM(wrapper, [target_layer(expert.baseline_extractor)]) as cam:
-                maps.append(cam(input_tensor=batch, targets=[ClassifierOutputTarget(FAKE_CLASS)] * len(batch)))
-    return np.stack(maps, axis=1).astype(np.float32)
+    inputs = model.expert_inputs(batch)
+    maps = [expert_gradcam(model.experts[i], inputs[i].contiguous()) for i in indices]
+    side = max(m.shape[-1] for m in maps)
+    return np.stack([_stretched(m, side) for m in maps], axis=1).astype(np.float32)
 
 
 def _as_predictor(predictor_or_model: Predictor | MixtureOfExperts, config: MixtureConfig | None) -> Predictor:

@@ -101,10 +101,13 @@ def mixture_config(weights_dir: Path, backbones: Sequence[str] | None = None) ->
 def export_identity(weights_dir: Path, fmt: str, config: MixtureConfig, precision: str = "fp32",
                     calibration_digest: str = "") -> dict:
     """What an export depends on; its digest names the export's folder."""
-    return {"export_version": EXPORT_VERSION, "format": fmt, "precision": precision,
-            "weights_sha256": file_digest(weights_files(weights_dir)), "backbones": list(config.backbones),
-            "image_size": config.image_size, "runtime": runtime_version(fmt), "torch": torch.__version__,
-            "calibration_sha256": calibration_digest}
+    identity = {"export_version": EXPORT_VERSION, "format": fmt, "precision": precision,
+                "weights_sha256": file_digest(weights_files(weights_dir)), "backbones": list(config.backbones),
+                "image_size": config.image_size, "runtime": runtime_version(fmt), "torch": torch.__version__,
+                "calibration_sha256": calibration_digest}
+    if not config.shared_input:  # experts with their own preprocessing: a tiled input (an older export's key stays)
+        identity["expert_inputs"] = config.expert_inputs
+    return identity
 
 
 def identity_key(identity: dict) -> str:
@@ -188,15 +191,22 @@ class _Probabilities(nn.Module):
         return out["prob"], out["expert_probs"]
 
 
-def convert_openvino(model: MixtureOfExperts, image_size: int, model_file: Path) -> dict:
-    """The OpenVINO IR of ``model`` (any batch; the runtime compiles it for one image at a time),
-    rewritten first (:mod:`~dfd_lib.scoring.export_rewrites`). Returns what goes into ``export.json``."""
+def _input_shape(image_size: int | Sequence[int]) -> tuple[int, int, int]:
+    """``(3, S, S)`` for a side, else the given ``(3, H, W)`` (a tiled input: ``MixtureConfig.input_shape``)."""
+    return (3, image_size, image_size) if isinstance(image_size, int) else tuple(int(v) for v in image_size)
+
+
+def convert_openvino(model: MixtureOfExperts, image_size: int | Sequence[int], model_file: Path) -> dict:
+    """The OpenVINO IR of ``model`` (any batch; the runtime compiles it for one image at a time) for inputs of
+    side ``image_size`` (or of shape ``(3, H, W)``), rewritten first (:mod:`~dfd_lib.scoring.export_rewrites`).
+    Returns what goes into ``export.json``."""
     ov = require("openvino", "openvino")
-    rewrites = rewrite_verified(model.eval(), image_size)
-    example = torch.zeros(1, 3, image_size, image_size)
+    shape = _input_shape(image_size)
+    rewrites = rewrite_verified(model.eval(), shape)
+    example = torch.zeros(1, *shape)
     with torch.no_grad():  # traced first: several times faster than letting convert_model trace
         traced = torch.jit.trace(_Probabilities(model).eval(), example, check_trace=False)
-        converted = ov.convert_model(traced, example_input=example, input=[ov.PartialShape([-1, 3, image_size, image_size])])
+        converted = ov.convert_model(traced, example_input=example, input=[ov.PartialShape([-1, *shape])])
     del traced
     for output, name in zip(converted.outputs, OUTPUT_NAMES):
         output.get_tensor().set_names({name})
@@ -204,11 +214,12 @@ def convert_openvino(model: MixtureOfExperts, image_size: int, model_file: Path)
     return {"rewrites": rewrites}
 
 
-def convert_onnx(model: MixtureOfExperts, image_size: int, model_file: Path) -> dict:
+def convert_onnx(model: MixtureOfExperts, image_size: int | Sequence[int], model_file: Path) -> dict:
     """The ONNX model of ``model`` (any batch), rewritten first like the OpenVINO IR."""
     require("onnx", "onnx")
-    rewrites = rewrite_verified(model.eval(), image_size)
-    example = torch.zeros(1, 3, image_size, image_size)
+    shape = _input_shape(image_size)
+    rewrites = rewrite_verified(model.eval(), shape)
+    example = torch.zeros(1, *shape)
     with torch.no_grad():
         torch.onnx.export(_Probabilities(model).eval(), (example,), str(model_file), dynamo=False, opset_version=ONNX_OPSET,
                           input_names=["image"], output_names=list(OUTPUT_NAMES),
@@ -267,11 +278,12 @@ def ensure_export(weights_dir: str | os.PathLike, fmt: str, out: str | os.PathLi
     if not convert:
         raise CheckpointError(f"{weights_dir}: no up-to-date {fmt} export under {root}; make it with "
                               f"`dfd export {weights_dir} --format {fmt}`")
-    log.warning("converting the mixture in %s to %s (%d experts at %d px): a one-off cost, about a minute and "
+    log.warning("converting the mixture in %s to %s (%d experts at %s px): a one-off cost, about a minute and "
                 "3-4 GB of memory for the released 7 experts at 512 px; later loads use the cached export under %s",
-                weights_dir, fmt, len(config.backbones), config.image_size, root)
+                weights_dir, fmt, len(config.backbones), "/".join(map(str, dict.fromkeys(config.expert_sizes))), root)
     try:
-        build = functools.partial(CONVERTERS[fmt], load_weights(weights_dir, config.backbones)[0], config.image_size)
+        shape = config.image_size if config.shared_input else config.input_shape
+        build = functools.partial(CONVERTERS[fmt], load_weights(weights_dir, config.backbones)[0], shape)
         return write_export(root, identity, build, weights_dir)
     finally:
         build = None

@@ -139,11 +139,13 @@ def rewrite(model: nn.Module) -> Rewrites:
     return Rewrites(replaced)
 
 
-def rewrite_verified(mixture: nn.Module, image_size: int, seed: int = 0) -> dict[str, int]:
+def rewrite_verified(mixture: nn.Module, image_size: int | tuple[int, int, int], seed: int = 0) -> dict[str, int]:
     """:func:`rewrite` the mixture (``{"logits", "expert_probs", ...}`` out), then check on a random
-    input that its logits and probabilities are unchanged up to fp32 rounding; if not, undo it (the
-    export is then converted as it is) and say so. Returns how many modules of each kind were rewritten."""
-    x = torch.randn(1, 3, image_size, image_size, generator=torch.Generator().manual_seed(seed))
+    input (``image_size`` square, or of shape ``(3, H, W)``: a tiled input) that its logits and probabilities
+    are unchanged up to fp32 rounding; if not, undo it (the export is then converted as it is) and say so.
+    Returns how many modules of each kind were rewritten."""
+    shape = (3, image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    x = torch.randn(1, *shape, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         before = mixture(x)
         rewrites = rewrite(mixture)

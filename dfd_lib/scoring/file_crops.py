@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from dfd_lib.data.images import ImageLoadError, ImageSource, load_rgb
-from dfd_lib.data.preprocess import InputTransform
+from dfd_lib.data.preprocess import InputTransform, TiledTransform
 from dfd_lib.scoring.faces import FaceDetector, FaceOptions, face_crops
 from dfd_lib.scoring.inputs import iter_input_files
 from dfd_lib.scoring.videos import DEFAULT_FRAMES, is_video_path, sample_frames
@@ -55,7 +55,7 @@ class ScoringFiles(IterableDataset):
     """Decodes, detects faces and preprocesses each file; worker ``k`` of ``W`` takes every
     ``W``-th file, so the DataLoader yields them in input order."""
 
-    def __init__(self, inputs: list[str], transform: InputTransform, preprocess: str = "default",
+    def __init__(self, inputs: list[str], transform: InputTransform | TiledTransform, preprocess: str = "default",
                  faces: FaceOptions | None = None, frames: int = DEFAULT_FRAMES, skip: frozenset[str] = frozenset()):
         self.inputs = inputs
         self.transform = transform

@@ -12,6 +12,10 @@ bf16 autocast is opt-in and GPU-only (on this CPU it is slower and moves probabi
 beside the weights (:mod:`dfd_lib.scoring.backends`, :mod:`dfd_lib.scoring.export`): same scores
 within 1e-5, faster on CPUs; everything else here stays the same code.
 
+Experts that differ in preprocessing (a ViT at 224 px beside CNNs at 512 px, ``MixtureConfig.expert_inputs``)
+each get their own resized and normalised image, tiled into one input tensor per image
+(:class:`dfd_lib.data.preprocess.TiledTransform`), so every path below (batches, runtimes, server) is unchanged.
+
 Preprocessing modes (both end with the same tensor ops, :class:`dfd_lib.data.preprocess.InputTransform`:
 to [0, 1], normalisation, then a resize to ``image_size`` x ``image_size`` with antialiasing — the
 original's order, and the one training validates with):
@@ -43,7 +47,6 @@ import torch
 
 from dfd_lib.core.logs import progress_bar
 from dfd_lib.data.images import ImageLoadError, ImageSource
-from dfd_lib.data.preprocess import InputTransform
 from dfd_lib.models.checkpoints import PREPROCESS_MODES, MixtureConfig
 from dfd_lib.models.experts import MixtureOfExperts
 from dfd_lib.models.loading import load_weights
@@ -157,7 +160,8 @@ class Predictor:
         self._model = None if model is None else _materialize(model.eval().requires_grad_(False), self.device, self.memory_format)
         # opt-in: minutes of compilation per new input shape before it pays back (bench/RESULTS.md)
         self._forward = runtime if runtime is not None else torch.compile(self.model, dynamic=False) if compile else self.model
-        self.transform = InputTransform(config.image_size, config.mean, config.std, config.interpolation, config.antialias)
+        # the shared (3, S, S) input, or for experts that differ in preprocessing the tiled (3, H, W) one (data.preprocess)
+        self.transform = config.transform()
 
     @classmethod
     def load(
@@ -218,7 +222,7 @@ class Predictor:
         return decode_rgb(source, self.preprocess)
 
     def to_tensor(self, rgb: np.ndarray) -> torch.Tensor:
-        """The model input of an HxWx3 uint8 RGB image: ``(3, S, S)``."""
+        """The model input of an HxWx3 uint8 RGB image: ``(3, S, S)``, or tiled ``(3, H, W)`` (``config.input_shape``)."""
         return self.transform(rgb)
 
     def load_tensor(self, source: ImageSource) -> torch.Tensor:
@@ -228,7 +232,7 @@ class Predictor:
 
     @torch.inference_mode()
     def predict_tensor(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Preprocessed ``(B, 3, S, S)`` -> ``{"prob": (B,), "expert_probs": (B, E)}`` on the CPU."""
+        """Preprocessed ``(B, *config.input_shape)`` -> ``{"prob": (B,), "expert_probs": (B, E)}`` on the CPU."""
         x = batch.to(self.device, memory_format=self.memory_format, non_blocking=True)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.bf16 else nullcontext()
         with autocast:

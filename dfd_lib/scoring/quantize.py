@@ -20,7 +20,6 @@ import numpy as np
 
 from dfd_lib.core.signal_stack import reinstall_signal_stack
 from dfd_lib.data.images import ImageLoadError, is_image_path
-from dfd_lib.data.preprocess import InputTransform
 from dfd_lib.models.checkpoints import CheckpointError, MixtureConfig
 from dfd_lib.scoring.backends import require
 from dfd_lib.scoring.export import (
@@ -54,8 +53,8 @@ def calibration_files(inputs: Sequence[str | os.PathLike], limit: int) -> list[P
 
 
 def calibration_batches(files: Sequence[Path], config: MixtureConfig) -> list[np.ndarray]:
-    """Each readable file as a ``(1, 3, S, S)`` model input, preprocessed as the Predictor does."""
-    transform = InputTransform(config.image_size, config.mean, config.std, config.interpolation, config.antialias)
+    """Each readable file as a ``(1, *config.input_shape)`` model input, preprocessed as the Predictor does."""
+    transform = config.transform()
     batches = []
     for path in files:
         try:

@@ -237,7 +237,8 @@ def build_upload_app(predictor: Predictor, threshold: float | VerdictThreshold |
     status = widgets.HTML("drop or choose images to score")
     results_box = widgets.VBox()
     experts = ", ".join(dict.fromkeys(predictor.config.backbones))
-    header = widgets.HTML(f"<b>{predictor.num_experts} experts</b> ({experts}) at {predictor.config.image_size} px")
+    sizes = " / ".join(str(size) for size in dict.fromkeys(predictor.config.expert_sizes))  # experts may differ (a ViT's own)
+    header = widgets.HTML(f"<b>{predictor.num_experts} experts</b> ({experts}) at {sizes} px")
     notice = demo_notice(predictor.config)
     banner = [widgets.HTML(notice_html(notice))] if notice else []
     note = widgets.HTML(threshold_note_html(verdicts, slider.value))

@@ -303,7 +303,8 @@ async def health(request: Request) -> dict:
     return {
         "status": "ok",
         "model": {"backbones": predictor.config.backbones, "experts": predictor.num_experts,
-                  "image_size": predictor.config.image_size, "preprocess": predictor.preprocess,
+                  "image_size": predictor.config.image_size, "expert_image_sizes": predictor.config.expert_sizes,
+                  "preprocess": predictor.preprocess,
                   "device": str(predictor.device)},
         "limits": {"max_body_bytes": served.max_body_bytes, "max_pixels": limits.max_pixels,
                    "min_side": limits.min_side, "max_batch_images": served.max_batch_images,

@@ -33,8 +33,12 @@ def freeze_backbone_stages(expert: Expert, n_stages: int) -> list[torch.nn.Modul
     for name, param in expert.named_parameters():
         if name in frozen_names:
             param.requires_grad_(False)
-    # a module is frozen when it has parameters and all of them are: eval() keeps its BatchNorm
-    # statistics (and any dropout or drop-path inside it) fixed while the rest trains
+    return frozen_modules(expert)
+
+
+def frozen_modules(expert: Expert) -> list[torch.nn.Module]:
+    """The outermost modules of ``expert`` whose parameters are all frozen (it has some): eval() keeps
+    their BatchNorm statistics (and any dropout or drop-path inside them) fixed while the rest trains."""
     frozen = []
     for name, module in expert.named_modules():
         params = list(module.parameters())

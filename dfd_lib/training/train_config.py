@@ -21,6 +21,9 @@ _NESTED = ("loss", "augment")
 # how fast it runs, where it logs and how often it saves its state: not what it computes (a training
 # resumed from a step checkpoint ends with the weights of an uninterrupted one)
 _SPEED_ONLY = ("progress", "threads", "num_workers", "log_with", "checkpointing_steps", "checkpoints_total_limit")
+TUNINGS = ("full", "frozen", "lora", "effort")  # what of the expert trains (dfd_lib.training.tuning)
+# settings added after trainings were recorded: part of a training's key only when set, so older keys stay valid
+_KEYED_WHEN_SET = {"tuning": "full", "lora_rank": 8, "lora_alpha": 16, "effort_rank": 1}
 
 
 @dataclass
@@ -50,7 +53,13 @@ class TrainConfig(StepConfig):
     mixed_precision: str = "no"  # "bf16" / "fp16" apply on a GPU only
     channels_last: bool = True
     max_steps_per_epoch: int = 0  # cap on optimiser steps per epoch (CPU budgets, smoke runs); 0 = whole epochs
-    freeze_stages: int = 0  # the first N stage groups of the backbone (stem first) stay frozen: see modeling.freezing
+    freeze_stages: int = 0  # with tuning "full": the first N stage groups of the backbone (stem first) stay frozen (training.freezing)
+    # what trains (training.tuning): "full" every weight, "frozen" the head only, "lora" LoRA adapters + head,
+    # "effort" the residual singular subspace of the self-attention weights (Effort) + head
+    tuning: str = "full"
+    lora_rank: int = 8  # with tuning "lora": the adapters' rank r
+    lora_alpha: int = 16  # with tuning "lora": the adapters' scale is lora_alpha / lora_rank
+    effort_rank: int = 1  # with tuning "effort": the trained residual's rank per weight matrix (the paper's: 1)
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     threads: int = 0  # torch CPU threads (a busy shared CPU runs faster with fewer); 0 = torch's default
     progress: bool = True
@@ -94,6 +103,10 @@ class TrainConfig(StepConfig):
             ("num_workers", count(self.num_workers, 0), "an int >= 0"),
             ("mixed_precision", self.mixed_precision in MIXED_PRECISION, f"one of {MIXED_PRECISION}"),
             ("freeze_stages", count(self.freeze_stages, 0), "an int >= 0"),
+            ("tuning", self.tuning in TUNINGS, f"one of {TUNINGS}"),
+            ("lora_rank", count(self.lora_rank, 1), "an int >= 1"),
+            ("lora_alpha", count(self.lora_alpha, 1), "an int >= 1"),
+            ("effort_rank", count(self.effort_rank, 1), "an int >= 1"),
             ("max_steps_per_epoch", count(self.max_steps_per_epoch, 0), "an int >= 0 (0 = whole epochs)"),
             ("device", self.device in DEVICES, f"one of {DEVICES}"),
             ("threads", count(self.threads, 0), "an int >= 0 (0 = torch's default)"),
@@ -130,14 +143,20 @@ class TrainConfig(StepConfig):
 
     def result_settings(self) -> dict:
         """The settings that decide what a training computes: how fast it runs and where it logs left out."""
-        settings = json.loads(json.dumps(self.to_dict()))
-        for key in _SPEED_ONLY:
-            settings.pop(key, None)
-        return settings
+        return _result_only(self.to_dict())
 
     def same_run_as(self, other: Mapping) -> bool:
         """Whether a saved config describes the same run (how fast it ran aside)."""
-        theirs = json.loads(json.dumps(dict(other)))
-        for key in _SPEED_ONLY:
-            theirs.pop(key, None)
-        return self.result_settings() == theirs
+        return self.result_settings() == _result_only(other)
+
+
+def _result_only(settings: Mapping) -> dict:
+    """``settings`` without the speed-only ones, and without the later ones at their defaults (a config saved
+    before they existed and one saved with them unset describe the same run)."""
+    settings = json.loads(json.dumps(dict(settings)))
+    for key in _SPEED_ONLY:
+        settings.pop(key, None)
+    for key, default in _KEYED_WHEN_SET.items():
+        if settings.get(key, default) == default:
+            settings.pop(key, None)
+    return settings

@@ -44,7 +44,6 @@ import pandas as pd
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from timm.data import resolve_model_data_config
 from timm.optim import create_optimizer_v2
 from torch.optim.lr_scheduler import LambdaLR
 
@@ -52,6 +51,7 @@ from dfd_lib.core.atomic import atomic_write
 from dfd_lib.core.faults import crash_point
 from dfd_lib.core.logs import progress_bar
 from dfd_lib.data.datasets import ManifestDataset, make_loader
+from dfd_lib.models.backbones import expert_input
 from dfd_lib.models.checkpoints import save_expert_weights
 from dfd_lib.models.experts import Expert, create_ema
 from dfd_lib.stats.metrics import binary_metrics
@@ -71,6 +71,7 @@ from dfd_lib.training.training_state import (
     save_step_state,
     save_training_state,
 )
+from dfd_lib.training.tuning import apply_tuning, merged_expert
 
 BEST_WEIGHTS = "best_ema.safetensors"
 HISTORY_FILE = "history.csv"
@@ -111,8 +112,7 @@ class _Loop:
     val_loader: Any
     steps_per_epoch: int
     frozen: list
-    mean: tuple
-    std: tuple
+    inputs: dict  # the expert's preprocessing: image_size, mean, std, interpolation (models.backbones.expert_input)
     name: str  # the run folder's name, for messages
     selection: str  # "val_auc" or "val_loss"
     weights_source: str  # where the backbone's starting weights came from
@@ -166,7 +166,8 @@ def train_expert(
             log_epoch(loop.accelerator, row, progress.global_step)
             if loop.accelerator.is_main_process:
                 if improved:
-                    save_expert_weights(out_dir / BEST_WEIGHTS, loop.ema.module, _best_meta(loop, row))
+                    # LoRA's adapters merged into the weights: a plain timm expert (training.tuning)
+                    save_expert_weights(out_dir / BEST_WEIGHTS, merged_expert(loop.ema.module), _best_meta(loop, row))
                 atomic_write(out_dir / HISTORY_FILE, lambda tmp: pd.DataFrame(progress.history).to_csv(tmp, index=False))
                 atomic_write(out_dir / CURVES_FILE, lambda tmp: pd.DataFrame(loop.curves).to_csv(tmp, index=False))
             save_training_state(loop.accelerator, out_dir, progress)
@@ -190,16 +191,19 @@ def _build_loop(train_table: pd.DataFrame, val_table: pd.DataFrame, config: Trai
     set_seed(config.seed)
     weights = config.weights_path or None
     model = Expert(config.backbone, pretrained=config.pretrained, weights_path=weights, drop_rate=config.drop_rate)
-    frozen = freeze_backbone_stages(model, config.freeze_stages)
+    # what trains: with tuning "full" all but the first freeze_stages stage groups; the other tunings freeze the backbone
+    frozen = (freeze_backbone_stages(model, config.freeze_stages) if config.tuning == "full"
+              else apply_tuning(model, config.tuning, config.lora_rank, config.lora_alpha, config.effort_rank))
     if config.grad_checkpointing:
         model.baseline_extractor.set_grad_checkpointing(True)  # timm: recompute activations in the backward pass
-    data_config = resolve_model_data_config(model.baseline_extractor)
-    mean, std = tuple(data_config["mean"]), tuple(data_config["std"])
+    inputs = expert_input(model.baseline_extractor, config.image_size)  # a ViT keeps its own size, the rest image_size
+    size, mean, std, interpolation = inputs["image_size"], tuple(inputs["mean"]), tuple(inputs["std"]), inputs["interpolation"]
     model = model.to(memory_format=torch.channels_last if config.channels_last else torch.contiguous_format)
     batch_size = min(config.batch_size, len(train_table))
     micro_batch = max(1, batch_size // config.grad_accum_steps)  # the effective batch stays batch_size
-    train_set = ManifestDataset(train_table, config.image_size, train=True, mean=mean, std=std, augment=config.augment, seed=config.seed)
-    val_set = ManifestDataset(val_table, config.image_size, train=False, mean=mean, std=std)
+    train_set = ManifestDataset(train_table, size, train=True, mean=mean, std=std, augment=config.augment,
+                                interpolation=interpolation, seed=config.seed)
+    val_set = ManifestDataset(val_table, size, train=False, mean=mean, std=std, interpolation=interpolation)
     train_loader = make_loader(train_set, micro_batch, shuffle=True, seed=config.seed, num_workers=config.num_workers, drop_last=True)
     val_loader = make_loader(val_set, batch_size * 2, shuffle=False, num_workers=config.num_workers)
     # timm's AdamW groups: no weight decay on biases and norm weights; frozen parameters left out
@@ -217,7 +221,7 @@ def _build_loop(train_table: pd.DataFrame, val_table: pd.DataFrame, config: Trai
     if selection == "val_loss":
         log.warning("the validation set holds one class only: AUC is undefined, the best epoch is chosen by validation loss")
     return _Loop(config, accelerator, model, optimizer, scheduler, ema, MultiLoss(config.loss), train_loader, val_loader,
-                 steps, frozen, mean, std, out_dir.name, selection, accelerator.unwrap_model(model).weights_source, on_step)
+                 steps, frozen, inputs, out_dir.name, selection, accelerator.unwrap_model(model).weights_source, on_step)
 
 
 def _accelerator(config: TrainConfig, out_dir: Path):
@@ -412,8 +416,11 @@ def _predict(loop: _Loop) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _best_meta(loop: _Loop, row: dict) -> dict:
-    return {"image_size": loop.config.image_size, "mean": list(loop.mean), "std": list(loop.std),
-            "epoch": row["epoch"], "val_auc": row["val_auc"], "val_loss": row["val_loss"],
+    inputs = loop.inputs
+    # interpolation recorded only when it is not the method's bilinear: a CNN expert's file stays as it was
+    shape = {k: inputs[k] for k in ("image_size", "mean", "std")} | (
+        {"interpolation": inputs["interpolation"]} if inputs["interpolation"] != "bilinear" else {})
+    return {**shape, "epoch": row["epoch"], "val_auc": row["val_auc"], "val_loss": row["val_loss"],
             "initial_weights": loop.weights_source}
 
 

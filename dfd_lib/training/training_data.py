@@ -87,22 +87,32 @@ def load_training_data(run: runs.RunDir, use_augmented: bool = True, max_experts
                         provenance=dataset_provenance(run))
 
 
-def expert_configs(base: TrainConfig, backbones: Sequence[str], backbone_weights: Sequence[str] | str, count: int) -> list[TrainConfig]:
-    """``count`` copies of ``base``, the i-th with backbone ``backbones[i % len]`` and local weights
+def expert_configs(base: TrainConfig, backbones: Sequence[str], backbone_weights: Sequence[str] | str, count: int,
+                   tunings: Sequence[str] | str = ()) -> list[TrainConfig]:
+    """``count`` copies of ``base``, the i-th with backbone ``backbones[i % len]``, local weights
     ``backbone_weights[i % len]`` ("" or an empty list: the package / random weights; relative paths
-    are taken from the project root). Fewer backbones than experts are cycled; more is an error (a
-    backbone would never train), as are weights that are neither none, one nor one per backbone."""
+    are taken from the project root) and tuning ``tunings[i % len]`` (empty: ``base``'s, "full" by default).
+    Fewer backbones than experts are cycled; more is an error (a backbone would never train), as are
+    weights or tunings that are neither none, one nor one per backbone."""
     if isinstance(backbones, str) or not backbones:
         raise ValueError(f"backbones must be a non-empty list of timm names, got {backbones!r}")
     if len(backbones) > count:
         raise ValueError(f"{len(backbones)} backbones for {count} experts (one per re-split): {', '.join(backbones[count:])} "
                          f"would never train; give at most {count} backbones, or more clusters (02.n_clusters)")
-    weights = [backbone_weights] if isinstance(backbone_weights, str) else list(backbone_weights)
-    if len(weights) not in (0, 1, len(backbones)):
-        raise ValueError(f"{len(weights)} backbone_weights for {len(backbones)} backbones: give none, one, or one per backbone")
+    weights = _per_backbone("backbone_weights", backbone_weights, backbones)
     weights = [str(resolve(w)) if str(w) else "" for w in weights] or [""]
-    return [dataclasses.replace(base, backbone=str(backbones[i % len(backbones)]), weights_path=weights[i % len(weights)])
+    modes = [str(t) for t in _per_backbone("tunings", tunings, backbones)] or [base.tuning]
+    return [dataclasses.replace(base, backbone=str(backbones[i % len(backbones)]), weights_path=weights[i % len(weights)],
+                                tuning=modes[i % len(modes)])
             for i in range(count)]
+
+
+def _per_backbone(name: str, values: Sequence[str] | str, backbones: Sequence[str]) -> list:
+    """``values`` as a list of none, one (for every backbone) or one per backbone; anything else is an error."""
+    listed = [values] if isinstance(values, str) else list(values)
+    if len(listed) not in (0, 1, len(backbones)):
+        raise ValueError(f"{len(listed)} {name} for {len(backbones)} backbones: give none, one, or one per backbone")
+    return listed
 
 
 def configs_table(configs: Mapping[str, TrainConfig]) -> pd.DataFrame:
@@ -113,7 +123,7 @@ def configs_table(configs: Mapping[str, TrainConfig]) -> pd.DataFrame:
         d = config.to_dict()
         d.pop("loss")
         d.pop("augment")
-        rows[name] = {**{k: d[k] for k in ("backbone", "weights_path", "image_size", "epochs", "batch_size", "lr",
+        rows[name] = {**{k: d[k] for k in ("backbone", "weights_path", "tuning", "image_size", "epochs", "batch_size", "lr",
                                             "freeze_stages", "max_steps_per_epoch", "ema_decay")},
                       **{k: getattr(config.loss, k) for k in loss_summary_names()}}
     return pd.DataFrame.from_dict(rows, orient="index")
