@@ -174,7 +174,7 @@ def test_the_kl_terms_noisy_copies_leave_the_mask_term_on_the_clean_rows():
     alone = MultiLoss(LossConfig(kl_weight=0, mask_weight=1.0))(model, images, labels, masks=masks, has_mask=has)
     with_kl = MultiLoss(LossConfig(kl_weight=1.0, kl_fraction=0.5, mask_weight=1.0))(model, images, labels, masks=masks,
                                                                                      has_mask=has)
-    assert float(with_kl["kl"]) >= 0
+    assert with_kl["kl"].item() >= 0
     torch.testing.assert_close(with_kl["mask"], alone["mask"])
 
 
@@ -292,3 +292,33 @@ def test_only_fakes_with_a_partial_mask_are_scored(spliced, tmp_path):
     kept = partial_mask_rows(table)
     assert list(kept.index) == [1] and kept.loc[1, "mask_share"] == pytest.approx(0.25)
     assert partial_mask_rows(table.drop(columns="mask")).empty
+
+
+# --------------------------------------------------------------------------- notebook 04 with the heads on
+
+
+@pytest.mark.slow
+@pytest.mark.notebook
+def test_notebook_04_on_the_smoke_profile_with_heads_reports_pixel_scores_per_family(tmp_path):
+    """The smoke profile with ``mask_weight`` 1: every expert has a head, the mixture saves them, and notebook 04
+    reports pixel F1 and IoU per test family with intervals, and draws the grid of true against predicted masks."""
+    from dfd_lib.core import runs  # deferred: the pipeline's modules are only needed by this slow test
+    from dfd_lib.pipeline.chain import run_pipeline  # deferred: as above
+
+    overrides = {"04.mask_weight": "1.0", "04.ladder_seeds": "0", "04.run_ablation": "false", "04.robustness": "false"}
+    result = run_pipeline("smoke", run="localisation", overrides=overrides, reports_dir=tmp_path / "reports", progress=False,
+                          write_report=False)
+    assert result.ok, [step.error for step in result.steps]
+    run = runs.RunDir(result.run_dir)
+    config = json.loads((run.path(runs.MOE_WEIGHTS) / CONFIG_FILE).read_text())
+    assert config["localisation_head"] == "light"
+    histories = [pd.read_csv(path) for path in sorted(run.path(runs.EXPERTS_DIR).glob("expert_*/history.csv"))]
+    assert histories and all((history["train_mask"] > 0).all() for history in histories)  # the masks were read and learned from
+    summary = pd.read_csv(run.table("04_localisation"))
+    assert "all" in set(summary["family"]) and len(summary) >= 2  # at least one family, and all of them together
+    for metric in ("f1", "iou"):
+        assert summary[metric].between(0, 1).all()
+        assert (summary[f"{metric}_lo"] <= summary[metric] + 1e-12).all() and (summary[metric] <= summary[f"{metric}_hi"] + 1e-12).all()
+    assert run.figure("04_localisation").is_file()
+    headline = pd.read_csv(run.table("04_headline"), index_col=0)
+    print(summary.to_string(), headline[["auc", "auc_lo", "auc_hi"]].to_string(), sep="\n")  # the figures, for the record
