@@ -301,13 +301,15 @@ def test_only_fakes_with_a_partial_mask_are_scored(spliced, tmp_path):
 @pytest.mark.notebook
 def test_notebook_04_on_the_smoke_profile_with_heads_reports_pixel_scores_per_family(tmp_path):
     """The smoke profile with ``mask_weight`` 1: every expert has a head, the mixture saves them, and notebook 04
-    reports pixel F1 and IoU per test family with intervals, and draws the grid of true against predicted masks."""
+    reports pixel F1 and IoU per test family with intervals and draws the grid of true against predicted masks.
+    Step 04 again with the heads off (01-03 reused): no heads, no pixel figures, and the mixture's image-level
+    test AUC with the heads lies within the interval of the one without."""
     from dfd_lib.core import runs  # deferred: the pipeline's modules are only needed by this slow test
     from dfd_lib.pipeline.chain import run_pipeline  # deferred: as above
 
-    overrides = {"04.mask_weight": "1.0", "04.ladder_seeds": "0", "04.run_ablation": "false", "04.robustness": "false"}
-    result = run_pipeline("smoke", run="localisation", overrides=overrides, reports_dir=tmp_path / "reports", progress=False,
-                          write_report=False)
+    overrides = {"04.ladder_seeds": "0", "04.run_ablation": "false", "04.robustness": "false"}
+    result = run_pipeline("smoke", run="localisation", overrides={**overrides, "04.mask_weight": "1.0"},
+                          reports_dir=tmp_path / "reports", progress=False, write_report=False)
     assert result.ok, [step.error for step in result.steps]
     run = runs.RunDir(result.run_dir)
     config = json.loads((run.path(runs.MOE_WEIGHTS) / CONFIG_FILE).read_text())
@@ -320,5 +322,15 @@ def test_notebook_04_on_the_smoke_profile_with_heads_reports_pixel_scores_per_fa
         assert summary[metric].between(0, 1).all()
         assert (summary[f"{metric}_lo"] <= summary[metric] + 1e-12).all() and (summary[metric] <= summary[f"{metric}_hi"] + 1e-12).all()
     assert run.figure("04_localisation").is_file()
-    headline = pd.read_csv(run.table("04_headline"), index_col=0)
-    print(summary.to_string(), headline[["auc", "auc_lo", "auc_hi"]].to_string(), sep="\n")  # the figures, for the record
+    with_heads = pd.read_csv(run.table("04_headline"), index_col="model")
+
+    result = run_pipeline(None, run="localisation", overrides={**overrides, "04.mask_weight": "0.0"},
+                          reports_dir=tmp_path / "reports", progress=False, write_report=False)
+    assert result.ok, [step.error for step in result.steps]
+    assert "localisation_head" not in json.loads((run.path(runs.MOE_WEIGHTS) / CONFIG_FILE).read_text())
+    assert pd.read_csv(run.table("04_localisation")).empty
+    without = pd.read_csv(run.table("04_headline"), index_col="model")
+    mixture = [name for name in with_heads.index if name.startswith("mixture")][0]
+    columns = ["test_auc", "test_auc_lo", "test_auc_hi"]
+    print(summary.to_string(), "with heads:", with_heads[columns].to_string(), "without:", without[columns].to_string(), sep="\n")
+    assert without.loc[mixture, "test_auc_lo"] <= with_heads.loc[mixture, "test_auc"] <= without.loc[mixture, "test_auc_hi"]

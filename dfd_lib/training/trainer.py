@@ -399,7 +399,7 @@ def _note_skipped(loop: _Loop, skipped: list[tuple[str, str]], what: str = "imag
     for path, reason in skipped:
         if path not in loop.skipped and loop.show:
             log.warning("skipped unreadable %s %s: %s", what, path, reason)
-        loop.skipped[path] = reason
+        loop.skipped[path] = reason if what == "image" else f"{what} not used: {reason}"  # TrainResult.skipped
 
 
 @torch.no_grad()
