@@ -24,6 +24,7 @@ from dfd_lib.training.losses import LossConfig, MultiLoss
 from dfd_lib.training.train_config import TrainConfig
 from dfd_lib.training.trainer import train_expert
 from dfd_lib.training.training_key import training_key
+from dfd_lib.training.tuning import freeze_all_but_head
 
 BACKBONE = "test_efficientnet"
 SIZE = 64  # test_efficientnet's feature map at 64 px: 2x2
@@ -211,6 +212,22 @@ def test_a_tiny_training_learns_the_splice_masks(trained, spliced):
             inside.append(float(predicted[item["mask"][0] > 0.5].mean()))
             outside.append(float(predicted[item["mask"][0] <= 0.5].mean()))
     assert np.mean(inside) > np.mean(outside)
+
+
+def test_an_unusable_mask_is_reported_and_its_row_still_trains(spliced, tmp_path):
+    rows = spliced.iloc[:8].copy()
+    rows.loc[1, "mask"] = str(tmp_path / "gone.png")
+    result = train_expert(rows, spliced.iloc[20:], _config(epochs=1), tmp_path / "run")
+    skipped = dict(zip(result.skipped["path"], result.skipped["reason"]))
+    assert list(skipped) == [rows.loc[1, "mask"]] and skipped[rows.loc[1, "mask"]].startswith("mask not used")
+    assert result.history.loc[0, "train_images"] == 6  # one batch of 6 (drop_last): the row was not dropped for its mask
+
+
+def test_the_head_trains_in_every_tuning_mode():
+    expert = Expert(BACKBONE, localisation_head="linear")
+    freeze_all_but_head(expert)  # what frozen, lora and effort start from
+    assert all(p.requires_grad for p in expert.localisation_head.parameters())
+    assert not all(p.requires_grad for p in expert.baseline_extractor.parameters())
 
 
 def test_the_mask_term_and_the_masks_enter_the_key_only_when_on(spliced, tmp_path):
