@@ -194,7 +194,10 @@ def _config(**overrides) -> TrainConfig:
 def trained(spliced, tmp_path_factory):
     with one_torch_thread():
         out = tmp_path_factory.mktemp("trained") / "expert"
-        return train_expert(spliced.iloc[:20], spliced.iloc[20:], _config(), out)
+        # validated on fakes only (selection by validation loss: on 4 images the AUC is 1 from the first epoch on),
+        # with a short EMA, so the kept weights are a later epoch's
+        val = spliced.iloc[20:][spliced.iloc[20:]["label"] == 1]
+        return train_expert(spliced.iloc[:20], val, _config(ema_decay=0.5), out)
 
 
 def test_a_tiny_training_learns_the_splice_masks(trained, spliced):
@@ -202,16 +205,18 @@ def test_a_tiny_training_learns_the_splice_masks(trained, spliced):
     assert history["train_mask"].iloc[-1] < history["train_mask"].iloc[0]
     expert, meta = load_expert(trained.best_weights)
     assert meta["localisation_head"] == "light" and expert.head_kind == "light"
-    # the map is higher on the spliced quarter than elsewhere, on the training fakes
+    # on the training fakes the map is high on the spliced quarter, low elsewhere: far better than chance
+    # (a map calling every pixel edited scores F1 0.4 here, a quarter guessed at random 0.25 on average)
     dataset = ManifestDataset(spliced.iloc[:20], SIZE, masks=True)
-    inside, outside = [], []
+    inside, outside, f1 = [], [], []
     with torch.no_grad():
         for i in range(1, 20, 2):
             item = dataset[i]
             predicted = mask_map(expert(item["image"][None])["mask_logits"], SIZE)[0]
             inside.append(float(predicted[item["mask"][0] > 0.5].mean()))
             outside.append(float(predicted[item["mask"][0] <= 0.5].mean()))
-    assert np.mean(inside) > np.mean(outside)
+            f1.append(pixel_scores(predicted.numpy(), item["mask"][0].numpy() > 0.5)["f1"])
+    assert np.mean(inside) > np.mean(outside) + 0.3 and np.mean(f1) > 0.6
 
 
 def test_an_unusable_mask_is_reported_and_its_row_still_trains(spliced, tmp_path):
