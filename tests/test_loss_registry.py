@@ -33,7 +33,7 @@ from dfd_lib.training.train_config import TrainConfig
 from dfd_lib.training.trainer import CURVES_FILE, HISTORY_FILE, train_expert
 from dfd_lib.training.training_data import configs_table
 
-BUILT_INS = ("ce", "nce", "kl")
+BUILT_INS = ("ce", "nce", "kl", "mask")  # mask: off by default (localisation heads, issue 28)
 
 
 # --------------------------------------------------------------------------- the toy term: its one registration
@@ -89,12 +89,12 @@ def toy_training(images, tmp_path_factory):
 
 def test_toy_parameters_are_config_parameters():
     assert loss_names() == (*BUILT_INS, "toy")
-    assert LossConfig.parameter_names() == ("ce_weight", "nce_weight", "kl_weight", "toy_weight", "temperature", "noise_kind",
-                                            "noise_strength", "kl_fraction", "toy_share")
+    assert LossConfig.parameter_names() == ("ce_weight", "nce_weight", "kl_weight", "mask_weight", "toy_weight", "temperature",
+                                            "noise_kind", "noise_strength", "kl_fraction", "mask_head", "toy_share")
     assert LossConfig.parameter_defaults()["toy_weight"] == 0.0 and TrainConfig.parameter_defaults()["toy_share"] == 0.5
     config = TrainConfig.from_params({"toy_weight": 0.5, "toy_share": 0.25, "lr": 0.01, "families": ["x"]})
     assert config.lr == 0.01 and config.loss.toy_weight == 0.5 and config.loss.toy_share == 0.25
-    assert config.loss.weights == {"ce": 1.0, "nce": 0.1, "kl": 1.0, "toy": 0.5}
+    assert config.loss.weights == {"ce": 1.0, "nce": 0.1, "kl": 1.0, "mask": 0.0, "toy": 0.5}
     assert config.loss.options("toy") == {"toy_share": 0.25}
     # a YAML file for dfd train: the nested loss mapping, and the saved config read back
     assert TrainConfig.from_dict({"lr": 0.01, "loss": {"toy_weight": 0.5, "toy_share": 0.25}}) == config
@@ -165,7 +165,7 @@ def test_multiloss_adds_the_toy_term_after_the_built_ins():
     config = LossConfig(nce_weight=0.5, kl_fraction=0.5, toy_weight=0.25, toy_share=0.25)
     torch.manual_seed(1)
     losses = MultiLoss(config)(model, x, y)
-    assert list(losses) == ["overall", "ce", "nce", "kl", "toy"]
+    assert list(losses) == ["overall", "ce", "nce", "kl", "mask", "toy"]
     assert model.batch_sizes == [8 + 4 + 2]  # the batch, KL's noisy half and the toy's mirrored quarter in one forward
     torch.manual_seed(1)  # KL's noise drawn again: the toy's copy draws nothing
     noisy = add_noise(x[:4], "gaussian", 0.1)
@@ -211,12 +211,12 @@ def test_the_ablation_and_the_tables_show_the_toy_term(toy_training, images):
                                               "CE + Toy": ("ce", "toy"), "CE + NCE + KL + Toy": ("ce", "nce", "kl", "toy")}
     assert all_losses_variant(config.loss) == "CE + NCE + KL + Toy"
     assert ablation_config(config, ("ce", "nce", "kl", "toy")) == config  # the experts' run is the all-terms variant
-    assert ablation_config(config, ("ce", "toy")).loss.weights == {"ce": 1.0, "nce": 0.0, "kl": 0.0, "toy": 0.5}
+    assert ablation_config(config, ("ce", "toy")).loss.weights == {"ce": 1.0, "nce": 0.0, "kl": 0.0, "mask": 0.0, "toy": 0.5}
     with pytest.raises(ValueError, match="off in the config and by default"):
         ablation_config(_config(), ("ce", "toy"))
     ablated = AblationResult(resplit=0, results={"CE + NCE + KL + Toy": toy_training}, reused="CE + NCE + KL + Toy", seconds=0.0)
     table = ablation_table(ablated, images.iloc[16:], batch_size=8, progress=False)
-    assert list(table.columns[:4]) == ["ce_weight", "nce_weight", "kl_weight", "toy_weight"]
+    assert list(table.columns[:5]) == ["ce_weight", "nce_weight", "kl_weight", "mask_weight", "toy_weight"]
     assert table.loc["CE + NCE + KL + Toy", "toy_weight"] == 0.5
     assert "toy_weight" in ablation_table(AblationResult(0, {}, None, 0.0), images).columns  # the empty table too
     settings = configs_table({"expert_0": config, "official": _config()})

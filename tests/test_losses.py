@@ -145,7 +145,7 @@ def test_multiloss_weighted_sum_and_parts():
     x, y = torch.randn(8, 6), torch.tensor([0, 1] * 4)
     config = LossConfig(ce_weight=1.0, nce_weight=0.5, kl_weight=2.0, noise_strength=0.5)
     losses = MultiLoss(config)(model, x, y)
-    assert set(losses) == {"overall", "ce", "nce", "kl"}
+    assert set(losses) == {"overall", "ce", "nce", "kl", "mask"}  # mask: off by default, 0
     assert model.batch_sizes == [16]  # clean and noisy copies in one forward
     expected = losses["ce"] + 0.5 * losses["nce"] + 2.0 * losses["kl"]
     assert losses["overall"].item() == pytest.approx(expected.item(), rel=1e-6)
@@ -227,7 +227,7 @@ def test_multiloss_equals_the_term_functions_bit_for_bit(settings):
     losses = MultiLoss(LossConfig(**settings))(model, x, y)
     torch.manual_seed(5)  # the same noise: the same RNG calls in the same order
     expected = _reference_losses(reference_model, x, y, **settings)
-    assert list(losses) == ["overall", "ce", "nce", "kl"]
+    assert list(losses) == ["overall", "ce", "nce", "kl", "mask"]
     for name in expected:
         assert torch.equal(losses[name], expected[name]), name
     losses["overall"].backward()
@@ -246,16 +246,18 @@ BUILT_IN_DICT = {"ce_weight": 1.0, "nce_weight": 0.1, "kl_weight": 1.0, "tempera
 def test_built_in_terms_make_the_same_loss_config():
     from dfd_lib.training import losses
 
-    assert loss_names() == ("ce", "nce", "kl") == losses.LOSS_NAMES
-    assert [t.label for t in loss_terms()] == ["CE", "NCE", "KL"]
-    assert LossConfig.parameter_names() == tuple(BUILT_IN_DICT)
-    assert LossConfig.parameter_defaults() == BUILT_IN_DICT
+    assert loss_names() == ("ce", "nce", "kl", "mask") == losses.LOSS_NAMES
+    assert [t.label for t in loss_terms()] == ["CE", "NCE", "KL", "Mask"]
+    # the mask term (localisation heads) is off by default: its parameters exist, a saved config does not show them
+    assert LossConfig.parameter_names() == ("ce_weight", "nce_weight", "kl_weight", "mask_weight", "temperature", "noise_kind",
+                                            "noise_strength", "kl_fraction", "mask_head")
+    assert LossConfig.parameter_defaults() == {**BUILT_IN_DICT, "mask_weight": 0.0, "mask_head": "light"}
     assert list(LossConfig().to_dict().items()) == list(BUILT_IN_DICT.items())  # same keys, same order: same config.json
     config = LossConfig(nce_weight=0, kl_fraction=0.5)
     assert config.to_dict() == {**BUILT_IN_DICT, "nce_weight": 0, "kl_fraction": 0.5}
     assert isinstance(config.to_dict()["nce_weight"], int)  # values kept as given, as the dataclass did
     assert config.nce_weight == 0 and config.temperature == 0.07 and config.noise_kind == "gaussian"
-    assert config.weights == {"ce": 1.0, "nce": 0.0, "kl": 1.0}
+    assert config.weights == {"ce": 1.0, "nce": 0.0, "kl": 1.0, "mask": 0.0}
     assert [t.name for t in config.enabled] == ["ce", "kl"]
     assert config.options("kl") == {"noise_kind": "gaussian", "noise_strength": 0.1, "kl_fraction": 0.5}
     assert config.memory_factor == 0.5 and LossConfig(kl_weight=0).memory_factor == 0

@@ -9,6 +9,12 @@ any worker, any process and after a resume.
 
 Unreadable images never stop a run: the sample comes back as an error record, the collate
 function drops it and lists it in the batch's ``skipped`` entry for the caller to report.
+
+With ``masks=True`` (the ``mask`` loss term) each sample also carries its manipulation mask (the
+manifest's ``mask`` column) as ``(1, S, S)`` in [0, 1], through exactly the image's geometric
+transform (the same crop, resize and flip; nothing photometric), and ``has_mask``. A row without a
+mask gets zeros and ``has_mask`` False; so does a row whose mask cannot be read or is not its image's
+size, reported in the batch's ``mask_skipped`` entry rather than stopping the run.
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import RandomResizedCrop
 
 from dfd_lib.data.images import ImageLoadError, load_rgb
+from dfd_lib.data.manifest import MASK
 from dfd_lib.data.preprocess import IMAGENET_MEAN, IMAGENET_STD, InputTransform
 
 
@@ -73,6 +80,7 @@ class ManifestDataset(Dataset):
         interpolation: str = "bilinear",
         antialias: bool = True,
         seed: int = 0,
+        masks: bool = False,
     ):
         missing = [c for c in ("path", "label") if c not in table.columns]
         if missing:
@@ -84,6 +92,8 @@ class ManifestDataset(Dataset):
         self.augment = (augment or TrainAugmentConfig()) if train else None
         self.seed = int(seed)
         self.epoch = 0
+        self.masks = bool(masks)
+        self.mask_paths = [_mask_path(v) for v in table[MASK]] if MASK in table.columns else [None] * len(self.paths)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -94,15 +104,31 @@ class ManifestDataset(Dataset):
     def to_tensor(self, rgb: np.ndarray, generator_seed: int | None = None) -> torch.Tensor:
         """HxWx3 uint8 -> normalised ``(3, S, S)``; with ``generator_seed``, augmented."""
         x = self.transform.normalise(rgb)
-        flip = False
+        return self._geometric(x, self._draw(x, generator_seed))
+
+    def mask_tensor(self, mask: np.ndarray, generator_seed: int | None = None) -> torch.Tensor:
+        """HxW uint8 mask (its image's size; > 0 = changed) -> ``(1, S, S)`` in [0, 1], through the same crop,
+        resize and flip as :meth:`to_tensor` gives its image for ``generator_seed``."""
+        m = torch.from_numpy((np.asarray(mask) > 0).astype(np.float32))[None]
+        return self._geometric(m, self._draw(m, generator_seed)).clamp_(0.0, 1.0)
+
+    def _draw(self, x: torch.Tensor, generator_seed: int | None) -> tuple[tuple[int, int, int, int] | None, bool]:
+        """The crop box (None: the whole image) and the flip for ``generator_seed``, from ``x``'s height and width."""
+        box, flip = None, False
         if generator_seed is not None and self.augment is not None:
             # torchvision draws crop parameters from the global RNG: fork it, seed it per sample
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(generator_seed)
                 if self.augment.crops:
-                    top, left, height, width = RandomResizedCrop.get_params(x, list(self.augment.crop_scale), list(self.augment.crop_ratio))
-                    x = x[:, top : top + height, left : left + width]
+                    box = tuple(RandomResizedCrop.get_params(x, list(self.augment.crop_scale), list(self.augment.crop_ratio)))
                 flip = self.augment.hflip and bool(torch.rand(()) < 0.5)
+        return box, flip
+
+    def _geometric(self, x: torch.Tensor, drawn: tuple[tuple[int, int, int, int] | None, bool]) -> torch.Tensor:
+        box, flip = drawn
+        if box is not None:
+            top, left, height, width = box
+            x = x[:, top : top + height, left : left + width]
         x = self.transform.resize(x)
         return x.flip(-1) if flip else x
 
@@ -113,7 +139,33 @@ class ManifestDataset(Dataset):
         except (ImageLoadError, OSError) as exc:
             return {"index": index, "path": path, "error": getattr(exc, "reason", str(exc))}
         seed = sample_seed(self.seed, self.epoch, index) if self.train else None
-        return {"image": self.to_tensor(rgb, seed), "label": int(self.labels[index]), "index": index}
+        item = {"image": self.to_tensor(rgb, seed), "label": int(self.labels[index]), "index": index}
+        if self.masks:
+            item.update(self._mask_item(index, rgb.shape[:2], seed))
+        return item
+
+    def _mask_item(self, index: int, image_shape: tuple[int, int], seed: int | None) -> dict:
+        """``mask`` and ``has_mask`` of row ``index`` (zeros and False without a usable mask, with ``mask_error``)."""
+        side = self.transform.image_size
+        empty = {"mask": torch.zeros(1, side, side), "has_mask": False}
+        mask_path = self.mask_paths[index]
+        if mask_path is None:
+            return empty
+        try:
+            mask = np.array(load_rgb(mask_path))[..., 0]  # a mask is grey: any channel
+        except (ImageLoadError, OSError) as exc:
+            return {**empty, "mask_error": (mask_path, getattr(exc, "reason", str(exc)))}
+        if mask.shape != tuple(image_shape):
+            return {**empty, "mask_error": (mask_path, f"{mask.shape[1]}x{mask.shape[0]}, its image is "
+                                                       f"{image_shape[1]}x{image_shape[0]}")}
+        return {"mask": self.mask_tensor(mask, seed), "has_mask": True}
+
+
+def _mask_path(value) -> str | None:
+    """A ``mask`` cell as a path, None when empty."""
+    if value is None or (not isinstance(value, str) and pd.isna(value)) or str(value) == "":
+        return None
+    return str(value)
 
 
 def collate_skipping_unreadable(items: list[dict]) -> dict:
@@ -123,12 +175,17 @@ def collate_skipping_unreadable(items: list[dict]) -> dict:
     if not good:
         return {"image": torch.empty(0), "label": torch.empty(0, dtype=torch.long),
                 "index": torch.empty(0, dtype=torch.long), "skipped": skipped}
-    return {
+    batch = {
         "image": torch.stack([item["image"] for item in good]),
         "label": torch.tensor([item["label"] for item in good], dtype=torch.long),
         "index": torch.tensor([item["index"] for item in good], dtype=torch.long),
         "skipped": skipped,
     }
+    if "mask" in good[0]:  # a dataset with masks=True
+        batch["mask"] = torch.stack([item["mask"] for item in good])
+        batch["has_mask"] = torch.tensor([item["has_mask"] for item in good], dtype=torch.bool)
+        batch["mask_skipped"] = [item["mask_error"] for item in good if "mask_error" in item]
+    return batch
 
 
 class EpochShuffleSampler(Sampler[int]):

@@ -3,7 +3,8 @@ mixture assembled from experts (:func:`dfd_lib.models.loading.load_weights` read
 released one, :mod:`dfd_lib.models.released`).
 
 Our format: a directory with ``model.safetensors`` (keys ``experts.<i>.baseline_extractor.*``,
-EMA already folded) and ``config.json`` (:class:`MixtureConfig`). Writes are atomic, so a
+EMA already folded; ``experts.<i>.localisation_head.*`` when the experts have localisation heads) and
+``config.json`` (:class:`MixtureConfig`, whose ``localisation_head`` names the heads' kind, absent without). Writes are atomic, so a
 training run stopped mid-save never leaves a half-written checkpoint. An expert's weights are one
 ``best_ema.safetensors`` whose metadata holds its backbone and preprocessing.
 """
@@ -28,6 +29,7 @@ from dfd_lib.core.config import StepConfig
 from dfd_lib.data.preprocess import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, InputTransform, TiledTransform
 from dfd_lib.models.backbones import canonical_backbone_name
 from dfd_lib.models.experts import Expert, MixtureOfExperts, build_mixture
+from dfd_lib.models.localisation import HEAD_KINDS
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -61,6 +63,8 @@ class MixtureConfig(StepConfig):
     # one {image_size, mean, std, interpolation} per expert when the experts differ (a ViT at 224 px beside CNNs
     # at 512 px: each its own backbone's); empty: every expert takes the shared fields above (written only when set)
     expert_inputs: list[dict] = field(default_factory=list)
+    # the kind of every expert's localisation head (dfd_lib.models.localisation); empty: no heads (written only when set)
+    localisation_head: str = ""
 
     def __post_init__(self):
         if isinstance(self.backbones, str) or not self.backbones:
@@ -87,6 +91,8 @@ class MixtureConfig(StepConfig):
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
             raise ValueError(f"MixtureConfig.calibration needs a threshold in [0, 1], got {threshold!r}")
         self.expert_inputs = self._checked_expert_inputs()
+        if self.localisation_head and self.localisation_head not in HEAD_KINDS:
+            raise ValueError(f"MixtureConfig.localisation_head must be one of {HEAD_KINDS} or empty, got {self.localisation_head!r}")
 
     def _checked_expert_inputs(self) -> list[dict]:
         if isinstance(self.expert_inputs, (str, Mapping)) or not isinstance(self.expert_inputs, Sequence):
@@ -139,6 +145,8 @@ class MixtureConfig(StepConfig):
         saved = dataclasses.asdict(self)
         if not saved["expert_inputs"]:  # a mixture with one preprocessing keeps the file older readers know
             saved.pop("expert_inputs")
+        if not saved["localisation_head"]:  # a mixture without heads: the file as before heads existed
+            saved.pop("localisation_head")
         return json.dumps(saved, indent=2)
 
 
@@ -153,6 +161,8 @@ def save_mixture(model: MixtureOfExperts, directory: str | os.PathLike, config: 
     directory = Path(directory)
     if list(config.backbones) != model.backbones:
         raise ValueError(f"config names backbones {config.backbones} but the model has {model.backbones}")
+    if (config.localisation_head or None) != model.head_kind:
+        raise ValueError(f"config names localisation head {config.localisation_head!r} but the model has {model.head_kind!r}")
     tensors = {key: value.detach().to("cpu").contiguous() for key, value in model.state_dict().items()}
     metadata = {"format": "pt", "dfd_format_version": str(FORMAT_VERSION)}
     atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_safetensors(tensors, tmp, metadata))
@@ -205,10 +215,10 @@ def _file_sha256(path: Path, size: int, mtime_ns: int) -> str:
     return digest.hexdigest()
 
 
-def build_on_meta(backbones: Sequence[str]) -> MixtureOfExperts:
+def build_on_meta(backbones: Sequence[str], localisation_head: str | None = None) -> MixtureOfExperts:
     # No memory and no random init for weights that are about to be replaced.
     with torch.device("meta"):
-        return build_mixture(backbones)
+        return build_mixture(backbones, localisation_head=localisation_head or None)
 
 
 def assign_state(model: MixtureOfExperts, state: Mapping[str, torch.Tensor], released_layout: bool, source: str):
@@ -246,7 +256,7 @@ def load_mixture(directory: str | os.PathLike) -> tuple[MixtureOfExperts, Mixtur
         state = load_file(str(weights), device="cpu")
     except Exception as exc:  # safetensors raises its own error types for damaged files
         raise CheckpointError(f"{weights}: cannot read safetensors file: {exc}") from None
-    model = build_on_meta(config.backbones)
+    model = build_on_meta(config.backbones, config.localisation_head)
     assign_state(model, state, released_layout=False, source=str(weights))
     model.input_sizes = None if config.shared_input else config.expert_sizes
     return model, config
@@ -258,7 +268,8 @@ def load_mixture(directory: str | os.PathLike) -> tuple[MixtureOfExperts, Mixtur
 def save_expert_weights(path: str | os.PathLike, expert: Expert, meta: Mapping) -> Path:
     """An expert's weights and ``meta`` (backbone, image_size, mean, std, ...) as one safetensors file, atomically."""
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in expert.state_dict().items()}
-    metadata = {"format": "pt", _EXPERT_META: json.dumps({"backbone": expert.backbone_name, **meta})}
+    head = {"localisation_head": expert.head_kind} if expert.head_kind else {}  # absent: the file as before heads
+    metadata = {"format": "pt", _EXPERT_META: json.dumps({"backbone": expert.backbone_name, **head, **meta})}
     return atomic_write(path, lambda tmp: save_safetensors(tensors, tmp, metadata))
 
 
@@ -281,7 +292,7 @@ def load_expert(weights_path: str | os.PathLike) -> tuple[Expert, dict]:
     with safe_open(str(weights_path), framework="pt", device="cpu") as handle:
         meta = json.loads(handle.metadata()[_EXPERT_META])
         state = {key: handle.get_tensor(key) for key in handle.keys()}
-    expert = Expert(meta["backbone"], pretrained=False)
+    expert = Expert(meta["backbone"], pretrained=False, localisation_head=meta.get("localisation_head"))
     expert.load_state_dict(state, strict=True)
     return expert.eval(), meta
 
@@ -296,8 +307,11 @@ def mixture_from_experts(weights_paths: Sequence[str | os.PathLike],
                "std": [float(v) for v in meta["std"]], "interpolation": meta.get("interpolation", "bilinear")}
               for meta in metas]
     shared = all(entry == inputs[0] for entry in inputs)
+    model = MixtureOfExperts(list(experts))
     config = MixtureConfig(
         backbones=[e.backbone_name for e in experts], **inputs[0], antialias=True, preprocess="default", ema_folded=True,
         provenance=provenance or {}, expert_inputs=[] if shared else inputs,
+        localisation_head=model.head_kind or "",  # heads on every expert or on none
     )
-    return MixtureOfExperts(list(experts), None if shared else config.expert_sizes), config
+    model.input_sizes = None if shared else config.expert_sizes
+    return model, config

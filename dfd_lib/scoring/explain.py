@@ -16,7 +16,6 @@ the largest before they are averaged.
 """
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ from dfd_lib.data.images import ImageSource, load_rgb
 from dfd_lib.models.backbones import takes_native_input
 from dfd_lib.models.checkpoints import MixtureConfig
 from dfd_lib.models.experts import FAKE_CLASS, Expert, MixtureOfExperts
+from dfd_lib.models.localisation import patch_grid
 from dfd_lib.scoring.predictor import Predictor
 
 DEFAULT_ALPHA = 0.45  # weight of the heatmap over the image
@@ -107,11 +107,7 @@ def token_grid(net: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     prefix = int(getattr(net, "num_prefix_tokens", 1))
 
     def reshape(tokens: torch.Tensor) -> torch.Tensor:
-        patches = tokens[:, prefix:]
-        side = math.isqrt(patches.shape[1])
-        if side * side != patches.shape[1]:
-            raise ValueError(f"{type(net).__name__}: {patches.shape[1]} patch tokens do not form a square grid")
-        return patches.reshape(tokens.shape[0], side, side, tokens.shape[-1]).permute(0, 3, 1, 2)
+        return patch_grid(tokens, prefix, type(net).__name__)
 
     return reshape
 

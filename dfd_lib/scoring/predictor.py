@@ -232,12 +232,40 @@ class Predictor:
 
     @torch.inference_mode()
     def predict_tensor(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Preprocessed ``(B, *config.input_shape)`` -> ``{"prob": (B,), "expert_probs": (B, E)}`` on the CPU."""
+        """Preprocessed ``(B, *config.input_shape)`` -> ``{"prob": (B,), "expert_probs": (B, E)}`` on the CPU,
+        and ``"mask"`` ``(B, S, S)`` (the mixture's localisation map) when its experts have heads."""
         x = batch.to(self.device, memory_format=self.memory_format, non_blocking=True)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.bf16 else nullcontext()
         with autocast:
             out = self._forward(x)
-        return {"prob": out["prob"].float().cpu(), "expert_probs": out["expert_probs"].float().cpu()}
+        scores = {"prob": out["prob"].float().cpu(), "expert_probs": out["expert_probs"].float().cpu()}
+        return scores | ({"mask": out["mask"].float().cpu()} if "mask" in out else {})
+
+    @property
+    def has_maps(self) -> bool:
+        """Whether the mixture's experts have localisation heads (``MixtureConfig.localisation_head``)."""
+        return bool(self.config.localisation_head)
+
+    @torch.inference_mode()
+    def predict_maps(self, sources: Iterable[ImageSource]) -> list[np.ndarray | None]:
+        """Each source's localisation map: the mean of the experts' maps, ``(H, W)`` float32 in [0, 1] at the
+        image's own resolution (1 = edited); None for an unreadable source. Needs a mixture with heads, run in
+        torch (a converted backend's graph has no map)."""
+        if not self.has_maps:
+            raise ValueError("this mixture has no localisation heads (trained with mask_weight 0): no maps; "
+                             "Grad-CAM (dfd_lib.scoring.explain) shows what it looked at instead")
+        maps: list[np.ndarray | None] = []
+        for source in sources:
+            try:
+                rgb = self._decode(source)
+            except ImageLoadError:
+                maps.append(None)
+                continue
+            x = self.to_tensor(rgb)[None].to(self.device, memory_format=self.memory_format)
+            side_map = self.model(x)["mask"].float()[:, None]  # (1, 1, S, S)
+            full = torch.nn.functional.interpolate(side_map, size=rgb.shape[:2], mode="bilinear", align_corners=False)
+            maps.append(full[0, 0].clamp(0, 1).cpu().numpy())
+        return maps
 
     def predict(self, sources: Iterable[ImageSource], progress: bool = False) -> list[Prediction]:
         """Score every source; unreadable ones come back with ``error`` set, never raised."""

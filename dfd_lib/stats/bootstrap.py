@@ -173,3 +173,14 @@ def roc_band(labels, scores, config: BootstrapConfig, grid: np.ndarray | None = 
         reached[row] = tpr[row, np.searchsorted(fpr[row], grid + FPR_TOLERANCE, side="right") - 1]
     low, high = np.quantile(reached, config.quantiles, axis=0)
     return grid, low, high
+
+
+def mean_interval(values, config: BootstrapConfig) -> tuple[float, float]:
+    """The percentile interval of the mean of ``values`` (per-item scores, e.g. each image's pixel F1) over
+    ``config.bootstrap_resamples`` resamples of the items; NaNs when the bootstrap is off or there are none."""
+    values = np.asarray(values, dtype=float).ravel()
+    if not config.enabled or values.size == 0:
+        return math.nan, math.nan
+    counts = resample_counts(np.ones(values.size, dtype=int), config.bootstrap_resamples, config.seed)
+    low, high = np.quantile(counts @ values / values.size, config.quantiles)
+    return float(low), float(high)

@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from dfd_lib.core.figures import save_figure
+from dfd_lib.training.loss_terms import get_loss_term
 from dfd_lib.training.losses import loss_names
 from dfd_lib.training.trainer import CURVES_FILE, HISTORY_FILE
 
@@ -22,6 +23,11 @@ PANEL_COLUMNS = 3
 def loss_panels() -> tuple[str, ...]:
     """The loss parts the figure shows, one panel each: the total, then every registered term."""
     return ("overall", *loss_names())
+
+
+def _unused(part: str, curves: pd.DataFrame) -> bool:
+    """Whether ``part`` is a term off by default (the ``mask`` term) that no training used: all its curve is 0."""
+    return part != "overall" and get_loss_term(part).default_weight == 0 and bool((curves[f"loss_{part}"].fillna(0) == 0).all())
 
 
 def read_curves(experts_dir: str | os.PathLike, file_name: str = CURVES_FILE) -> pd.DataFrame:
@@ -44,7 +50,8 @@ def plot_training_curves(experts_dir: str | os.PathLike, path: str | os.PathLike
     history = read_curves(experts_dir, HISTORY_FILE)
     trainings = list(dict.fromkeys(curves["training"]))
     colours = dict(zip(trainings, plt.get_cmap("tab20")(range(len(trainings))), strict=False))
-    panels = [part for part in loss_panels() if f"loss_{part}" in curves]  # a term registered after these trainings has no curve
+    # a term registered after these trainings has no curve; one off by default and off in all of them has no panel
+    panels = [part for part in loss_panels() if f"loss_{part}" in curves and not _unused(part, curves)]
     rows_of_panels = math.ceil((len(panels) + 2) / PANEL_COLUMNS)  # + learning rate and validation AUC
     fig, axes = plt.subplots(rows_of_panels, PANEL_COLUMNS, figsize=(15, 3.75 * rows_of_panels))
     for ax in axes.flat[len(panels) + 2:]:

@@ -9,13 +9,18 @@ dict, the trainer's per-term sums (``train_<name>`` in ``history.csv``, ``loss_<
 ``curves.csv``), the curves figure's panels, the loss ablation's variants and columns, the
 configs table and the preflight's memory estimate.
 
-Built-in terms (in this order, which is also the order of the weighted sum):
+Built-in terms (in this order, which is also the order of the weighted sum; ``mask`` is off by default):
 
 - ``ce``: cross-entropy on real (0) / fake (1);
 - ``nce``: a supervised contrastive loss (Khosla et al., 2020) on the L2-normalised pooled
   features: same-class pairs are pulled together, real-fake pairs pushed apart;
 - ``kl``: the KL divergence between the prediction on an image and on the same image with
-  random noise added (a consistency term that makes the expert ignore small perturbations).
+  random noise added (a consistency term that makes the expert ignore small perturbations);
+- ``mask``: per-pixel binary cross-entropy between the expert's localisation map (its head's logits,
+  upsampled to the input's size) and the row's manipulation mask, averaged over the rows that have a
+  mask. Rows without one (reals, a user's rows with an empty ``mask``) contribute nothing: a real is not
+  taught "nothing changed" (the issue's rule; a real's map is left to what the fakes taught). On, it gives
+  each expert a localisation head of kind ``mask_head`` (:mod:`dfd_lib.models.localisation`).
 
 How to add a term (one file: this one for a term of the library, or your own module, notebook
 or test, imported before the config is built)::
@@ -50,6 +55,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from dfd_lib.models.localisation import HEAD_KINDS
+
 NOISE_KINDS = ("gaussian", "uniform")
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 _RESERVED = ("overall",)  # MultiLoss's sum sits beside the terms in one dict
@@ -63,6 +70,9 @@ class TermInputs:
     features: torch.Tensor  # (B, D) pooled features of the clean images
     labels: torch.Tensor  # (B,) 0 real, 1 fake
     noisy_logits: torch.Tensor | None = None  # (k, 2) on this term's noisy copy of the first k images; None without one
+    mask_logits: torch.Tensor | None = None  # (B, 1, h, w) of the clean images' localisation heads; None without heads
+    masks: torch.Tensor | None = None  # (B, 1, S, S) in [0, 1], 1 = changed; None when the batch carries none
+    has_mask: torch.Tensor | None = None  # (B,) bool: which rows have a mask (the others' masks are zeros, unused)
 
 
 @dataclass(frozen=True)
@@ -319,3 +329,26 @@ def _noisy_first_rows(images: torch.Tensor, noise_kind: str, noise_strength: flo
 def kl_term(batch: TermInputs, noise_kind: str, noise_strength: float, kl_fraction: float) -> torch.Tensor:
     """KL consistency between the clean and the noisy predictions of the noised images."""
     return noise_consistency_kl(batch.logits[: batch.noisy_logits.shape[0]], batch.noisy_logits)
+
+
+def masked_bce(mask_logits: torch.Tensor, masks: torch.Tensor, has_mask: torch.Tensor) -> torch.Tensor:
+    """Mean per-pixel BCE of ``mask_logits`` ``(B, 1, h, w)``, upsampled bilinearly to the masks' size, against
+    ``masks`` ``(B, 1, S, S)``, over the rows where ``has_mask``; 0 (attached to the graph) when none has one."""
+    if not bool(has_mask.any()):
+        return mask_logits.sum() * 0.0
+    logits = F.interpolate(mask_logits.float(), size=tuple(masks.shape[-2:]), mode="bilinear", align_corners=False)
+    per_row = F.binary_cross_entropy_with_logits(logits, masks.float(), reduction="none").mean(dim=(1, 2, 3))
+    return per_row[has_mask.bool()].mean()
+
+
+@loss_term("mask", label="Mask", default_weight=0.0, learns_labels=False, options=[
+    LossOption("mask_head", "light", lambda v: v in HEAD_KINDS, f"one of {HEAD_KINDS}",
+               "the experts' localisation head when mask_weight > 0: light (conv-relu-conv) or linear (1x1 conv)"),
+])
+def mask_term(batch: TermInputs, mask_head: str) -> torch.Tensor:
+    """Per-pixel BCE of the localisation map against the masks, over the rows that have one."""
+    if batch.mask_logits is None:
+        raise ValueError(f"mask_weight > 0 needs experts with a localisation head (mask_head {mask_head!r})")
+    if batch.masks is None or batch.has_mask is None:
+        return batch.mask_logits.sum() * 0.0
+    return masked_bce(batch.mask_logits[: batch.masks.shape[0]], batch.masks, batch.has_mask)

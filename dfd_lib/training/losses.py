@@ -179,26 +179,31 @@ class MultiLoss:
     enabled terms that ask for one (the KL term: the first ``ceil(kl_fraction * B)`` images of the
     batch, which is in random order, with noise added) in the same forward pass, since one larger
     batch is cheaper than two passes. It returns ``{"overall", <every registered term>}``; disabled
-    terms are 0 and cost nothing. ``model(x)`` must return ``{"logits": (B, 2), "features": (B, D)}``.
+    terms are 0 and cost nothing. ``model(x)`` must return ``{"logits": (B, 2), "features": (B, D)}``, and
+    ``"mask_logits"`` for the ``mask`` term, which also needs the batch's ``masks`` and ``has_mask``.
     """
 
     def __init__(self, config: LossConfig | None = None):
         self.config = config or LossConfig()
 
-    def __call__(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    def __call__(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                 masks: torch.Tensor | None = None, has_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         cfg = self.config
         n = images.shape[0]
         # drawn in registration order: the RNG calls, hence a training, are the same every time
         copies = {term.name: term.noisy_copy(images, **cfg.options(term.name)) for term in cfg.enabled if term.needs_noisy_copy}
         if not copies:
             outputs = model(images)
-            return self.from_outputs(outputs["logits"], outputs["features"], labels)
+            return self.from_outputs(outputs["logits"], outputs["features"], labels,
+                                     mask_logits=outputs.get("mask_logits"), masks=masks, has_mask=has_mask)
         outputs = model(torch.cat([images, *copies.values()], dim=0))
         noisy, start = {}, n
         for name, copy in copies.items():
             noisy[name] = outputs["logits"][start:start + copy.shape[0]]
             start += copy.shape[0]
-        return self.from_outputs(outputs["logits"][:n], outputs["features"][:n], labels, noisy)
+        mask_logits = outputs.get("mask_logits")  # the clean rows' maps only: the noisy copies' are not trained
+        return self.from_outputs(outputs["logits"][:n], outputs["features"][:n], labels, noisy,
+                                 mask_logits=None if mask_logits is None else mask_logits[:n], masks=masks, has_mask=has_mask)
 
     def from_outputs(
         self,
@@ -206,10 +211,15 @@ class MultiLoss:
         features: torch.Tensor,
         labels: torch.Tensor,
         logits_noisy: torch.Tensor | Mapping[str, torch.Tensor] | None = None,
+        *,
+        mask_logits: torch.Tensor | None = None,
+        masks: torch.Tensor | None = None,
+        has_mask: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """The loss dict from outputs already computed. ``logits_noisy``: the logits of the noisy
         copies, by term name (or one tensor for every term that needs one); a copy may cover the
-        first rows of the batch only (see ``kl_fraction``)."""
+        first rows of the batch only (see ``kl_fraction``). ``mask_logits``, ``masks`` and ``has_mask``:
+        the localisation heads' logits, the rows' masks and which rows have one (the ``mask`` term)."""
         cfg = self.config
         weights = cfg.weights
         zero = logits.new_zeros((), dtype=torch.float32)
@@ -225,7 +235,8 @@ class MultiLoss:
                     raise ValueError(f"{term.weight_name} > 0 needs the logits of the noisy images")
                 if noisy.shape[0] > logits.shape[0]:
                     raise ValueError(f"{noisy.shape[0]} noisy logits for a batch of {logits.shape[0]}")
-            parts[term.name] = term.compute(TermInputs(logits, features, labels, noisy), **cfg.options(term.name))
+            inputs = TermInputs(logits, features, labels, noisy, mask_logits, masks, has_mask)
+            parts[term.name] = term.compute(inputs, **cfg.options(term.name))
         # the same order as the terms' registration (ce, nce, kl, ...): the same float sum every time
         overall = sum(weights[name] * parts[name] for name in parts if weights[name] > 0)
         return {"overall": overall, **parts}

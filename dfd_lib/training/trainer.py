@@ -190,7 +190,9 @@ def _build_loop(train_table: pd.DataFrame, val_table: pd.DataFrame, config: Trai
     accelerator = _accelerator(config, out_dir)
     set_seed(config.seed)
     weights = config.weights_path or None
-    model = Expert(config.backbone, pretrained=config.pretrained, weights_path=weights, drop_rate=config.drop_rate)
+    head = config.loss.mask_head if _learns_masks(config) else None  # the mask term trains a localisation head
+    model = Expert(config.backbone, pretrained=config.pretrained, weights_path=weights, drop_rate=config.drop_rate,
+                   localisation_head=head)
     # what trains: with tuning "full" all but the first freeze_stages stage groups; the other tunings freeze the backbone
     frozen = (freeze_backbone_stages(model, config.freeze_stages) if config.tuning == "full"
               else apply_tuning(model, config.tuning, config.lora_rank, config.lora_alpha, config.effort_rank))
@@ -202,7 +204,7 @@ def _build_loop(train_table: pd.DataFrame, val_table: pd.DataFrame, config: Trai
     batch_size = min(config.batch_size, len(train_table))
     micro_batch = max(1, batch_size // config.grad_accum_steps)  # the effective batch stays batch_size
     train_set = ManifestDataset(train_table, size, train=True, mean=mean, std=std, augment=config.augment,
-                                interpolation=interpolation, seed=config.seed)
+                                interpolation=interpolation, seed=config.seed, masks=head is not None)
     val_set = ManifestDataset(val_table, size, train=False, mean=mean, std=std, interpolation=interpolation)
     train_loader = make_loader(train_set, micro_batch, shuffle=True, seed=config.seed, num_workers=config.num_workers, drop_last=True)
     val_loader = make_loader(val_set, batch_size * 2, shuffle=False, num_workers=config.num_workers)
@@ -222,6 +224,11 @@ def _build_loop(train_table: pd.DataFrame, val_table: pd.DataFrame, config: Trai
         log.warning("the validation set holds one class only: AUC is undefined, the best epoch is chosen by validation loss")
     return _Loop(config, accelerator, model, optimizer, scheduler, ema, MultiLoss(config.loss), train_loader, val_loader,
                  steps, frozen, inputs, out_dir.name, selection, accelerator.unwrap_model(model).weights_source, on_step)
+
+
+def _learns_masks(config: TrainConfig) -> bool:
+    """Whether the ``mask`` loss term is on: the expert gets a localisation head and the rows their masks."""
+    return config.loss.weights.get("mask", 0.0) > 0
 
 
 def _accelerator(config: TrainConfig, out_dir: Path):
@@ -369,6 +376,7 @@ def _accumulate(loop: _Loop, batches: Iterator, totals: EpochTotals) -> tuple[in
         batch = next(batches)
         totals.data_seconds += time.perf_counter() - waited
         _note_skipped(loop, batch["skipped"])
+        _note_skipped(loop, batch.get("mask_skipped", []), what="mask")
         images, labels = batch["image"], batch["label"]
         # A batch left with < 2 readable images teaches nothing (and breaks BatchNorm). Under
         # several processes a skipped step would desynchronise them; unreadable files are rare.
@@ -376,7 +384,8 @@ def _accumulate(loop: _Loop, batches: Iterator, totals: EpochTotals) -> tuple[in
             continue
         last = micro == config.grad_accum_steps - 1
         with nullcontext() if last else accelerator.no_sync(loop.model):  # gradients meet once per step
-            losses = loop.loss_fn(loop.model, images.contiguous(memory_format=loop.memory_format), labels)
+            losses = loop.loss_fn(loop.model, images.contiguous(memory_format=loop.memory_format), labels,
+                                  masks=batch.get("mask"), has_mask=batch.get("has_mask"))
             overall = losses["overall"] / config.grad_accum_steps if config.grad_accum_steps > 1 else losses["overall"]
             accelerator.backward(overall)
         learned += images.shape[0]
@@ -385,11 +394,12 @@ def _accumulate(loop: _Loop, batches: Iterator, totals: EpochTotals) -> tuple[in
     return learned, step_sums
 
 
-def _note_skipped(loop: _Loop, skipped: list[tuple[str, str]]) -> None:
+def _note_skipped(loop: _Loop, skipped: list[tuple[str, str]], what: str = "image") -> None:
+    """Report each unusable file once; ``what``: "image" (the row is skipped) or "mask" (the row learns without one)."""
     for path, reason in skipped:
         if path not in loop.skipped and loop.show:
-            log.warning("skipped unreadable image %s: %s", path, reason)
-        loop.skipped[path] = reason
+            log.warning("skipped unreadable %s %s: %s", what, path, reason)
+        loop.skipped[path] = reason if what == "image" else f"{what} not used: {reason}"  # TrainResult.skipped
 
 
 @torch.no_grad()

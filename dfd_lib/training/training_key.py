@@ -6,7 +6,9 @@ The key has four parts: the training rows and the validation rows (each row's co
 in order, so augmented images count by their content), the config (:class:`TrainConfig` without the
 settings that only decide how fast it runs or where it is logged), and the starting weights' identity
 (a local file by its content digest; a package, a hub revision or ``random`` as
-:mod:`dfd_lib.models.backbones` names them). The code is not part of the key: a change of the training
+:mod:`dfd_lib.models.backbones` names them). With the ``mask`` loss term on there is a fifth, the
+training rows' masks by content (a changed mask retrains); with it off a key has no such part and
+stays what it was. The code is not part of the key: a change of the training
 loop that changes results must bump :data:`TRAINING_FORMAT`.
 """
 from __future__ import annotations
@@ -17,11 +19,13 @@ from pathlib import Path
 
 import pandas as pd
 
+from dfd_lib.data.manifest import MASK
 from dfd_lib.training.train_config import TrainConfig
 
 TRAINING_FORMAT = 1  # bump when the loop computes something else from the same rows, config and weights
 PARTS = {"train_rows": "its training rows changed", "val_rows": "its validation rows changed",
-         "config": "its settings changed", "weights": "its starting weights changed", "format": "the training code changed"}
+         "config": "its settings changed", "weights": "its starting weights changed", "format": "the training code changed",
+         "masks": "its training masks changed"}
 
 
 def rows_digest(table: pd.DataFrame) -> str:
@@ -37,6 +41,16 @@ def rows_digest(table: pd.DataFrame) -> str:
 def _file_identity(path) -> str:
     stat = Path(path).stat()
     return f"{path}|{stat.st_size}|{stat.st_mtime_ns}"
+
+
+def masks_digest(table: pd.DataFrame) -> str:
+    """A digest of the rows' masks, in order: each mask file's content (empty for a row without one)."""
+    digest = hashlib.sha256()
+    values = table[MASK] if MASK in table.columns else [None] * len(table)
+    for value in values:
+        present = isinstance(value, str) and value != "" and Path(value).is_file()
+        digest.update((hashlib.sha256(Path(value).read_bytes()).hexdigest() if present else "-").encode() + b"\n")
+    return digest.hexdigest()
 
 
 def weights_identity(weights_source: str) -> str:
@@ -55,9 +69,12 @@ def weights_identity(weights_source: str) -> str:
 def training_key(train_table: pd.DataFrame, val_table: pd.DataFrame, config: TrainConfig, weights_source: str) -> dict:
     """The key of one training (see the module's docstring)."""
     settings = json.dumps(config.result_settings(), sort_keys=True)
-    return {"train_rows": rows_digest(train_table), "val_rows": rows_digest(val_table),
-            "config": hashlib.sha256(settings.encode()).hexdigest(), "weights": weights_identity(weights_source),
-            "format": TRAINING_FORMAT}
+    key = {"train_rows": rows_digest(train_table), "val_rows": rows_digest(val_table),
+           "config": hashlib.sha256(settings.encode()).hexdigest(), "weights": weights_identity(weights_source),
+           "format": TRAINING_FORMAT}
+    if config.loss.weights.get("mask", 0.0) > 0:  # the masks are what the head learns from
+        key["masks"] = masks_digest(train_table)
+    return key
 
 
 def key_changes(recorded: dict, wanted: dict) -> list[str]:

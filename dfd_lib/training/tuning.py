@@ -33,9 +33,10 @@ FOUNDATION_EXTRA = "pip install dfd-kit[foundation]  (or: pip install peft)"
 
 
 def _head_names(expert: Expert) -> set[str]:
-    """The parameter names (in ``expert``) of the backbone's classifier head."""
-    head = expert.baseline_extractor.get_classifier()
-    ids = {id(p) for p in head.parameters()}
+    """The parameter names (in ``expert``) of the backbone's classifier head and of the expert's localisation
+    head, if it has one (both are new: they train in every tuning)."""
+    heads = [expert.baseline_extractor.get_classifier(), expert.localisation_head]
+    ids = {id(p) for head in heads if head is not None for p in head.parameters()}
     return {name for name, p in expert.named_parameters() if id(p) in ids}
 
 
