@@ -17,9 +17,12 @@ batch ``--batch``), nothing reused, at ``--old-threads`` torch threads (1: the d
 which the trainings leave set when the notebook reaches its evaluation). **new**: the library as it is
 now (:mod:`dfd_lib.scoring.expert_scores`): each (expert, input) once per process, at ``--new-threads``
 (default: the old way's), on each engine given: torch (batch norms folded, channels_last), and ``auto``,
-the library's default, twice: first with no OpenVINO export (it converts the experts that have at least
+the library's default: first with no OpenVINO export (it converts the experts that have at least
 ``--convert-min`` images to score in one call, its conversions counted in its time), then as a rerun of
 the notebook finds them (the exports cached, every expert that has one on OpenVINO, the others on torch).
+Each engine runs with one expert forwarded at a time on torch's threads (``:1``) and with the library's choice
+(as many torch experts at once as the cores hold at torch's thread count, and OpenVINO on that many threads:
+2 on this 2-core CPU at 1 thread).
 Every new way starts with an empty score cache. Printed: seconds per stage, img/s (the tables' images over the wall time; "expert-img/s"
 counts each model on each image the tables need), the ratio to the old way, the max |score difference|
 against the old way over every score of every table, the forward passes actually computed, and the FLOP
@@ -167,9 +170,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64, help="eval_batch_size (the notebook's default)")
     parser.add_argument("--old-threads", type=int, default=1, help="torch threads of the old way (the demo profile's)")
     parser.add_argument("--new-threads", type=int, default=0, help="torch (and OpenVINO) threads of the new ways, 0: the old way's")
-    parser.add_argument("--engines", nargs="*", default=["torch", "auto", "auto"],
-                        help="new ways, in order: torch, openvino or auto (the library's default); the first run with "
-                             "OpenVINO converts the exports, later ones find them cached (a rerun of the notebook)")
+    parser.add_argument("--engines", nargs="*", default=["torch:1", "torch", "auto:1", "auto:1", "auto"],
+                        help="new ways, in order: torch, openvino or auto (the library's default), each optionally with "
+                             ":N, N experts forwarded at once (default: the library's choice, the cores over torch's "
+                             "threads); the first run with OpenVINO converts the exports, later ones find them cached "
+                             "(a rerun of the notebook)")
     parser.add_argument("--convert-min", type=int, default=100,
                         help="auto converts an expert for OpenVINO from this many images in one call (the library's "
                              "is 1000: at this case's 200-image calls nothing would convert; at 100 all 14 models do, "
@@ -191,8 +196,13 @@ def main() -> None:
     rows = [(f"old (torch Predictor, {args.old_threads} thread(s))", old_times, 0.0, sum(e for _, e in work.values()))]
     torch.set_num_threads(args.new_threads or args.old_threads)
     seen_openvino = False
-    for engine in args.engines:
-        label = f"new ({torch.get_num_threads()} thread(s), {engine}" + (
+    for spec in args.engines:
+        engine, _, at_once = spec.partition(":")
+        os.environ.pop(expert_scores.AT_ONCE_ENV, None)
+        if at_once:
+            os.environ[expert_scores.AT_ONCE_ENV] = at_once
+        label = (f"new ({torch.get_num_threads()} thread(s), {expert_scores.experts_at_once(8)} torch expert(s) at once, "
+                 f"OpenVINO on {expert_scores.openvino_threads()}, {engine}") + (
             ")" if engine == "torch" else ", exports cached)" if seen_openvino else ", exports converted in the run)")
         seen_openvino |= engine != "torch"
         times, scores, computed = new_way(case, args.batch, engine)

@@ -269,7 +269,8 @@ def test_the_ladder_trains_only_what_the_run_lacks(run, trained, tmp_path):
 
 def test_ladder_seeds_train_every_rung_again_once_and_resume(run, trained, tmp_path):
     data, configs, official, experts = trained
-    trainings = ladder.train_ladder(data, configs, official, experts, None, tmp_path / "ladder", resplit=0, seeds=2)
+    # two at a time, each in its own process; the rerun below, in this process, finds every one finished
+    trainings = ladder.train_ladder(data, configs, official, experts, None, tmp_path / "ladder", resplit=0, seeds=2, processes=2)
     assert trainings.seeds == [1, 2]
     # seed 1 (the run's): rungs 1-3 are new (no ablation to reuse); seed 2: rungs 1-3 and both experts,
     # rung 4 being one of them

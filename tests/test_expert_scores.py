@@ -4,6 +4,8 @@ ask for it, the mixture folder's experts are the experts' files, and the fast en
 folded, OpenVINO) score like the plain torch path within 1e-5. Tiny experts at 32 px, seconds."""
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -97,6 +99,28 @@ def test_the_fast_path_scores_like_the_plain_torch_predictor(models, table):
     assert reference.iloc[-1].isna().all() and fast.iloc[-1].isna().all()  # the unreadable image, in both
     assert np.allclose(fast.to_numpy()[:-1], reference.to_numpy()[:-1], atol=TOLERANCE, rtol=0)
     assert (fast.columns == reference.columns).all()
+
+
+def test_experts_forwarded_at_once_score_exactly_as_one_at_a_time(models, table, monkeypatch):
+    files, _ = models
+    torch.set_num_threads(1)  # the demo's threads: 1, where the cores hold several experts at once
+    monkeypatch.setattr(expert_scores.os, "cpu_count", lambda: 2)
+    assert expert_scores.experts_at_once(len(files)) == 2 and expert_scores.openvino_threads() == 2
+    threads = []
+    run = expert_runners.TorchRunner.__call__
+    monkeypatch.setattr(expert_runners.TorchRunner, "__call__",
+                        lambda self, batch: threads.append(threading.current_thread().name) or run(self, batch))
+    together = comparison.score_experts(files, table, batch_size=4, progress=False)
+    assert {name.startswith("dfd-expert") for name in threads} == {True}  # forwarded in the pool's threads
+    monkeypatch.setenv(expert_scores.AT_ONCE_ENV, "1")
+    monkeypatch.setattr(expert_scores, "SHARED", ScoreCache())
+    threads.clear()
+    alone = comparison.score_experts(files, table, batch_size=4, progress=False)
+    assert threads and not any(name.startswith("dfd-expert") for name in threads)
+    assert np.array_equal(together.to_numpy(), alone.to_numpy(), equal_nan=True)  # bit for bit: the same batches
+    monkeypatch.setenv(expert_scores.AT_ONCE_ENV, "two")
+    with pytest.raises(ValueError, match="DFD_EVAL_EXPERTS_AT_ONCE must be an int >= 1"):
+        expert_scores.experts_at_once(3)
 
 
 def test_folded_batchnorm_keeps_the_scores():

@@ -23,9 +23,10 @@ from dfd_lib.evaluation.comparison import metric_columns, metrics_row, score_exp
 from dfd_lib.stats.bootstrap import BootstrapConfig
 from dfd_lib.training.loss_terms import loss_names, loss_terms
 from dfd_lib.training.losses import LossConfig
-from dfd_lib.training.mixture_training import MixtureTrainResult, train_on_resplit
+from dfd_lib.training.mixture_training import MixtureTrainResult, resplit_job
 from dfd_lib.training.train_config import TrainConfig
 from dfd_lib.training.trainer import TrainResult
+from dfd_lib.training.training_pool import run_trainings
 
 
 def ablation_variants(loss: LossConfig | None = None) -> dict[str, tuple[str, ...]]:
@@ -96,12 +97,14 @@ def loss_ablation(
     max_steps_per_epoch: int = 0,
     resume: bool = True,
     enabled: bool = True,
+    processes: int = 1,
 ) -> AblationResult:
     """The expert of re-split ``resplit`` (default: the first trained) again with each loss
     combination of :func:`ablation_variants` (of its config), its own config otherwise. The
     experts' run of that re-split is reused for the all-terms variant when it is that variant,
     i.e. when ``max_steps_per_epoch`` does not shorten the ablation; otherwise all variants are
-    trained at the same budget. ``enabled=False`` trains nothing and returns an empty result."""
+    trained at the same budget. ``enabled=False`` trains nothing and returns an empty result. ``processes`` > 1
+    trains that many variants at once (:mod:`dfd_lib.training.training_pool`)."""
     resplits = [int(i) for i in experts.summary["resplit"]]
     resplit = resplits[0] if resplit is None else int(resplit)
     if resplit not in resplits:
@@ -110,7 +113,8 @@ def loss_ablation(
         return AblationResult(resplit=resplit, results={}, reused=None, seconds=0.0)
     own = experts.experts[resplits.index(resplit)]
     out_dir = Path(out_dir)
-    results: dict[str, TrainResult] = {}
+    results: dict[str, TrainResult | None] = {}
+    jobs = {}
     reused = None
     started = time.perf_counter()
     for name, losses in ablation_variants(own.config.loss).items():
@@ -118,8 +122,9 @@ def loss_ablation(
         if own.config == variant:
             results[name], reused = own, name
             continue
-        slug = "_".join(losses)
-        results[name] = train_on_resplit(trainval, resplit, variant, out_dir / f"ablation_{resplit}_{slug}", resume=resume)
+        results[name] = None  # trained below, in the variants' order
+        jobs[name] = resplit_job(trainval, resplit, variant, out_dir / f"ablation_{resplit}_{'_'.join(losses)}", resume)
+    results.update(zip(jobs, run_trainings(list(jobs.values()), processes)))
     return AblationResult(resplit=resplit, results=results, reused=reused, seconds=time.perf_counter() - started)
 
 

@@ -41,9 +41,10 @@ from dfd_lib.stats.group_metrics import per_group_metrics
 from dfd_lib.stats.metrics import LOW_FPRS, binary_metrics, threshold_key, tpr_key
 from dfd_lib.training.mixture_training import MixtureTrainResult
 from dfd_lib.training.train_config import TrainConfig
-from dfd_lib.training.trainer import TrainResult, train_expert
+from dfd_lib.training.trainer import TrainResult
 from dfd_lib.training.training_data import TrainingData
 from dfd_lib.training.training_key import training_record
+from dfd_lib.training.training_pool import TrainingJob
 
 # The authors' AUCs on their cross-domain test (docs/method.md): their data, not ours.
 AUTHORS_AUC = {"official split": 0.877, "cluster expert (best two)": (0.968, 0.964), "mixture of experts": 0.980}
@@ -56,8 +57,13 @@ NO_INTERVALS = BootstrapConfig(bootstrap_resamples=0)
 def train_official_split(trainval: pd.DataFrame, config: TrainConfig, out_dir: str | os.PathLike, resume: bool = True) -> TrainResult:
     """Model (a): trained on the rows whose official ``split`` is ``train``, its best epoch
     chosen on those whose ``split`` is ``val`` — the selection the authors started from."""
+    return official_job(trainval, config, out_dir, resume).run()
+
+
+def official_job(trainval: pd.DataFrame, config: TrainConfig, out_dir: str | os.PathLike, resume: bool = True) -> TrainingJob:
+    """The training of :func:`train_official_split`, to run later or beside others (:mod:`dfd_lib.training.training_pool`)."""
     sides = trainval["split"].astype(str)
-    return train_expert(trainval[sides == TRAIN], trainval[sides == VAL], config, out_dir, resume=resume)
+    return TrainingJob(trainval[sides == TRAIN], trainval[sides == VAL], config, Path(out_dir), resume)
 
 
 def score_experts(

@@ -30,12 +30,13 @@ import pandas as pd
 
 from dfd_lib.data.resplit_table import resplit_column
 from dfd_lib.evaluation.ablation import AblationResult, ablation_config
-from dfd_lib.evaluation.comparison import expert_names, train_official_split
+from dfd_lib.evaluation.comparison import expert_names, official_job
 from dfd_lib.training.losses import loss_names
-from dfd_lib.training.mixture_training import MixtureTrainResult, train_on_resplit
+from dfd_lib.training.mixture_training import MixtureTrainResult, resplit_job
 from dfd_lib.training.train_config import TrainConfig
 from dfd_lib.training.trainer import TrainResult
 from dfd_lib.training.training_data import TrainingData
+from dfd_lib.training.training_pool import TrainingJob, run_trainings
 
 OFFICIAL_ROWS = "official"
 
@@ -141,12 +142,11 @@ def known_trainings(data: TrainingData, official: TrainResult, experts: MixtureT
     return known
 
 
-def _train(data: TrainingData, training: Training, out_dir: Path, resume: bool) -> TrainResult:
+def _job(data: TrainingData, training: Training, out_dir: Path, resume: bool) -> TrainingJob:
     table = data.trainval if training.enriched else data.trainval[~data.trainval["augmented"].astype(bool)]
     if training.rows == OFFICIAL_ROWS:
-        return train_official_split(table, training.config, out_dir, resume=resume)
-    resplit = int(training.rows.removeprefix("resplit_"))
-    return train_on_resplit(table, resplit, training.config, out_dir, resume=resume)
+        return official_job(table, training.config, out_dir, resume)
+    return resplit_job(table, int(training.rows.removeprefix("resplit_")), training.config, out_dir, resume)
 
 
 def train_ladder(
@@ -159,12 +159,14 @@ def train_ladder(
     resplit: int | None = None,
     seeds: int = 1,
     resume: bool = True,
+    processes: int = 1,
 ) -> LadderTrainings:
     """Every rung's trainings for ``seeds`` seeds (the experts' seed, then the next ones), reusing
     the run's trainings (``official``, ``experts`` trained with ``configs``, the ``ablated``
     variants) and training only what is missing, in ``out_dir/seed_<s>/<rows>_<losses>``.
     ``resplit`` (default: the first expert's) is the re-split of rungs 3 and 4. ``seeds=0`` trains
-    nothing and returns an empty ladder."""
+    nothing and returns an empty ladder. ``processes`` > 1 trains that many of the missing models at once
+    (:mod:`dfd_lib.training.training_pool`)."""
     resplits = [int(i) for i in experts.summary["resplit"]]
     resplit = resplits[0] if resplit is None else int(resplit)
     if resplit not in resplits:
@@ -178,28 +180,32 @@ def train_ladder(
     first = configs[0].seed
     result = LadderTrainings(resplit=resplit, seeds=[first + k for k in range(seeds)], rungs=[], sources=[], trained=[],
                              seconds=0.0)
+    needed = {seed: rung_trainings(configs, resplits, resplit, seed, data.augmented > 0) for seed in result.seeds}
+    missing = _missing([t for rungs in needed.values() for trainings in rungs.values() for t in trainings], known)
+    jobs = [_job(data, training, Path(out_dir) / f"seed_{training.config.seed}" / training.folder, resume)
+            for training in missing]
+    for training, trained in zip(missing, run_trainings(jobs, processes)):
+        known.append(Known(training, trained, "trained for the ladder"))
+        result.trained.append(trained)
     for seed in result.seeds:
-        models, sources = {}, {}
-        for number, needed in rung_trainings(configs, resplits, resplit, seed, data.augmented > 0).items():
-            found = [_find_or_train(data, training, known, Path(out_dir) / f"seed_{seed}", resume, result.trained)
-                     for training in needed]
-            models[number] = [k.result for k in found]
-            sources[number] = _describe(found)
-        result.rungs.append(models)
-        result.sources.append(sources)
+        found = {number: [_find(training, known) for training in trainings] for number, trainings in needed[seed].items()}
+        result.rungs.append({number: [k.result for k in ks] for number, ks in found.items()})
+        result.sources.append({number: _describe(ks) for number, ks in found.items()})
     result.seconds = time.perf_counter() - started
     return result
 
 
-def _find_or_train(data: TrainingData, training: Training, known: list[Known], out_dir: Path, resume: bool,
-                   trained: list[TrainResult]) -> Known:
-    for candidate in known:
-        if candidate.training.same_as(training):
-            return candidate
-    fresh = Known(training, _train(data, training, out_dir / training.folder, resume), "trained for the ladder")
-    known.append(fresh)
-    trained.append(fresh.result)
-    return fresh
+def _missing(trainings: list[Training], known: list[Known]) -> list[Training]:
+    """The trainings neither ``known`` nor listed before, in order."""
+    missing: list[Training] = []
+    for training in trainings:
+        if not any(k.training.same_as(training) for k in known) and not any(m.same_as(training) for m in missing):
+            missing.append(training)
+    return missing
+
+
+def _find(training: Training, known: list[Known]) -> Known:
+    return next(k for k in known if k.training.same_as(training))
 
 
 def _describe(found: list[Known]) -> str:

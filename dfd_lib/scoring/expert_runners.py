@@ -11,8 +11,8 @@ plain torch expert (within 1e-5, tests/test_expert_scores.py): the engines behin
 - **openvino** (when installed): the expert converted once (fp32, as :mod:`dfd_lib.scoring.export`
   converts a mixture) and cached under the user's cache folder, keyed by a digest of the expert's
   tensors, its input size and the runtime's and torch's versions, so a reused export provably comes
-  from the same weights; compiled for a fixed batch (the last batch is padded, no row depends on
-  another), the compiled model cached beside the export. Converting costs seconds per expert, so an
+  from the same weights; compiled for a fixed batch (and once more for a last, shorter batch's size), the
+  compiled model cached beside the export. Converting costs seconds per expert, so an
   expert is converted only when it has many images to score or its export is cached already
   (:func:`dfd_lib.scoring.expert_scores.choose_engine`).
 """
@@ -168,29 +168,35 @@ class OpenVINORunner:
         if not model_file.is_file():
             convert_expert(expert, image_size, folder)
         os.utime(folder)  # most recently used: kept longest
-        core = ov.Core()
-        model = core.read_model(str(model_file))
-        model.reshape({model.input(0): [OPENVINO_BATCH, 3, image_size, image_size]})
-        # CACHE_DIR: OpenVINO keeps the compiled model beside the export; compiling again takes 0.1 s instead of 0.6
-        config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY", "CACHE_DIR": str(folder / "compiled")}
-        if threads:
-            config["INFERENCE_NUM_THREADS"] = int(threads)
-        self.request = core.compile_model(model, "CPU", config).create_infer_request()
-        reinstall_signal_stack()  # OpenVINO swapped it (dfd_lib/core/signal_stack.py)
+        self.core, self.folder, self.threads, self.image_size = ov.Core(), folder, threads, image_size
+        self.model = self.core.read_model(str(model_file))
+        self.requests: dict[int, object] = {}
+        self._request(OPENVINO_BATCH)
+
+    def _request(self, batch: int):
+        """The expert compiled for a static ``batch`` (one per size asked: the full batch, and a last batch's size)."""
+        if batch not in self.requests:
+            self.model.reshape({self.model.input(0): [batch, 3, self.image_size, self.image_size]})
+            # CACHE_DIR: OpenVINO keeps the compiled model beside the export; compiling again takes 0.1 s instead of 0.6
+            config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY", "CACHE_DIR": str(self.folder / "compiled")}
+            if self.threads:
+                config["INFERENCE_NUM_THREADS"] = int(self.threads)
+            self.requests[batch] = self.core.compile_model(self.model, "CPU", config).create_infer_request()
+            reinstall_signal_stack()  # OpenVINO swapped it (dfd_lib/core/signal_stack.py)
+        return self.requests[batch]
 
     def __del__(self):
-        release_openvino(self, "request")
+        release_openvino(self, "requests", "model")
 
     def __call__(self, batch: torch.Tensor) -> np.ndarray:
         x = batch.detach().to("cpu", torch.float32).contiguous().numpy()
         probs = []
         for start in range(0, len(x), OPENVINO_BATCH):
             chunk = x[start : start + OPENVINO_BATCH]
-            if len(chunk) < OPENVINO_BATCH:  # the last one, padded: no row depends on another
-                chunk = np.concatenate([chunk, np.zeros((OPENVINO_BATCH - len(chunk), *x.shape[1:]), dtype=np.float32)])
-            self.request.infer({0: chunk})
-            logits = torch.from_numpy(self.request.get_output_tensor(0).data.copy())
-            probs.append(fake_probs(logits)[: len(x) - start])
+            request = self._request(len(chunk))  # a last, shorter batch at its own size: nothing computed for padding
+            request.infer({0: chunk})
+            logits = torch.from_numpy(request.get_output_tensor(0).data.copy())
+            probs.append(fake_probs(logits))
         return np.concatenate(probs)
 
 

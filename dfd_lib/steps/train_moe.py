@@ -38,6 +38,8 @@ class ExpertsConfig(StepConfig):
     max_experts: int = 0  # experts to train (the first re-splits), 0 for one per re-split
     use_augmented: bool = True  # add notebook 03's augmented images to the training and validation sets
     resume: bool = True  # continue (or reuse) trainings found in the run folder with the same settings
+    # trainings run at once, each in its own process (1: one after another); same weights either way
+    training_processes: int = 1
 
     def __post_init__(self) -> None:
         check_fields(self, [
@@ -47,6 +49,8 @@ class ExpertsConfig(StepConfig):
             ("max_experts", is_int(self.max_experts) and self.max_experts >= 0, "an int >= 0 (0 = one per re-split)"),
             ("use_augmented", isinstance(self.use_augmented, bool), "true or false"),
             ("resume", isinstance(self.resume, bool), "true or false"),
+            ("training_processes", is_int(self.training_processes) and self.training_processes >= 1,
+             "an int >= 1 (1 = one training after another in the notebook's process)"),
         ])
 
 

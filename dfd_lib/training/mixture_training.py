@@ -17,7 +17,8 @@ from dfd_lib.data.manifest import TRAIN, VAL
 from dfd_lib.data.resplit_table import resplit_column, resplit_indices
 from dfd_lib.models.checkpoints import mixture_from_experts, save_mixture
 from dfd_lib.training.train_config import TrainConfig
-from dfd_lib.training.trainer import TrainResult, train_expert
+from dfd_lib.training.trainer import TrainResult
+from dfd_lib.training.training_pool import TrainingJob, run_trainings
 
 MIXTURE_DIR = "mixture"  # under out_dir, when no mixture_dir is given
 
@@ -38,8 +39,14 @@ def expert_dir(out_dir: str | os.PathLike, resplit: int) -> Path:
 def train_on_resplit(table: pd.DataFrame, resplit: int, config: TrainConfig, out_dir: str | os.PathLike,
                      resume: bool = True) -> TrainResult:
     """The expert of re-split ``resplit``, trained in ``out_dir``."""
+    return resplit_job(table, resplit, config, out_dir, resume).run()
+
+
+def resplit_job(table: pd.DataFrame, resplit: int, config: TrainConfig, out_dir: str | os.PathLike,
+                resume: bool = True) -> TrainingJob:
+    """The training of :func:`train_on_resplit`, to run later or beside others (:mod:`dfd_lib.training.training_pool`)."""
     side = table[resplit_column(resplit)]
-    return train_expert(table[side == TRAIN], table[side == VAL], config, out_dir, resume=resume)
+    return TrainingJob(table[side == TRAIN], table[side == VAL], config, Path(out_dir), resume)
 
 
 def train_mixture(
@@ -50,11 +57,14 @@ def train_mixture(
     resume: bool = True,
     mixture_dir: str | os.PathLike | None = None,
     provenance: Mapping[str, str] | None = None,
+    processes: int = 1,
 ) -> MixtureTrainResult:
     """One expert per re-split in ``out_dir/expert_<i>``, then their best EMA weights saved as a
     mixture in ``mixture_dir`` (default ``out_dir/mixture``). ``config`` is shared or one per
     re-split (the backbone may differ per expert). ``provenance`` (e.g. what the images are,
-    :attr:`dfd_lib.training.training_data.TrainingData.provenance`) joins the mixture config's."""
+    :attr:`dfd_lib.training.training_data.TrainingData.provenance`) joins the mixture config's. ``processes`` > 1
+    trains that many experts at once, each in its own process (:mod:`dfd_lib.training.training_pool`): the
+    same weights as one after another."""
     available = resplit_indices(table)
     chosen = list(available if resplits is None else resplits)
     missing = sorted(set(chosen) - set(available))
@@ -64,7 +74,8 @@ def train_mixture(
     if len(configs) != len(chosen):
         raise ValueError(f"{len(configs)} configs for {len(chosen)} re-splits")
     started = time.perf_counter()
-    results = [train_on_resplit(table, i, cfg, expert_dir(out_dir, i), resume=resume) for i, cfg in zip(chosen, configs)]
+    jobs = [resplit_job(table, i, cfg, expert_dir(out_dir, i), resume) for i, cfg in zip(chosen, configs)]
+    results = run_trainings(jobs, processes)
     summary = pd.DataFrame([
         {"resplit": i, "backbone": r.config.backbone, "best_epoch": r.best_epoch, "best_val_auc": r.best_val_auc,
          "selection": r.selection, "images_per_s": float(r.history["images_per_s"].mean()), "seconds": r.seconds}

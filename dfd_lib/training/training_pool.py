@@ -1,0 +1,104 @@
+"""Several trainings at once, each in its own process: notebook 04's experts, loss-ablation variants and
+ladder rungs on a machine that one training does not fill (the CPU demo: one torch thread per training
+on 2 cores). A training's weights do not depend on the process it runs in: its initialisation, data
+order and augmentation derive from its seed (:mod:`dfd_lib.training.trainer`), and each process sets the
+training's own ``threads``, so the results are those of the same trainings one after another.
+
+``processes`` = 1 trains in the calling process, one after another (the default, and what a GPU
+wants: trainings in parallel on one GPU compete for its memory). The processes are started with
+``spawn`` (safe under a Jupyter kernel's threads); they write into their trainings' folders only, and
+a training that fails or a process that dies loses nothing finished: the other trainings run to the
+end, then the first error is raised, and a rerun with ``resume`` continues from the last checkpoints.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing
+from collections.abc import Sequence
+from concurrent.futures import Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from dfd_lib.core.logs import setup_logging
+from dfd_lib.training.train_config import TrainConfig
+from dfd_lib.training.trainer import TrainResult, train_expert
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainingJob:
+    """One call of :func:`dfd_lib.training.trainer.train_expert`."""
+
+    train_table: pd.DataFrame
+    val_table: pd.DataFrame
+    config: TrainConfig
+    out_dir: Path
+    resume: bool = True
+
+    def run(self) -> TrainResult:
+        return train_expert(self.train_table, self.val_table, self.config, self.out_dir, resume=self.resume)
+
+
+class TrainingFailed(RuntimeError):
+    """A training of :func:`run_trainings` failed; the others ran to their end."""
+
+
+def run_trainings(jobs: Sequence[TrainingJob], processes: int = 1) -> list[TrainResult]:
+    """Each job's :class:`~dfd_lib.training.trainer.TrainResult`, in ``jobs``' order, trained ``processes`` at a
+    time (1: in this process, one after another)."""
+    jobs = list(jobs)
+    if not isinstance(processes, int) or isinstance(processes, bool) or processes < 1:
+        raise ValueError(f"processes must be an int >= 1, got {processes!r}")
+    if processes == 1 or len(jobs) <= 1:
+        return [job.run() for job in jobs]
+    folders = [Path(job.out_dir).resolve() for job in jobs]
+    if len(set(folders)) < len(folders):
+        raise ValueError("two trainings would write into the same folder: " + ", ".join(
+            sorted({str(f) for f in folders if folders.count(f) > 1})))
+    workers = min(processes, len(jobs))
+    log.info("training %d models, %d at a time in their own processes", len(jobs), workers)
+    executor = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        futures = [executor.submit(_run_job, job) for job in jobs]
+        wait(futures)
+    except BaseException:  # an interrupted notebook: no training may go on behind its back
+        _terminate(executor)
+        raise
+    executor.shutdown()
+    return _results(jobs, futures)
+
+
+def _run_job(job: TrainingJob) -> TrainResult:
+    """In a pool process: the training, its messages on this process's stderr as in the caller's."""
+    setup_logging()
+    return job.run()
+
+
+def _results(jobs: list[TrainingJob], futures: list[Future]) -> list[TrainResult]:
+    failures = [(job, future.exception()) for job, future in zip(jobs, futures) if future.exception() is not None]
+    for job, error in failures:
+        log.error("training in %s failed: %s", job.out_dir, error)
+    if failures:
+        job, error = failures[0]
+        died = isinstance(error, BrokenProcessPool)
+        raise TrainingFailed(
+            f"{len(failures)} of {len(jobs)} trainings failed, the first in {job.out_dir}: "
+            + ("a training process died (killed, or out of memory?)" if died else f"{type(error).__name__}: {error}")
+            + "; finished trainings are kept, and a rerun with resume continues the others from their last checkpoint"
+        ) from error
+    return [future.result() for future in futures]
+
+
+def _terminate(executor: ProcessPoolExecutor) -> None:
+    processes = list((getattr(executor, "_processes", None) or {}).values())  # the executor has no public handle on them
+    executor.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+    for process in processes:
+        process.join(timeout=10)
+
