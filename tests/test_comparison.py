@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from dfd_lib.cli import main as dfd_main
 from dfd_lib.core import runs
@@ -93,6 +94,19 @@ def trained(run):
     official = comparison.train_official_split(data.trainval, configs[0], experts_dir / training_data.OFFICIAL_DIR)
     experts = train_mixture(data.trainval, configs, experts_dir, resplits=data.resplits, mixture_dir=run.path(runs.MOE_WEIGHTS))
     return data, configs, official, experts
+
+
+def test_model_a_and_the_experts_train_together_as_they_train_apart(run, trained, tmp_path):
+    data, configs, official, experts = trained
+    first, mixture = comparison.train_official_and_experts(data, configs, tmp_path / "pooled", mixture_dir=tmp_path / "moe",
+                                                           processes=2)
+    assert first.out_dir == tmp_path / "pooled" / training_data.OFFICIAL_DIR
+    assert [r.out_dir.name for r in mixture.experts] == ["expert_0", "expert_1"] and (tmp_path / "moe" / "config.json").is_file()
+    for alone, together in zip([official, *experts.experts], [first, *mixture.experts]):
+        assert alone.key == together.key  # the same rows and settings (threads are not part of a training's key)
+        # equal to float rounding: the thread count may differ between processes here (tests/test_training_pool.py
+        # holds them bit for bit at equal threads)
+        torch.testing.assert_close(load_file(together.best_weights), load_file(alone.best_weights), atol=1e-5, rtol=1e-4)
 
 
 def test_training_data_attaches_augmented_rows_and_keeps_test_apart(run):

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,12 +39,12 @@ from dfd_lib.scoring.predictor import Predictor, auto_device
 from dfd_lib.stats.bootstrap import INTERVAL_METRICS, BootstrapConfig, intervals
 from dfd_lib.stats.group_metrics import per_group_metrics
 from dfd_lib.stats.metrics import LOW_FPRS, binary_metrics, threshold_key, tpr_key
-from dfd_lib.training.mixture_training import MixtureTrainResult
+from dfd_lib.training.mixture_training import MixtureTrainResult, expert_jobs, save_experts_mixture
 from dfd_lib.training.train_config import TrainConfig
 from dfd_lib.training.trainer import TrainResult
-from dfd_lib.training.training_data import TrainingData
+from dfd_lib.training.training_data import OFFICIAL_DIR, TrainingData
 from dfd_lib.training.training_key import training_record
-from dfd_lib.training.training_pool import TrainingJob
+from dfd_lib.training.training_pool import TrainingJob, run_trainings
 
 # The authors' AUCs on their cross-domain test (docs/method.md): their data, not ours.
 AUTHORS_AUC = {"official split": 0.877, "cluster expert (best two)": (0.968, 0.964), "mixture of experts": 0.980}
@@ -64,6 +64,24 @@ def official_job(trainval: pd.DataFrame, config: TrainConfig, out_dir: str | os.
     """The training of :func:`train_official_split`, to run later or beside others (:mod:`dfd_lib.training.training_pool`)."""
     sides = trainval["split"].astype(str)
     return TrainingJob(trainval[sides == TRAIN], trainval[sides == VAL], config, Path(out_dir), resume)
+
+
+def train_official_and_experts(
+    data: TrainingData,
+    configs: Sequence[TrainConfig],
+    experts_dir: str | os.PathLike,
+    mixture_dir: str | os.PathLike | None = None,
+    resume: bool = True,
+    processes: int = 1,
+) -> tuple[TrainResult, MixtureTrainResult]:
+    """Model (a), on the official split with the first expert's config (``experts_dir/official_split``), and (b),
+    one expert per re-split of ``data`` (``configs``: one each) saved as a mixture in ``mixture_dir``
+    (:func:`dfd_lib.training.mixture_training.train_mixture`): all ``processes`` at a time, model (a) first."""
+    started = time.perf_counter()
+    chosen, jobs = expert_jobs(data.trainval, configs, experts_dir, data.resplits, resume)
+    official = official_job(data.trainval, configs[0], Path(experts_dir) / OFFICIAL_DIR, resume)
+    first, *experts = run_trainings([official, *jobs], processes)
+    return first, save_experts_mixture(chosen, experts, experts_dir, mixture_dir, data.provenance, started)
 
 
 def score_experts(

@@ -8,7 +8,8 @@ A runtime replaces one thing only, the forward pass: a preprocessed ``(B, 3, S, 
 CPUs that have it), so scores match torch within 1e-5 (tests/test_backends.py, bench/RESULTS.md).
 An int8 export (:mod:`dfd_lib.scoring.quantize`) runs through the same OpenVINO runtime.
 
-Their packages are the optional extra ``openvino``: ``pip install -e .[openvino]``.
+OpenVINO is installed with the kit; ONNX Runtime and the int8 quantiser (nncf) are the optional extra
+``openvino``: ``pip install -e .[openvino]``.
 """
 from __future__ import annotations
 

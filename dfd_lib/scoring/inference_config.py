@@ -17,7 +17,7 @@ class InferenceConfig(StepConfig):
     weights_dir: str = ""  # a mixture folder (ours, or the released weight.pth + ema.state), empty for the one notebook 04 wrote
     released_backbones: str = ""  # comma-separated timm names of the experts of a released checkpoint, empty for the original 7
     preprocess: str = "default"  # default (Pillow) or compat (OpenCV decoding exactly like the original release)
-    backend: str = "torch"  # forward pass: torch, openvino or onnxruntime (converted once, cached; scores within 1e-5; extra [openvino])
+    backend: str = "torch"  # forward pass: torch, openvino or onnxruntime (converted once, cached; scores within 1e-5)
     folder: str = ""  # a folder of images to score (real/ fake/ subfolders give labels), empty for a split of the run manifest
     split: str = "test"  # the manifest split scored when folder is empty; empty for every row
     max_images: int = 0  # 0 for every image, else a random subset of this many

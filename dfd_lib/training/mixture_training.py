@@ -65,6 +65,14 @@ def train_mixture(
     :attr:`dfd_lib.training.training_data.TrainingData.provenance`) joins the mixture config's. ``processes`` > 1
     trains that many experts at once, each in its own process (:mod:`dfd_lib.training.training_pool`): the
     same weights as one after another."""
+    started = time.perf_counter()
+    chosen, jobs = expert_jobs(table, config, out_dir, resplits, resume)
+    return save_experts_mixture(chosen, run_trainings(jobs, processes), out_dir, mixture_dir, provenance, started)
+
+
+def expert_jobs(table: pd.DataFrame, config: TrainConfig | Sequence[TrainConfig], out_dir: str | os.PathLike,
+                resplits: Sequence[int] | None = None, resume: bool = True) -> tuple[list[int], list[TrainingJob]]:
+    """The re-splits chosen and the training of each one's expert (:func:`train_mixture`'s, to run beside others)."""
     available = resplit_indices(table)
     chosen = list(available if resplits is None else resplits)
     missing = sorted(set(chosen) - set(available))
@@ -73,9 +81,14 @@ def train_mixture(
     configs = [config] * len(chosen) if isinstance(config, TrainConfig) else list(config)
     if len(configs) != len(chosen):
         raise ValueError(f"{len(configs)} configs for {len(chosen)} re-splits")
-    started = time.perf_counter()
-    jobs = [resplit_job(table, i, cfg, expert_dir(out_dir, i), resume) for i, cfg in zip(chosen, configs)]
-    results = run_trainings(jobs, processes)
+    return chosen, [resplit_job(table, i, cfg, expert_dir(out_dir, i), resume) for i, cfg in zip(chosen, configs)]
+
+
+def save_experts_mixture(chosen: Sequence[int], results: Sequence[TrainResult], out_dir: str | os.PathLike,
+                         mixture_dir: str | os.PathLike | None = None, provenance: Mapping[str, str] | None = None,
+                         started: float | None = None) -> MixtureTrainResult:
+    """The trained experts of re-splits ``chosen`` as a mixture saved in ``mixture_dir`` (default ``out_dir/mixture``)."""
+    results = list(results)
     summary = pd.DataFrame([
         {"resplit": i, "backbone": r.config.backbone, "best_epoch": r.best_epoch, "best_val_auc": r.best_val_auc,
          "selection": r.selection, "images_per_s": float(r.history["images_per_s"].mean()), "seconds": r.seconds}
@@ -88,4 +101,5 @@ def train_mixture(
 
     if PartialState().is_main_process:
         save_mixture(model, directory, mixture_config)
-    return MixtureTrainResult(directory=directory, experts=results, summary=summary, seconds=time.perf_counter() - started)
+    seconds = time.perf_counter() - started if started is not None else sum(r.seconds for r in results)
+    return MixtureTrainResult(directory=directory, experts=results, summary=summary, seconds=seconds)

@@ -5,13 +5,15 @@ order and augmentation derive from its seed (:mod:`dfd_lib.training.trainer`), a
 training's own ``threads``, so the results are those of the same trainings one after another.
 
 ``processes`` = 1 trains in the calling process, one after another (the default, and what a GPU
-wants: trainings in parallel on one GPU compete for its memory). The processes are started with
-``spawn`` (safe under a Jupyter kernel's threads); they write into their trainings' folders only, and
-a training that fails or a process that dies loses nothing finished: the other trainings run to the
-end, then the first error is raised, and a rerun with ``resume`` continues from the last checkpoints.
+wants: trainings in parallel on one GPU compete for its memory). The processes are started once with
+``spawn`` (safe under a Jupyter kernel's threads) and kept for the next call until the caller exits;
+they write into their trainings' folders only, and a training that fails or a process that dies loses
+nothing finished: the other trainings run to the end, then the first error is raised, and a rerun with
+``resume`` continues from the last checkpoints. An interrupted call stops its processes.
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import multiprocessing
 from collections.abc import Sequence
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 from dfd_lib.core.logs import setup_logging
 from dfd_lib.training.train_config import TrainConfig
@@ -61,20 +64,61 @@ def run_trainings(jobs: Sequence[TrainingJob], processes: int = 1) -> list[Train
             sorted({str(f) for f in folders if folders.count(f) > 1})))
     workers = min(processes, len(jobs))
     log.info("training %d models, %d at a time in their own processes", len(jobs), workers)
-    executor = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+    executor = _pool(processes)
     try:
         futures = [executor.submit(_run_job, job) for job in jobs]
         wait(futures)
     except BaseException:  # an interrupted notebook: no training may go on behind its back
-        _terminate(executor)
+        _close(processes, terminate=True)
         raise
-    executor.shutdown()
+    if any(isinstance(future.exception(), BrokenProcessPool) for future in futures):
+        _close(processes, terminate=True)  # a dead process broke the pool: the next call starts a new one
     return _results(jobs, futures)
 
 
+_POOLS: dict[int, ProcessPoolExecutor] = {}  # by size: kept for the next call (a notebook trains in several cells)
+_THREADS_AT_START: list[int] = []  # in a pool process: torch's own thread count
+
+
+def _pool(processes: int) -> ProcessPoolExecutor:
+    """The pool of ``processes`` processes, started once (about 5 s of imports each) and kept until this
+    process exits; started with ``spawn``, safe beside a Jupyter kernel's threads."""
+    if processes in _POOLS and getattr(_POOLS[processes], "_broken", False):
+        _close(processes, terminate=True)
+    if processes not in _POOLS:
+        _POOLS[processes] = ProcessPoolExecutor(max_workers=processes, mp_context=multiprocessing.get_context("spawn"),
+                                                initializer=_start_process)
+    return _POOLS[processes]
+
+
+def _close(processes: int, terminate: bool = False) -> None:
+    executor = _POOLS.pop(processes, None)
+    if executor is None:
+        return
+    children = list((getattr(executor, "_processes", None) or {}).values())  # the executor has no public handle on them
+    executor.shutdown(wait=not terminate, cancel_futures=True)
+    if terminate:
+        for child in children:
+            if child.is_alive():
+                child.terminate()
+        for child in children:
+            child.join(timeout=10)
+
+
+@atexit.register
+def _close_all() -> None:
+    for processes in list(_POOLS):
+        _close(processes)
+
+
+def _start_process() -> None:
+    setup_logging()  # the training's messages on this process's stderr, as in the caller's
+    _THREADS_AT_START.append(torch.get_num_threads())
+
+
 def _run_job(job: TrainingJob) -> TrainResult:
-    """In a pool process: the training, its messages on this process's stderr as in the caller's."""
-    setup_logging()
+    """In a pool process: the training at its own ``threads`` (0: torch's own count, not what an earlier training set)."""
+    torch.set_num_threads(job.config.threads or _THREADS_AT_START[0])
     return job.run()
 
 
@@ -91,14 +135,4 @@ def _results(jobs: list[TrainingJob], futures: list[Future]) -> list[TrainResult
             + "; finished trainings are kept, and a rerun with resume continues the others from their last checkpoint"
         ) from error
     return [future.result() for future in futures]
-
-
-def _terminate(executor: ProcessPoolExecutor) -> None:
-    processes = list((getattr(executor, "_processes", None) or {}).values())  # the executor has no public handle on them
-    executor.shutdown(wait=False, cancel_futures=True)
-    for process in processes:
-        if process.is_alive():
-            process.terminate()
-    for process in processes:
-        process.join(timeout=10)
 
