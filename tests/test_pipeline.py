@@ -150,12 +150,14 @@ def test_the_kernels_own_log_stays_out_of_the_terminal(chain, capfd):
     noisy.mkdir()
     _notebook(noisy / "01_make.ipynb", 'run_dir: str = ""  # run folder',
               "from ipykernel.kernelapp import IPKernelApp\nIPKernelApp.instance().log.error('KeyboardInterrupt caught in kernel.')\n"
+              "import logging\nlogging.getLogger('asyncio').error('Task was destroyed but it is pending!')\n"
               "import sys\nprint('a line of the notebook', file=sys.stderr)")
     result = run_pipeline("other", run="quiet", progress=True, write_report=False, **{**chain, "notebooks_dir": noisy})
     assert result.ok, result.steps
     err = capfd.readouterr().err
     assert "a line of the notebook" in err  # the step's own output still reaches the terminal
     assert "KeyboardInterrupt caught in kernel" not in err and "[IPKernelApp]" not in err
+    assert "Task was destroyed" not in err  # what the same interrupt makes asyncio log as the kernel exits
 
 
 @pytest.mark.slow

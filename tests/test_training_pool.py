@@ -1,6 +1,8 @@
 """Trainings in several processes at once (dfd_lib.training.training_pool): the same weights and histories as
 one after another, a failed training reported without losing the others, and a folder written by one
 training only."""
+import logging
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -81,3 +83,13 @@ def test_two_trainings_never_share_a_folder(table, tmp_path):
         run_trainings([job, resplit_job(table, 1, _config(), tmp_path / "same")], processes=2)
     with pytest.raises(ValueError, match="an int >= 1"):
         run_trainings([job], processes=0)
+
+
+def test_the_pools_messages_reach_the_callers_log_once(table, tmp_path, caplog):
+    jobs = [resplit_job(table, i, _config(epochs=1, progress=True), tmp_path / f"expert_{i}") for i in range(2)]
+    with caplog.at_level(logging.INFO, logger="dfd_lib"):
+        run_trainings(jobs, processes=2)
+    summaries = [r for r in caplog.records if "epoch 1/1: loss" in r.getMessage()]
+    # each training's epoch summary, logged in its process, handled once by this process's logger
+    assert sorted(r.getMessage().split()[0] for r in summaries) == ["expert_0", "expert_1"]
+    assert {r.name for r in summaries} == {"dfd_lib.training.trainer"} and {r.processName for r in summaries} != {"MainProcess"}

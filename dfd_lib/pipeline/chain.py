@@ -48,6 +48,9 @@ SKIPPED = "skipped"
 # kernel caught in a message handler then logs "KeyboardInterrupt caught in kernel" as an ERROR between steps;
 # a failing cell is reported by papermill, with its source, whatever this level
 QUIET_KERNEL = "--IPKernelApp.log_level=CRITICAL"
+# the same interrupt, caught in the kernel's asyncio loop while it handles the shutdown request, leaves its
+# control task pending, and asyncio logs "Task was destroyed but it is pending!" as the kernel exits
+QUIET_ASYNCIO = "--IPKernelApp.exec_lines=['__import__(\"logging\").getLogger(\"asyncio\").setLevel(50)']"
 
 
 @dataclass
@@ -267,7 +270,7 @@ def _execute(step: Step, step_params: dict, run_dir: Path, prepare_only: bool, k
     log.info("[%s] %s -> %s", step.name, "preparing" if prepare_only else "running", output)
     started = time.perf_counter()
     extra = {} if prepare_only else {"config": Config({"KernelManager": {"transport": "ipc"}}),
-                                      "extra_arguments": [] if log_output else [QUIET_KERNEL]}
+                                      "extra_arguments": [] if log_output else [QUIET_KERNEL, QUIET_ASYNCIO]}
     try:
         with _step_environment(step.name):
             papermill.execute_notebook(

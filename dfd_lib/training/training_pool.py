@@ -13,19 +13,23 @@ nothing finished: the other trainings run to the end, then the first error is ra
 """
 from __future__ import annotations
 
-import atexit
 import logging
 import multiprocessing
+import queue
+import signal
+import threading
 from collections.abc import Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from logging.handlers import QueueHandler
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import torch
 
-from dfd_lib.core.logs import setup_logging
+from dfd_lib.core.logs import ROOT_LOGGER
 from dfd_lib.training.train_config import TrainConfig
 from dfd_lib.training.trainer import TrainResult, train_expert
 
@@ -64,10 +68,14 @@ def run_trainings(jobs: Sequence[TrainingJob], processes: int = 1) -> list[Train
             sorted({str(f) for f in folders if folders.count(f) > 1})))
     workers = min(processes, len(jobs))
     log.info("training %d models, %d at a time in their own processes", len(jobs), workers)
-    executor = _pool(processes)
+    executor, records = _pool(processes)
     try:
         futures = [executor.submit(_run_job, job) for job in jobs]
-        wait(futures)
+        pending = set(futures)
+        while pending:
+            pending = wait(pending, timeout=RELAY_SECONDS)[1]
+            _relay(records)
+        _relay(records, linger=RELAY_SECONDS)  # the last lines may arrive after their training's result
     except BaseException:  # an interrupted notebook: no training may go on behind its back
         _close(processes, terminate=True)
         raise
@@ -76,26 +84,42 @@ def run_trainings(jobs: Sequence[TrainingJob], processes: int = 1) -> list[Train
     return _results(jobs, futures)
 
 
-_POOLS: dict[int, ProcessPoolExecutor] = {}  # by size: kept for the next call (a notebook trains in several cells)
+RELAY_SECONDS = 0.2  # how often the caller hands on its pool's log records
+_POOLS: dict[int, tuple[ProcessPoolExecutor, Any]] = {}  # by size, with its log queue: kept for the next call
 _THREADS_AT_START: list[int] = []  # in a pool process: torch's own thread count
 
 
-def _pool(processes: int) -> ProcessPoolExecutor:
-    """The pool of ``processes`` processes, started once (about 5 s of imports each) and kept until this
-    process exits; started with ``spawn``, safe beside a Jupyter kernel's threads."""
-    if processes in _POOLS and getattr(_POOLS[processes], "_broken", False):
+def _pool(processes: int) -> tuple[ProcessPoolExecutor, Any]:
+    """The pool of ``processes`` processes and the queue of their log records, started once (about 5 s of imports
+    each) and kept until this process exits; started with ``spawn``, safe beside a Jupyter kernel's threads."""
+    if processes in _POOLS and getattr(_POOLS[processes][0], "_broken", False):
         _close(processes, terminate=True)
     if processes not in _POOLS:
-        _POOLS[processes] = ProcessPoolExecutor(max_workers=processes, mp_context=multiprocessing.get_context("spawn"),
-                                                initializer=_start_process)
+        context = multiprocessing.get_context("spawn")
+        records = context.Queue()
+        executor = ProcessPoolExecutor(max_workers=processes, mp_context=context, initializer=_start_process,
+                                       initargs=(records,))
+        _POOLS[processes] = (executor, records)
     return _POOLS[processes]
 
 
+def _relay(records, linger: float = 0.0) -> None:
+    """The pool's log records so far, handled in the calling thread by their loggers: each message reaches a
+    notebook's cell (or a terminal) once, as this process's own do (a pool process writing to its stderr would
+    show in the cell and be echoed to the kernel's terminal as well)."""
+    while True:
+        try:
+            record = records.get(timeout=linger) if linger else records.get_nowait()
+        except queue.Empty:
+            return
+        logging.getLogger(record.name).handle(record)
+
+
 def _close(processes: int, terminate: bool = False) -> None:
-    executor = _POOLS.pop(processes, None)
+    executor, _ = _POOLS.pop(processes, (None, None))
     if executor is None:
         return
-    children = list((getattr(executor, "_processes", None) or {}).values())  # the executor has no public handle on them
+    children = list((getattr(executor, "_processes", None) or {}).values())  # no public handle on them
     executor.shutdown(wait=not terminate, cancel_futures=True)
     if terminate:
         for child in children:
@@ -105,14 +129,25 @@ def _close(processes: int, terminate: bool = False) -> None:
             child.join(timeout=10)
 
 
-@atexit.register
 def _close_all() -> None:
+    """At exit: the pool processes stopped, not waited for (between calls they hold nothing unsaved)."""
     for processes in list(_POOLS):
-        _close(processes)
+        _close(processes, terminate=True)
 
 
-def _start_process() -> None:
-    setup_logging()  # the training's messages on this process's stderr, as in the caller's
+# threading's exit hooks run in reverse order, before atexit's: this one before concurrent.futures' own,
+# which would wait for each process to finish exiting (the hook concurrent.futures itself uses; no public one)
+threading._register_atexit(_close_all)
+
+
+def _start_process(records) -> None:
+    """A pool process: the library's messages sent to the caller (:class:`_ToLogger`); Ctrl-C and a kernel's
+    interrupt are the caller's to handle (it stops its processes), not a traceback from each of them."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logger = logging.getLogger(ROOT_LOGGER)
+    logger.handlers[:] = [QueueHandler(records)]
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
     _THREADS_AT_START.append(torch.get_num_threads())
 
 
