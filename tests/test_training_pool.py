@@ -85,6 +85,12 @@ def test_two_trainings_never_share_a_folder(table, tmp_path):
         run_trainings([job], processes=0)
 
 
+def test_an_accelerate_group_trains_one_model_at_a_time(table, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as accelerate launch --num_processes 2 sets it
+    with pytest.raises(ValueError, match="inside an accelerate launch group of 2"):
+        run_trainings([resplit_job(table, 0, _config(), tmp_path / "a")], processes=2)
+
+
 def test_the_pools_messages_reach_the_callers_log_once(table, tmp_path, caplog):
     jobs = [resplit_job(table, i, _config(epochs=1, progress=True), tmp_path / f"expert_{i}") for i in range(2)]
     with caplog.at_level(logging.INFO, logger="dfd_lib"):

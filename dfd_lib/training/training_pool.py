@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import queue
 import signal
 import threading
@@ -60,6 +61,9 @@ def run_trainings(jobs: Sequence[TrainingJob], processes: int = 1) -> list[Train
     jobs = list(jobs)
     if not isinstance(processes, int) or isinstance(processes, bool) or processes < 1:
         raise ValueError(f"processes must be an int >= 1, got {processes!r}")
+    if processes > 1 and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        raise ValueError(f"training_processes {processes} inside an accelerate launch group of {os.environ['WORLD_SIZE']}: "
+                         "the group already trains each model on every process; give 1")
     if processes == 1 or len(jobs) <= 1:
         return [job.run() for job in jobs]
     folders = [Path(job.out_dir).resolve() for job in jobs]
