@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import PurePosixPath
 
 import pytest
@@ -22,6 +23,25 @@ except ImportError:  # pytest-xdist is a dev tool: without it the suite runs on 
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+def share_the_cores_between_workers() -> None:
+    """Under pytest-xdist, each worker (and every kernel and process it starts: they inherit the environment)
+    plans for its share of the cores: ``DFD_CPUS`` and torch's ``OMP_NUM_THREADS``. Two workers of 2 OpenMP
+    threads each on 2 cores spin against each other: one model ran 8x slower than with 1 thread each."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
+    if workers < 1:
+        return  # one process: all the cores
+    from dfd_lib.core.cpus import CPUS_ENV, available_cores
+
+    share = max(1, available_cores() // workers)
+    os.environ[CPUS_ENV] = str(share)
+    os.environ.setdefault("OMP_NUM_THREADS", str(share))
+    if "torch" in sys.modules:  # imported by a plugin before this file: its thread count is already set
+        sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+share_the_cores_between_workers()
 
 # another name lets parallel sessions keep apart: DFD_NBVAL_RUN=nbval-x pytest --nbval-lax reports/nbval-x/notebooks
 NBVAL_RUN = os.environ.get("DFD_NBVAL_RUN", "nbval-smoke")

@@ -18,6 +18,8 @@ from typing import Any, TypeVar
 
 import torch
 
+from dfd_lib.core.cpus import available_cores
+
 T = TypeVar("T")
 
 
@@ -76,7 +78,7 @@ class ShardGroup:
         """On the CPU the cores are shared between the processes unless ``requested`` says otherwise."""
         if requested is not None or torch.cuda.is_available():
             return requested
-        return max(1, (os.cpu_count() or 1) // self.processes)
+        return max(1, available_cores() // self.processes)
 
     def barrier(self) -> None:
         self.state.wait_for_everyone()

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
+from dfd_lib.core.cpus import available_cores
 from dfd_lib.core.logs import progress_bar
 from dfd_lib.data.images import ImageLoadError, ImageSource
 from dfd_lib.data.preprocess import InputTransform
@@ -236,13 +237,13 @@ def experts_at_once(count: int) -> int:
         if not chosen.isdigit() or int(chosen) < 1:
             raise ValueError(f"{AT_ONCE_ENV} must be an int >= 1, got {chosen!r}")
         return max(1, min(count, int(chosen)))
-    return max(1, min(count, (os.cpu_count() or 1) // max(1, torch.get_num_threads())))
+    return max(1, min(count, available_cores() // max(1, torch.get_num_threads())))
 
 
 def openvino_threads() -> int:
     """OpenVINO's threads for one expert: the threads torch's experts use together (:func:`experts_at_once`). Its
     CPU plugin runs one compiled model at a time in a process, so it takes the cores in its own threads instead."""
-    return torch.get_num_threads() * experts_at_once(os.cpu_count() or 1)
+    return torch.get_num_threads() * experts_at_once(available_cores())
 
 
 def _forward(work: list[tuple], batches: dict[tuple, list[torch.Tensor]]) -> list[np.ndarray]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from dfd_lib.core.cpus import available_cores
 from dfd_lib.core.logs import progress_bar
 from dfd_lib.scoring.calibration import VerdictThreshold
 from dfd_lib.scoring.faces import FaceOptions, faces_text, summarise_faces
@@ -165,7 +165,7 @@ def count_files(inputs: list[str], skip: frozenset[str], problems: list[str]) ->
 def auto_workers(files: int) -> int:
     """Decoding processes for ``files`` files: none for a few (starting one takes seconds),
     else one per spare core, at most 3."""
-    return 0 if files < AUTO_WORKERS_FROM else max(0, min(3, (os.cpu_count() or 1) - 1))
+    return 0 if files < AUTO_WORKERS_FROM else max(0, min(3, available_cores() - 1))
 
 
 def score_stream(predictor: Predictor, inputs: list[str], out: Path, options: StreamOptions = StreamOptions(),
@@ -181,7 +181,7 @@ def score_stream(predictor: Predictor, inputs: list[str], out: Path, options: St
     dataset = ScoringFiles(inputs, predictor.transform, predictor.preprocess, options.faces, options.frames, skip)
     workers = auto_workers(total) if options.workers is None else options.workers
     if workers and predictor.device.type == "cpu":  # the model's threads and the decoders share the cores
-        torch.set_num_threads(max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) - workers)))
+        torch.set_num_threads(max(1, min(torch.get_num_threads(), available_cores() - workers)))
     # spawned, not forked: a process that has used OpenCV's thread pool deadlocks its forked children
     loader = DataLoader(dataset, batch_size=None, collate_fn=as_is, num_workers=workers,
                         pin_memory=predictor.device.type == "cuda", worker_init_fn=worker_init if workers else None,

@@ -13,6 +13,7 @@ from pathlib import Path
 import uvicorn
 from fastapi import FastAPI
 
+from dfd_lib.core.cpus import available_cores
 from dfd_lib.models.checkpoints import PREPROCESS_MODES, CheckpointError
 from dfd_lib.scoring.backends import EXPORT_FORMAT, BackendUnavailable, add_backend_arguments
 from dfd_lib.scoring.default_weights import DEFAULT_WEIGHTS_DIR, WeightsNotFound, find_weights
@@ -143,7 +144,7 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
         raise ValueError(f"--workers must be >= 1, got {args.workers}")
     if args.max_body_mb <= 0:
         raise ValueError(f"--max-body-mb must be positive, got {args.max_body_mb}")
-    threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
+    threads = args.threads or max(1, available_cores() // args.workers)
     return ServeSettings(weights=str(args.weights), max_body_bytes=int(args.max_body_mb * 1024 * 1024),
                          max_pixels=args.max_pixels, min_side=args.min_side, max_batch_images=args.max_batch_images,
                          strict_modes=args.strict_modes, batch_size=args.batch_size, threads=threads,
