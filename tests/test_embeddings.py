@@ -14,7 +14,8 @@ from torchvision.transforms import v2
 
 from dfd_lib.core import runs
 from dfd_lib.data.manifest import Manifest
-from dfd_lib.embed.embeddings import EmbeddingConfig, embed_run, extract_embeddings, load_run_embeddings
+from dfd_lib.embed.embedding_store import load_run_embeddings
+from dfd_lib.embed.embeddings import EmbeddingConfig, embed_run, extract_embeddings
 from dfd_lib.embed.separability import class_spread, domain_separability
 from dfd_lib.models.backbones import create_backbone
 
@@ -128,7 +129,7 @@ def test_split_separability_reads_overlap_and_domain_shift():
     import numpy as np
     import pandas as pd
 
-    from dfd_lib.embed.embeddings import EmbeddingResult
+    from dfd_lib.embed.embedding_store import EmbeddingResult
     from dfd_lib.embed.separability import split_separability
 
     rng = np.random.default_rng(0)

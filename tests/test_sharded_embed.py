@@ -19,7 +19,8 @@ from test_step_commands import EMBED_OPTIONS, dataset  # noqa: F401 (dataset: a 
 from dfd_lib.core import runs
 from dfd_lib.core.shards import ShardGroup, deal, interleave, part_path
 from dfd_lib.data.manifest import skipped_path
-from dfd_lib.embed.embeddings import EmbeddingConfig, extract_embeddings, load_run_embeddings
+from dfd_lib.embed.embedding_store import load_run_embeddings
+from dfd_lib.embed.embeddings import EmbeddingConfig, extract_embeddings
 
 CONFIG = EmbeddingConfig(image_size=32, batch_size=2, num_workers=0, device="cpu")
 

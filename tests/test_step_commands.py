@@ -21,7 +21,7 @@ from dfd_lib.core import runs
 from dfd_lib.core.paths import PROJECT_ROOT
 from dfd_lib.data.manifest import TRAIN, VAL
 from dfd_lib.data.resplit_table import check_no_group_leakage, save_resplits
-from dfd_lib.embed import clusters, embeddings, resplits
+from dfd_lib.embed import clusters, embedding_store, embeddings, resplits
 from dfd_lib.embed.clusters import ClusterConfig
 from dfd_lib.embed.embeddings import EmbeddingConfig
 from dfd_lib.sources.run_dataset import DatasetSpec, prepare_run_dataset
@@ -68,7 +68,7 @@ def notebook_run(dataset, tmp_path_factory):
     manifest = prepare_run_dataset(run, DatasetSpec(dataset=str(dataset)))
     embeddings.embed_run(run, manifest.table, EmbeddingConfig(image_size=32, batch_size=8, num_workers=0, device="cpu"),
                          progress=False)
-    result = embeddings.load_run_embeddings(run)
+    result = embedding_store.load_run_embeddings(run)
     trainval = result.select(splits=[TRAIN, VAL])
     sweep = clusters.silhouette_sweep(trainval.embeddings, ks=range(2, 4 + 1), seed=0)
     table = resplits.build_resplits(trainval.table, trainval.embeddings, clusters.best_k(sweep), seed=0, merge_single_class=True)
@@ -83,7 +83,7 @@ def test_dfd_embed_writes_the_manifest_and_embeddings_notebook_01_writes(command
     assert "40 images -> " in out and "0 files skipped" in out
     assert "40 embeddings of width 1280, computed; 0 images failed" in out
     assert (command_run / runs.MANIFEST).read_bytes() == (notebook_run / runs.MANIFEST).read_bytes()
-    ours, theirs = (embeddings.load_run_embeddings(runs.RunDir(root)) for root in (command_run, notebook_run))
+    ours, theirs = (embedding_store.load_run_embeddings(runs.RunDir(root)) for root in (command_run, notebook_run))
     assert ours.embeddings.shape == (40, 1280)
     np.testing.assert_array_equal(ours.embeddings, theirs.embeddings)
     index = [json.loads((root / runs.EMBEDDINGS_INDEX).read_text()) for root in (command_run, notebook_run)]

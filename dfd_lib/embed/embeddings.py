@@ -9,7 +9,7 @@ timm name, a CNN or a ViT such as CLIP's ``vit_large_patch14_clip_224.openai``: 
 interpolation come from its own timm data config, and so does its input side with ``image_size: 0``
 (a ViT takes that side only). The cache key covers the manifest's content, the backbone's identity
 and the preprocessing, so a rerun reads the file instead of recomputing. :func:`embed_run` also records which cache entry the
-run's map was drawn from, and :func:`load_run_embeddings` reads exactly that entry back.
+run's map was drawn from, and :func:`dfd_lib.embed.embedding_store.load_run_embeddings` reads exactly that entry back.
 
 Given a :class:`dfd_lib.core.shards.ShardGroup` (``dfd embed`` under ``accelerate launch
 --num_processes N``), each process embeds every N-th batch into a part of the entry and process 0
@@ -40,8 +40,8 @@ from dfd_lib.core.paths import cache_dir as default_cache_dir
 from dfd_lib.core.paths import resolve
 from dfd_lib.core.shards import ShardGroup
 from dfd_lib.data.images import load_rgb
-from dfd_lib.data.manifest import Manifest
 from dfd_lib.embed.embedding_parts import merge_embedding_parts, part_complete, part_files, part_key_source
+from dfd_lib.embed.embedding_store import EmbeddingResult, manifest_identity, read_cache
 from dfd_lib.models.backbones import backbone_data_config, backbone_transform, create_backbone
 
 CACHE_FORMAT = 1  # bump when the file layout or the meaning of a key changes
@@ -69,32 +69,6 @@ class EmbeddingConfig(StepConfig):
             raise ValueError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
 
 
-@dataclass
-class EmbeddingResult:
-    """Row ``i`` of ``embeddings`` belongs to ``table.iloc[i]``; ``failed`` lists the rows
-    (``path``, ``reason``) that could not be decoded and have no embedding."""
-
-    embeddings: np.ndarray  # (N, D) float32, memory-mapped read-only from ``cache_path``
-    table: pd.DataFrame  # the embedded rows of the input table, original index kept
-    failed: pd.DataFrame
-    cache_path: Path
-    from_cache: bool
-    weights_source: str = ""  # where the backbone's weights came from (dfd_lib.models.backbones)
-
-    @property
-    def paths(self) -> list[str]:
-        return self.table["path"].astype(str).tolist()
-
-    def __len__(self) -> int:
-        return int(self.embeddings.shape[0])
-
-    def select(self, splits: list[str]) -> EmbeddingResult:
-        """The rows whose ``split`` is one of ``splits`` (embeddings gathered into memory)."""
-        mask = self.table["split"].isin(splits).to_numpy()
-        return EmbeddingResult(np.asarray(self.embeddings[mask]), self.table[mask], self.failed,
-                               self.cache_path, self.from_cache, self.weights_source)
-
-
 class _ImageRows(Dataset):
     """Decodes one manifest row per item; a failure yields a blank image and its reason."""
 
@@ -110,22 +84,6 @@ class _ImageRows(Dataset):
         except Exception as err:  # any decode/transform failure is reported, never fatal
             reason = getattr(err, "reason", None) or f"{type(err).__name__}: {err}"
             return torch.zeros(3, self.image_size, self.image_size), index, reason
-
-
-def _manifest_identity(table: pd.DataFrame) -> str:
-    """Content hashes when the manifest has them all; else path, size and mtime of each file."""
-    digest = hashlib.sha1()
-    if "hash" in table.columns and table["hash"].notna().all():
-        for value in table["hash"].astype(str):
-            digest.update(value.encode() + b"\n")
-        return "content:" + digest.hexdigest()
-    for path in table["path"].astype(str):
-        try:
-            stat = os.stat(path)
-            digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
-        except OSError:
-            digest.update(f"{path}|missing\n".encode())
-    return "files:" + digest.hexdigest()
 
 
 def module_identity(module: nn.Module) -> str:
@@ -223,7 +181,7 @@ def extract_embeddings(
     transform = backbone_transform(data_config, image_size=side, crop_pct=config.crop_pct)
 
     key_source = json.dumps(
-        {"format": CACHE_FORMAT, "manifest": _manifest_identity(table), "rows": len(table),
+        {"format": CACHE_FORMAT, "manifest": manifest_identity(table), "rows": len(table),
          "backbone": identity, "image_size": side, "crop_pct": config.crop_pct,
          "mean": list(data_config["mean"]), "std": list(data_config["std"]),
          "interpolation": data_config["interpolation"]},
@@ -242,7 +200,7 @@ def extract_embeddings(
                      meta_path, key_source, progress)
         else:
             _compute_sharded(paths, transform, side, config, model, array_path, meta_path, key_source, progress, shards)
-    result = _read_cache(table, array_path, meta_path, from_cache)
+    result = read_cache(table, array_path, meta_path, from_cache)
     result.weights_source = getattr(model, "weights_source", "") or identity
     return result
 
@@ -268,23 +226,6 @@ def _remove_other_entries(folder: Path, keep: Path) -> None:
     for path in folder.glob("*"):
         if path.suffix in (".npy", ".json") and path.stem != keep.stem and path.name != Path(runs.EMBEDDINGS_INDEX).name:
             path.unlink()
-
-
-def load_run_embeddings(run: runs.RunDir) -> EmbeddingResult:
-    """The embeddings notebook 01 made for this run (its manifest's rows, in order); an error naming
-    step 01 when they are missing or the manifest changed since."""
-    manifest = Manifest.load(run.require(runs.MANIFEST)).table
-    index = json.loads(run.require(runs.EMBEDDINGS_INDEX).read_text())
-    array_path = run.path(runs.EMBEDDINGS_DIR) / index["array"]
-    meta_path = array_path.with_suffix(".json")
-    if not (array_path.is_file() and meta_path.is_file()):
-        raise runs.MissingArtefactError(f"{array_path} is missing: run step 01_features_umap again")
-    key = json.loads(meta_path.read_text())["key"]
-    if key["manifest"] != _manifest_identity(manifest) or key["rows"] != len(manifest):
-        raise ValueError(f"{run.path(runs.MANIFEST)} changed after notebook 01 embedded it: run step 01 again")
-    result = _read_cache(manifest, array_path, meta_path, from_cache=True)
-    result.weights_source = index.get("weights_source", "")
-    return result
 
 
 def _loader(paths: list[str], transform, side: int, config: EmbeddingConfig) -> DataLoader:
@@ -363,11 +304,3 @@ def _compute(loader: DataLoader, model: nn.Module, device: torch.device, array_p
             "failed": [{"row": i, "path": paths[i], "reason": r} for i, r in failed]}
     # the metadata file marks the cache entry complete
     atomic_write(meta_path, lambda tmp: tmp.write_text(json.dumps(meta)))
-
-
-def _read_cache(table: pd.DataFrame, array_path: Path, meta_path: Path, from_cache: bool) -> EmbeddingResult:
-    meta = json.loads(meta_path.read_text())
-    rows = meta["embedded_rows"]
-    embeddings = np.load(array_path, mmap_mode="r")[: len(rows)]  # trailing rows were reserved for failures
-    failed = pd.DataFrame(meta["failed"], columns=["row", "path", "reason"])
-    return EmbeddingResult(embeddings, table.iloc[rows], failed, array_path, from_cache)

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 
 from dfd_lib.data.manifest import TEST, TRAIN, VAL
-from dfd_lib.embed.embeddings import EmbeddingResult
+from dfd_lib.embed.embedding_store import EmbeddingResult
 
 
 def _subsample(n: int, max_points: int | None, seed: int, strata: np.ndarray | None = None) -> np.ndarray:

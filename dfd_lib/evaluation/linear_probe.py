@@ -32,7 +32,7 @@ from sklearn.preprocessing import StandardScaler
 from dfd_lib.core import runs
 from dfd_lib.core.config import StepConfig, check_fields, is_number
 from dfd_lib.data.manifest import TRAIN, VAL
-from dfd_lib.embed.embeddings import load_run_embeddings
+from dfd_lib.embed.embedding_store import load_run_embeddings
 
 MAX_ITER = 5000  # lbfgs iterations per fit; the grid table says whether each fit converged
 MISSING_SCORE = 0.5  # the probe's score of a test image without an embedding

@@ -20,7 +20,7 @@ from dfd_lib.core.paths import resolve
 from dfd_lib.data.manifest import TRAIN, VAL
 from dfd_lib.data.resplit_table import check_no_group_leakage, resplit_columns, save_resplits
 from dfd_lib.embed.clusters import ClusterConfig, cluster_label_counts, silhouette_sweep
-from dfd_lib.embed.embeddings import load_run_embeddings
+from dfd_lib.embed.embedding_store import load_run_embeddings
 from dfd_lib.embed.resplits import build_resplits
 
 log = logging.getLogger(__name__)
