@@ -101,8 +101,9 @@ def _run(args: argparse.Namespace, shards: Shards | None) -> int:
     except (ValueError, WeightsNotFound) as exc:
         log.error("dfd predict: %s", exc)
         return 2
-    if maps_backend_problem(args):
-        log.error("dfd predict: %s", maps_backend_problem(args))
+    problem = maps_backend_problem(args)
+    if problem:
+        log.error("dfd predict: %s", problem)
         return 2
     if main:
         print(f"dfd predict: weights {why}" if args.weights is None else f"dfd predict: weights {weights}")
