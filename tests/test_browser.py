@@ -1,5 +1,6 @@
 """End to end in a real headless browser (Debian's chromium driven by Playwright), loopback only:
-`dfd serve`'s page scores an uploaded image and shows the score the API gives; notebook 05
+`dfd serve`'s page scores an uploaded image and shows the score the API gives (and, for a mixture with
+localisation heads, overlays the heads' map the API gives, Grad-CAM still selectable); notebook 05
 renders as an app under Voilà with its upload widget.
 
 Needs ``/usr/bin/chromium`` (``apt-get update && apt-get install -y chromium``); skipped
@@ -10,6 +11,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,7 @@ import requests
 from PIL import Image
 from skimage import data as skdata
 from test_serve import b64, free_port, make_tiny_weights
+from test_serve_maps import edited_photo
 
 from dfd_lib.core.paths import PROJECT_ROOT
 from dfd_lib.data.manifest import Manifest
@@ -80,16 +83,26 @@ def browser():
         browser.close()
 
 
-@pytest.fixture(scope="module")
-def served(weights, tmp_path_factory):
-    """The real `dfd serve` command on a free loopback port."""
+def serve(weights: Path, log: Path) -> Iterator[str]:
+    """The real `dfd serve` command on a free loopback port: its URL while it runs."""
     port = free_port()
-    log = tmp_path_factory.mktemp("serve") / "serve.log"
     command = [sys.executable, "-m", "dfd_lib.cli", "serve", "--weights", str(weights), "--host", "127.0.0.1",
                "--port", str(port), "--threads", "1", "--log-level", "warning"]
     process = start(command, f"http://127.0.0.1:{port}/health", log)
     yield f"http://127.0.0.1:{port}"
     stop(process)
+
+
+@pytest.fixture(scope="module")
+def served(weights, tmp_path_factory):
+    yield from serve(weights, tmp_path_factory.mktemp("serve") / "serve.log")
+
+
+@pytest.fixture(scope="module")
+def served_with_heads(tmp_path_factory):
+    """A mixture with (untrained) localisation heads, served."""
+    weights = make_tiny_weights(tmp_path_factory.mktemp("moe_heads"), localisation_head="light")
+    yield from serve(weights, tmp_path_factory.mktemp("serve_heads") / "serve.log")
 
 
 def jpeg_file(path: Path, array: np.ndarray) -> Path:
@@ -113,6 +126,9 @@ def test_the_page_scores_an_uploaded_image_like_the_api(served, browser, tmp_pat
         assert [float(t) for t in page.locator(".result .expert-prob").all_inner_texts()] == pytest.approx(api["experts"], abs=1e-3)
         assert page.get_attribute(".result .heatmap", "src").startswith("data:image/png;base64,")
         assert page.is_visible(".result .heatmap")
+        # no localisation heads: Grad-CAM, and no choice of heatmap offered
+        assert page.get_attribute(".result .heatmap", "data-kind") == "grad-cam" and not page.is_visible("#heatmap-row")
+        assert "Grad-CAM" in page.inner_text(".result .heatmap-label")
         # the threshold only recolours: below the score -> fake, above -> real
         for value, verdict in ((api["result"] - 0.01, "fake"), (api["result"] + 0.01, "real")):
             page.eval_on_selector("#threshold", "(el, v) => { el.value = v; el.dispatchEvent(new Event('input')); }", str(value))
@@ -122,6 +138,35 @@ def test_the_page_scores_an_uploaded_image_like_the_api(served, browser, tmp_pat
         page.wait_for_selector(".result.failed", timeout=30_000)
         assert "not an image" in page.inner_text(".result.failed .error")
         assert page.locator(".result.done").count() == 2
+    finally:
+        page.close()
+
+
+def test_the_page_overlays_the_heads_map_with_grad_cam_selectable(served_with_heads, browser, tmp_path):
+    image = tmp_path / "edited.png"
+    Image.fromarray(edited_photo()).save(image)
+    body = {"image": b64(image.read_bytes())}
+    heads = requests.post(f"{served_with_heads}/explain?map=localisation", json=body, timeout=60).json()
+    gradcam = requests.post(f"{served_with_heads}/explain?map=grad-cam", json=body, timeout=60).json()
+    page = browser.new_page()
+    try:
+        page.goto(served_with_heads + "/")
+        page.wait_for_function("!document.querySelector('#heatmap-row').hidden", timeout=30_000)
+        assert page.input_value("#heatmap-kind") == "localisation"  # the heads' map by default
+        page.set_input_files("#file-input", str(image))
+        page.wait_for_selector(".result.done", timeout=60_000)
+        # the overlay drawn is the one the API makes from the heads' map, and says so
+        assert page.get_attribute(".result .heatmap", "src") == heads["heatmap"]
+        assert page.get_attribute(".result .heatmap", "data-kind") == "localisation"
+        assert page.inner_text(".result .heatmap-label") == "where it was edited (localisation head)"
+        assert float(page.get_attribute(".result", "data-prob")) == heads["result"]
+        # Grad-CAM is still one choice away
+        page.select_option("#heatmap-kind", "grad-cam")
+        page.set_input_files("#file-input", str(image))
+        page.wait_for_function("document.querySelectorAll('.result.done').length === 2", timeout=60_000)
+        newest = page.query_selector(".result .heatmap")  # the newest card comes first
+        assert newest.get_attribute("data-kind") == "grad-cam" and newest.get_attribute("src") == gradcam["heatmap"]
+        assert "Grad-CAM" in page.inner_text(".result .heatmap-label")
     finally:
         page.close()
 

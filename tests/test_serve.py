@@ -37,14 +37,16 @@ SIZE = 64
 BODY_LIMIT = 4 * 1024 * 1024
 
 
-def make_tiny_weights(directory: Path, seed: int = 0) -> Path:
-    """A 2-expert mixture at 64 px in our format, with heads scaled so images score apart."""
+def make_tiny_weights(directory: Path, seed: int = 0, localisation_head: str = "") -> Path:
+    """A 2-expert mixture at 64 px in our format, with heads scaled so images score apart;
+    ``localisation_head`` ("light", "linear"): untrained localisation heads too, so it has maps."""
     torch.manual_seed(seed)
-    model = build_mixture(TINY)
+    model = build_mixture(TINY, localisation_head=localisation_head or None)
     with torch.no_grad():
         for expert in model.experts:
             expert.baseline_extractor.get_classifier().weight.mul_(40.0)
-    return save_mixture(model, directory, MixtureConfig(backbones=TINY, image_size=SIZE, preprocess="default"))
+    config = MixtureConfig(backbones=TINY, image_size=SIZE, preprocess="default", localisation_head=localisation_head)
+    return save_mixture(model, directory, config)
 
 
 def encode(image: Image.Image | np.ndarray, fmt: str = "PNG", **kwargs) -> bytes:

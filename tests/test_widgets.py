@@ -12,12 +12,14 @@ import pytest
 from PIL import Image
 from skimage import data as skdata
 from test_serve import make_tiny_weights
+from test_serve_maps import edited_photo
 from traitlets import Bunch
 
 from dfd_lib.data.images import load_rgb
 from dfd_lib.data.manifest import Manifest
+from dfd_lib.scoring import explain, widgets
 from dfd_lib.scoring import folders as folder_scoring
-from dfd_lib.scoring import widgets
+from dfd_lib.scoring.faces import FaceDetector
 from dfd_lib.scoring.predictor import Predictor
 
 
@@ -146,3 +148,37 @@ def test_sortable_table_reorders_on_request():
     assert first_row() == "c"
     with pytest.raises(ValueError, match="no column"):
         folder_scoring.sortable_table(table, sort_by="missing")
+
+
+def _texts(box) -> str:
+    """Every HTML text inside a widget tree."""
+    own = getattr(box, "value", "") if type(box).__name__ == "HTML" else ""
+    return own + "".join(_texts(child) for child in getattr(box, "children", ()))
+
+
+def test_with_localisation_heads_the_overlay_is_the_heads_map_and_grad_cam_a_toggle_away(predictor, tmp_path):
+    heads = Predictor.load(make_tiny_weights(tmp_path / "moe", localisation_head="light"), malloc_tuning=False)
+    app = widgets.build_upload_app(heads, threshold=0.5)
+    assert app.heatmap.value == "localisation" and app.heatmap.layout.display == ""
+    buffer = io.BytesIO()
+    Image.fromarray(edited_photo()).save(buffer, format="PNG")
+    raw = buffer.getvalue()
+    app.upload.set_state({"value": [browser_record("edited.png", raw, "image/png")]})
+    [result] = app.results
+    [expected] = heads.predict_maps([raw])
+    drawn = explain.overlay_heatmap(load_rgb(raw), expected, max_side=widgets.THUMBNAIL_SIDE)
+    assert result.overlay_kind == "localisation" and np.array_equal(np.asarray(result.overlay), np.asarray(drawn))
+    assert result.prediction.prob == heads.predict_one(load_rgb(raw)).prob
+    assert "where it was edited (localisation head)" in _texts(app.cards[0].box)
+    app.heatmap.value = "grad-cam"  # the next upload's heatmap is Grad-CAM
+    app.upload.set_state({"value": [browser_record("again.png", raw, "image/png")]})
+    newest = app.results[0]
+    gradcam = explain.overlay_heatmap(load_rgb(raw), explain.explain(heads, load_rgb(raw)).cam, max_side=widgets.THUMBNAIL_SIDE)
+    assert newest.overlay_kind == "grad-cam" and np.array_equal(np.asarray(newest.overlay), np.asarray(gradcam))
+    assert "Grad-CAM" in _texts(app.cards[0].box)
+    # with faces on, the map of the face that decides
+    faces = widgets.score_upload(heads, "astronaut.jpg", jpeg(skdata.astronaut()), faces=FaceDetector(), heatmap="localisation")
+    assert faces.faces.faces_found == 1 and faces.overlay_kind == "localisation" and faces.overlay.width == faces.overlay.height
+    # a mixture without heads: Grad-CAM, and no choice shown
+    plain = widgets.build_upload_app(predictor, threshold=0.5)
+    assert plain.heatmap.value == "grad-cam" and plain.heatmap.layout.display == "none"

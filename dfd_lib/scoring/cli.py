@@ -6,6 +6,10 @@ Unreadable files are listed with their reason on stderr and in the CSV's ``error
 the exit code is non-zero only when nothing could be scored. Demo weights say so in the summary
 and in every row's ``threshold_source`` (:mod:`dfd_lib.models.demo_weights`).
 
+``--maps DIR`` writes each photo's localisation map (a mixture with heads, in torch) as a PNG into ``DIR`` and
+names it in the CSV's ``map`` column; a mixture without heads, a converted backend or ``--faces`` is refused
+before anything is scored (Grad-CAM, ``dfd_lib.scoring.explain``, is the map of a mixture without heads).
+
 Under ``accelerate launch --num_processes N -m dfd_lib.cli predict ...`` the processes score a
 share of the files each and process 0 merges them into the same CSV (:mod:`dfd_lib.scoring.sharding`).
 """
@@ -55,6 +59,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--frames", type=int, default=DEFAULT_FRAMES,
                         help=f"frames sampled evenly from each video (default: {DEFAULT_FRAMES})")
     parser.add_argument("--per-frame", action="store_true", help="also write one row per sampled video frame")
+    parser.add_argument("--maps", type=Path, default=None, metavar="DIR",
+                        help="write each photo's localisation map into DIR (8-bit greyscale PNG at the photo's size, "
+                             "255 = edited; named in the CSV's map column; videos get none). Needs a mixture with "
+                             "localisation heads (notebook 04 with mask_weight > 0), --backend torch and no --faces")
     parser.add_argument("--threshold", type=float, default=None,
                         help="verdict threshold, fake if prob_fake >= it (default: the mixture's from `dfd calibrate`, "
                              "else 0.5, 'not calibrated')")
@@ -62,7 +70,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def stream_options(args: argparse.Namespace) -> StreamOptions:
     faces = face_options(args) if args.faces else None
-    return StreamOptions(faces=faces, frames=args.frames, per_frame=args.per_frame, workers=args.workers)
+    return StreamOptions(faces=faces, frames=args.frames, per_frame=args.per_frame, workers=args.workers, maps_dir=args.maps)
+
+
+def maps_backend_problem(args: argparse.Namespace) -> str | None:
+    """Why ``--maps`` cannot run with the chosen backend (known before the weights load), else None."""
+    if args.maps is not None and (args.backend != "torch" or args.int8):
+        return (f"--maps needs --backend torch: the {args.backend}{' int8' if args.int8 else ''} export has no "
+                f"localisation map output")
+    return None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -85,6 +101,10 @@ def _run(args: argparse.Namespace, shards: Shards | None) -> int:
     except (ValueError, WeightsNotFound) as exc:
         log.error("dfd predict: %s", exc)
         return 2
+    problem = maps_backend_problem(args)
+    if problem:
+        log.error("dfd predict: %s", problem)
+        return 2
     if main:
         print(f"dfd predict: weights {why}" if args.weights is None else f"dfd predict: weights {weights}")
     try:
@@ -92,6 +112,8 @@ def _run(args: argparse.Namespace, shards: Shards | None) -> int:
                                    threads=threads, preprocess=args.preprocess, backend=args.backend, int8=args.int8,
                                    export_dir=args.export_dir)
         verdicts = resolve_threshold(predictor.config, args.threshold)
+        if args.maps is not None:
+            predictor.require_maps()
     except (BackendUnavailable, CheckpointError, ValueError) as exc:
         log.error("dfd predict: %s", exc)
         return 2
@@ -120,6 +142,8 @@ def _run(args: argparse.Namespace, shards: Shards | None) -> int:
     failed = f" ({len(summary.failed)} unreadable)" if summary.failed else ""
     print(f"scored {summary.scored} of {summary.files} files -> {out}{failed}{resumed}")
     print(f"verdicts at threshold {verdicts.value:.4f} ({verdicts.note}): {summary.fake} fake")
+    if args.maps is not None:
+        print(f"localisation maps -> {args.maps} (photos only; the CSV's map column names each file)")
     notice = demo_notice(predictor.config)
     if notice:
         print(notice)

@@ -49,6 +49,7 @@ class FileCrops:
     tensor: torch.Tensor
     views: list[tuple[int, int, list]] = field(default_factory=list)
     error: str = ""
+    size: tuple[int, int] = (0, 0)  # a photo's (height, width): where its localisation map is drawn
 
 
 class ScoringFiles(IterableDataset):
@@ -89,7 +90,8 @@ class ScoringFiles(IterableDataset):
             crops, boxes = self._crops(rgb)
             tensors.extend(self.transform(crop) for crop in crops)
             views.append((frame, len(crops), boxes))
-        return FileCrops(str(path), kind, torch.stack(tensors), views)
+        size = (0, 0) if video else frames[0][1].shape[:2]
+        return FileCrops(str(path), kind, torch.stack(tensors), views, size=size)
 
 
 def worker_init(_worker_id: int) -> None:

@@ -53,6 +53,7 @@ from dfd_lib.models.loading import load_weights
 from dfd_lib.scoring.backends import ConvertedMixture
 from dfd_lib.scoring.default_weights import find_weights
 from dfd_lib.scoring.file_crops import decode_rgb
+from dfd_lib.scoring.maps import full_resolution
 from dfd_lib.scoring.runtime import load_runtime
 
 # glibc mallopt parameters (malloc.h): the same as
@@ -249,11 +250,9 @@ class Predictor:
     @torch.inference_mode()
     def predict_maps(self, sources: Iterable[ImageSource]) -> list[np.ndarray | None]:
         """Each source's localisation map: the mean of the experts' maps, ``(H, W)`` float32 in [0, 1] at the
-        image's own resolution (1 = edited); None for an unreadable source. Needs a mixture with heads, run in
-        torch (a converted backend's graph has no map)."""
-        if not self.has_maps:
-            raise ValueError("this mixture has no localisation heads (trained with mask_weight 0): no maps; "
-                             "Grad-CAM (dfd_lib.scoring.explain) shows what it looked at instead")
+        image's own resolution (1 = edited); None for an unreadable source. Needs a mixture with heads; the map
+        is made in torch (a converted backend's graph has no map)."""
+        self.require_maps()
         maps: list[np.ndarray | None] = []
         for source in sources:
             try:
@@ -261,11 +260,25 @@ class Predictor:
             except ImageLoadError:
                 maps.append(None)
                 continue
-            x = self.to_tensor(rgb)[None].to(self.device, memory_format=self.memory_format)
-            side_map = self.model(x)["mask"].float()[:, None]  # (1, 1, S, S)
-            full = torch.nn.functional.interpolate(side_map, size=rgb.shape[:2], mode="bilinear", align_corners=False)
-            maps.append(full[0, 0].clamp(0, 1).cpu().numpy())
+            maps.append(self.localise_tensor(self.to_tensor(rgb), rgb.shape[:2])[1])
         return maps
+
+    def require_maps(self) -> None:
+        """A ``ValueError`` saying why there are no maps when the mixture has no localisation heads."""
+        if not self.has_maps:
+            raise ValueError("this mixture has no localisation heads (trained with mask_weight 0): no maps; "
+                             "Grad-CAM (dfd_lib.scoring.explain) shows what it looked at instead")
+
+    @torch.inference_mode()
+    def localise_tensor(self, tensor: torch.Tensor, size: tuple[int, int]) -> tuple[dict[str, torch.Tensor], np.ndarray]:
+        """One preprocessed image's scores (:meth:`predict_tensor`) and its map at ``size`` = (height, width).
+        With a converted backend the scores are the backend's and the map is the torch model's."""
+        self.require_maps()
+        scores = self.predict_tensor(tensor[None])
+        if "mask" not in scores:  # a converted backend: its graph has no map output
+            x = tensor[None].to(self.device, memory_format=self.memory_format)
+            scores["mask"] = self.model(x)["mask"].float().cpu()
+        return scores, full_resolution(scores["mask"][0], size)
 
     def predict(self, sources: Iterable[ImageSource], progress: bool = False) -> list[Prediction]:
         """Score every source; unreadable ones come back with ``error`` set, never raised."""

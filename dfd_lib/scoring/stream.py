@@ -13,6 +13,11 @@ speed, with memory bounded whatever the folder size, into a CSV written as batch
 One file gives one row: an image's (faces: the rule's face, see :mod:`dfd_lib.scoring.faces`),
 a video's (the mean over its sampled frames, the max beside it), or its error; with
 ``per_frame`` a video also gives one row per frame (``kind`` = ``frame``).
+
+With ``maps_dir`` (``dfd predict --maps DIR``, a mixture with localisation heads) each scored photo's map is
+written there from the same forward pass (:mod:`dfd_lib.scoring.maps`) before its row, which names the file in
+the column ``map``; videos get none (the column stays empty), and face crops are refused (a photo's map is of
+the whole photo).
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ from dfd_lib.scoring.calibration import VerdictThreshold
 from dfd_lib.scoring.faces import FaceOptions, faces_text, summarise_faces
 from dfd_lib.scoring.file_crops import FileCrops, ScoringFiles, as_is, worker_init
 from dfd_lib.scoring.inputs import iter_input_files
+from dfd_lib.scoring.maps import full_resolution, write_map
 from dfd_lib.scoring.predictor import Predictor
 from dfd_lib.scoring.videos import DEFAULT_FRAMES
 
@@ -46,8 +52,11 @@ class StreamOptions:
     per_frame: bool = False  # also one row per video frame
     workers: int | None = None  # DataLoader processes decoding (0: the main process; None: by the file count)
     verdicts: VerdictThreshold | None = None  # adds the columns verdict, threshold, threshold_source
+    maps_dir: Path | None = None  # each photo's localisation map written here; adds the column map
 
     def __post_init__(self):
+        if self.maps_dir is not None and self.faces is not None:
+            raise ValueError("--maps draws each photo's map over the whole photo: score without --faces")
         if self.frames < 1:
             raise ValueError(f"frames must be >= 1, got {self.frames}")
         if self.workers is not None and self.workers < 0:
@@ -90,10 +99,21 @@ def file_rows(item: FileCrops, probs: np.ndarray, experts: np.ndarray, options: 
     return [summary, *(views if options.per_frame else [])]
 
 
+def check_maps(predictor: Predictor, options: StreamOptions) -> None:
+    """A ``ValueError`` when ``options`` ask for maps this predictor cannot draw."""
+    if options.maps_dir is None:
+        return
+    predictor.require_maps()
+    if predictor.backend != "torch":
+        raise ValueError(f"the {predictor.backend} backend's exported graph has no localisation map: "
+                         f"--maps needs --backend torch")
+
+
 def csv_columns(predictor: Predictor, options: StreamOptions) -> list[str]:
     """The columns of the CSV :func:`score_stream` writes with this predictor and these options."""
     verdict_columns = list(VerdictThreshold.COLUMNS) if options.verdicts is not None else []
-    return stream_columns(predictor.num_experts) + verdict_columns
+    map_columns = ["map"] if options.maps_dir is not None else []
+    return stream_columns(predictor.num_experts) + verdict_columns + map_columns
 
 
 def check_columns(path: Path, columns: list[str]) -> None:
@@ -171,6 +191,7 @@ def auto_workers(files: int) -> int:
 def score_stream(predictor: Predictor, inputs: list[str], out: Path, options: StreamOptions = StreamOptions(),
                  resume: bool = False, progress: bool = True, problems: list[str] | None = None) -> StreamSummary:
     """Score every file ``inputs`` name into the CSV ``out``, appending batch by batch."""
+    check_maps(predictor, options)
     out = Path(out)
     skip = done_paths(out) if resume else frozenset()
     problems = [] if problems is None else problems
@@ -207,17 +228,21 @@ def _flush(predictor: Predictor, pending: list[FileCrops], options: StreamOption
     if not pending:
         return
     ready = [p for p in pending if not p.error]
-    probs, experts = np.empty(0), np.empty((0, predictor.num_experts))
+    probs, experts, masks = np.empty(0), np.empty((0, predictor.num_experts)), None
     if ready:
         crops = torch.cat([p.tensor for p in ready])
         outs = [predictor.predict_tensor(crops[i : i + predictor.batch_size])
                 for i in range(0, len(crops), predictor.batch_size)]
         probs = torch.cat([o["prob"] for o in outs]).numpy()
         experts = torch.cat([o["expert_probs"] for o in outs]).numpy()
+        if options.maps_dir is not None:
+            masks = torch.cat([o["mask"] for o in outs])
     rows, start = [], 0
     for item in pending:
         count = 0 if item.error else len(item.tensor)
         new_rows = file_rows(item, probs[start : start + count], experts[start : start + count], options)
+        if masks is not None and item.kind == "image" and not item.error:  # written before its row: resumable
+            new_rows[0]["map"] = str(write_map(options.maps_dir, item.path, full_resolution(masks[start], item.size)))
         if options.verdicts is not None:  # the file's own row comes first, then its frames'
             for row in new_rows:
                 row.update(options.verdicts.fields(row.get("prob_fake")))

@@ -1,6 +1,8 @@
 """The upload widget of notebook 05 (also an app under Voilà): drop images, see each one's
-fake probability, its experts' probabilities and a Grad-CAM heatmap; a threshold slider
-recolours the verdicts without rescoring.
+fake probability, its experts' probabilities and a heatmap; a threshold slider
+recolours the verdicts without rescoring. The heatmap is the localisation heads' map (where the mixture
+predicts an edit, :mod:`dfd_lib.scoring.maps`) for a mixture with heads, Grad-CAM (where the experts
+looked) otherwise; with heads a toggle switches between the two for the next uploads.
 
 The work is in plain functions — :func:`handle_upload` scores a FileUpload value (a list of
 ``{"name", "type", "size", "content", "last_modified"}`` records, as ipywidgets 8 gives
@@ -23,6 +25,7 @@ from dfd_lib.models.demo_weights import demo_notice
 from dfd_lib.scoring import explain
 from dfd_lib.scoring.calibration import VerdictThreshold, resolve_threshold
 from dfd_lib.scoring.faces import FaceDetector, FaceScores, face_crops, score_colour, summarise_faces
+from dfd_lib.scoring.maps import HEATMAP_LABELS
 from dfd_lib.scoring.predictor import Prediction, Predictor
 
 FAKE_COLOUR, REAL_COLOUR, ERROR_COLOUR = "#c62828", "#2e7d32", "#6d4c41"
@@ -32,13 +35,14 @@ THUMBNAIL_SIDE = 256
 @dataclass
 class UploadResult:
     """One uploaded file: its prediction (``prediction.error`` says why when unreadable) and,
-    when scored, a thumbnail and the Grad-CAM overlay."""
+    when scored, a thumbnail and the heatmap's overlay (``overlay_kind``: grad-cam or localisation)."""
 
     name: str
     prediction: Prediction
     thumbnail: Image.Image | None = None
     overlay: Image.Image | None = None
     faces: FaceScores | None = None  # with faces on: every face's box and score (none found: whole image)
+    overlay_kind: str = ""
 
 
 @dataclass
@@ -65,6 +69,7 @@ class UploadApp:
     threshold_note: widgets.HTML = field(default_factory=widgets.HTML)  # says where the slider's value comes from
     faces: widgets.Checkbox = field(default_factory=lambda: widgets.Checkbox(False, description="score faces"))
     detector: FaceDetector = field(default_factory=FaceDetector)
+    heatmap: widgets.ToggleButtons = field(default_factory=lambda: heatmap_toggle(False))  # which heatmap to draw
 
     @property
     def results(self) -> list[UploadResult]:
@@ -102,8 +107,30 @@ def with_face_boxes(image: Image.Image, scores: FaceScores) -> Image.Image:
     return drawn
 
 
+def heatmap_toggle(has_maps: bool) -> widgets.ToggleButtons:
+    """The choice of heatmap: the localisation heads' map first when the mixture has heads; shown only then."""
+    kinds = ("localisation", "grad-cam") if has_maps else ("grad-cam",)
+    return widgets.ToggleButtons(options=[(HEATMAP_LABELS[kind], kind) for kind in kinds], value=kinds[0],
+                                 layout=widgets.Layout(display="" if has_maps else "none"))
+
+
+def explain_upload(predictor: Predictor, name: str, source, picture: Image.Image | np.ndarray,
+                   kind: str) -> tuple[Prediction, Image.Image]:
+    """Score ``source`` and draw its ``kind`` heatmap (grad-cam or localisation) over ``picture``, thumbnail-sized."""
+    if kind == "localisation":
+        size = (picture.height, picture.width) if isinstance(picture, Image.Image) else picture.shape[:2]
+        scores, localisation = predictor.localise_tensor(predictor.load_tensor(source), size)
+        prediction = Prediction(name, float(scores["prob"][0]), [float(p) for p in scores["expert_probs"][0]])
+        return prediction, explain.overlay_heatmap(picture, localisation, max_side=THUMBNAIL_SIDE)
+    if kind != "grad-cam":
+        raise ValueError(f"heatmap must be grad-cam or localisation, got {kind!r}")
+    result = explain.explain(predictor, source)
+    prediction = Prediction(name, result.prob, result.expert_probs)
+    return prediction, explain.overlay_heatmap(picture, result.cam, max_side=THUMBNAIL_SIDE)
+
+
 def score_faces_upload(predictor: Predictor, name: str, rgb: Image.Image, detector: FaceDetector,
-                       with_heatmap: bool = True) -> UploadResult:
+                       with_heatmap: bool = True, heatmap: str = "grad-cam") -> UploadResult:
     """Score each face of an uploaded image (the whole image without one), as ``dfd predict --faces``."""
     crops, boxes = face_crops(np.asarray(rgb), detector)
     predictions = predictor.predict(crops)
@@ -112,16 +139,17 @@ def score_faces_upload(predictor: Predictor, name: str, rgb: Image.Image, detect
     thumbnail = with_face_boxes(rgb, scores)
     thumbnail.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
     overlay = None
-    if with_heatmap:  # where the experts looked in the face that decides
+    if with_heatmap:  # the heatmap of the face that decides
         crop = crops[scores.chosen or 0]
-        overlay = explain.overlay_heatmap(crop, explain.explain(predictor, crop).cam, max_side=THUMBNAIL_SIDE)
-    return UploadResult(name, Prediction(name, scores.prob, scores.expert_probs), thumbnail, overlay, scores)
+        overlay = explain_upload(predictor, name, crop, crop, heatmap)[1]
+    return UploadResult(name, Prediction(name, scores.prob, scores.expert_probs), thumbnail, overlay, scores,
+                        heatmap if with_heatmap else "")
 
 
 def score_upload(predictor: Predictor, name: str, content: bytes, with_heatmap: bool = True,
-                 faces: FaceDetector | None = None) -> UploadResult:
-    """Score one uploaded file (each face with ``faces``); an unreadable file becomes a result
-    with ``error`` set."""
+                 faces: FaceDetector | None = None, heatmap: str = "grad-cam") -> UploadResult:
+    """Score one uploaded file (each face with ``faces``) and draw its ``heatmap`` (grad-cam, or
+    localisation for a mixture with heads); an unreadable file becomes a result with ``error`` set."""
     try:
         rgb = load_rgb(content)
     except ImageLoadError as exc:
@@ -129,16 +157,14 @@ def score_upload(predictor: Predictor, name: str, content: bytes, with_heatmap: 
     except Image.DecompressionBombError as exc:  # Pillow's guard fires before load_rgb's own check
         return UploadResult(name, Prediction(name, None, error=f"decompression bomb refused: {exc}"))
     if faces is not None:
-        return score_faces_upload(predictor, name, rgb, faces, with_heatmap)
+        return score_faces_upload(predictor, name, rgb, faces, with_heatmap, heatmap)
     # compat mode decodes the file's bytes with OpenCV, as the original did
     source = content if predictor.preprocess == "compat" else rgb
     thumbnail = rgb.copy()
     thumbnail.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
     if with_heatmap:
-        result = explain.explain(predictor, source)
-        prediction = Prediction(name, result.prob, result.expert_probs)
-        overlay = explain.overlay_heatmap(rgb, result.cam, max_side=THUMBNAIL_SIDE)
-        return UploadResult(name, prediction, thumbnail, overlay)
+        prediction, overlay = explain_upload(predictor, name, source, rgb, heatmap)
+        return UploadResult(name, prediction, thumbnail, overlay, overlay_kind=heatmap)
     prediction = predictor.predict_one(source)
     prediction.source = name
     return UploadResult(name, prediction, thumbnail)
@@ -163,7 +189,7 @@ def result_card(result: UploadResult, threshold: float, backbones: Sequence[str]
                                           bar_style=_bar_style(prob, threshold), tooltip=label,
                                           layout=widgets.Layout(width="320px")))
     images = []
-    for picture, caption in ((result.thumbnail, "image"), (result.overlay, "Grad-CAM")):
+    for picture, caption in ((result.thumbnail, "image"), (result.overlay, HEATMAP_LABELS.get(result.overlay_kind, ""))):
         if picture is not None:
             images.append(widgets.VBox([widgets.Image(value=_png(picture), format="png"), widgets.HTML(f"<small>{caption}</small>")]))
     details = widgets.VBox([title, verdict, *bars, *([widgets.HTML(faces_note_html(result.faces))] if result.faces else [])])
@@ -217,7 +243,7 @@ def handle_upload(app: UploadApp, value) -> list[UploadResult]:
     new_cards = []
     for name, content in files:
         result = score_upload(app.predictor, name, content, with_heatmap=app.explain,
-                              faces=app.detector if app.faces.value else None)
+                              faces=app.detector if app.faces.value else None, heatmap=app.heatmap.value)
         new_cards.append(result_card(result, app.threshold.value, app.predictor.config.backbones))
     app.cards[:0] = new_cards
     app.results_box.children = tuple(card.box for card in app.cards)
@@ -243,9 +269,10 @@ def build_upload_app(predictor: Predictor, threshold: float | VerdictThreshold |
     banner = [widgets.HTML(notice_html(notice))] if notice else []
     note = widgets.HTML(threshold_note_html(verdicts, slider.value))
     faces_box = widgets.Checkbox(faces, description="score faces", tooltip="crop each face found (1.3x its box) and score it")
-    body = widgets.VBox([*banner, header, widgets.HBox([upload, slider, faces_box]), note, status, results_box])
+    heatmap = heatmap_toggle(predictor.has_maps)
+    body = widgets.VBox([*banner, header, widgets.HBox([upload, slider, faces_box]), heatmap, note, status, results_box])
     app = UploadApp(predictor, upload, slider, status, results_box, body, with_heatmap,
-                    verdicts=verdicts, threshold_note=note, faces=faces_box)
+                    verdicts=verdicts, threshold_note=note, faces=faces_box, heatmap=heatmap)
     upload.observe(lambda change: handle_upload(app, change["new"]), names="value")
     slider.observe(lambda _change: recolour(app), names="value")
     return app

@@ -4,7 +4,8 @@ The original release's contract holds byte for byte: ``POST /predict`` with JSON
 ``{"image": "<base64>"}`` answers ``200`` with ``{"result":<fake probability>}`` plus a
 newline, ``Content-Type: application/json`` — exactly what Flask's ``jsonify`` sends, so a
 client written for the original server works unchanged. Around it: a batch endpoint,
-Grad-CAM heatmaps (``POST /explain``), ``GET /health`` (with ``demo_weights`` and a ``notice`` for a
+heatmaps (``POST /explain``: Grad-CAM, or with ``?map=localisation`` / ``auto`` the localisation heads'
+map of a mixture that has them, :mod:`dfd_lib.serving.heatmaps`), ``GET /health`` (with ``demo_weights`` and a ``notice`` for a
 mixture trained on the built-in demo, which the page shows as a banner), the OpenAPI schema (``/openapi.json``,
 ``/docs``), limits on body size and pixel count, an optional bearer token, and a
 ``{"error": "<message>"}`` JSON answer with a 4xx status for every bad request.
@@ -16,8 +17,6 @@ and the event loop never waits on torch. See ``docs/serving.md``.
 from __future__ import annotations
 
 import asyncio
-import base64
-import io
 import logging
 import os
 import secrets
@@ -36,10 +35,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dfd_lib.data.images import ImageLoadError
 from dfd_lib.models.demo_weights import demo_notice
-from dfd_lib.scoring import explain
 from dfd_lib.scoring.calibration import VerdictThreshold, resolve_threshold
 from dfd_lib.scoring.predictor import Predictor
 from dfd_lib.serving.face_requests import FaceServing, face_fields, score_faces
+from dfd_lib.serving.heatmaps import MAP_QUERY, explain_faces, explain_whole, heatmap_kind, heatmap_kinds
 from dfd_lib.serving.request_parsing import ApiError, ImageLimits, prefix, read_image_bytes, read_image_list, vet_image
 from dfd_lib.serving.schema import (
     ERRORS,
@@ -164,7 +163,9 @@ def create_app(
         title="dfd-kit deepfake detection API",
         version="1",
         description="Scores images with a mixture of experts: the fake probability, each expert's, "
-                    "and a Grad-CAM heatmap. `POST /predict` keeps the original release's contract.",
+                    "and a heatmap: Grad-CAM, or (`POST /explain?map=localisation`, a mixture trained with "
+                    "localisation heads) where it predicts the image was edited. `POST /predict` keeps the "
+                    "original release's contract.",
         default_response_class=CompactJSONResponse,
         lifespan=lifespan,
     )
@@ -268,26 +269,6 @@ async def _batch_with_faces(served: Served, items: list) -> dict:
             "threshold": served.verdicts.value, "threshold_source": served.verdicts.source}
 
 
-async def _explain_with_faces(served: Served, data: bytes, experts: list[int] | None) -> dict:
-    """The faces' scores, and the heatmap of the face that decides (the whole image without one)."""
-    predictor = served.predictor
-    prepared, scores = await score_faces(served, data)
-    chosen = scores.chosen or 0
-    tensor = prepared.tensors[chosen]
-    result = await served.worker.call(lambda: explain.explain_tensor(predictor, tensor, experts))
-    png = await run_in_threadpool(_png_data_url, explain.overlay_heatmap(prepared.crops[chosen], result.cam))
-    return {"result": scores.prob, "experts": scores.expert_probs, "backbones": predictor.config.backbones,
-            "heatmap": png, "heatmap_of": "image" if scores.chosen is None else f"face {chosen}",
-            "width": int(prepared.rgb.shape[1]), "height": int(prepared.rgb.shape[0]),
-            **served.verdicts.fields(scores.prob), **face_fields(scores)}
-
-
-def _png_data_url(image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", optimize=False)
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
 # --------------------------------------------------------------------------- routes
 
 
@@ -305,7 +286,8 @@ async def health(request: Request) -> dict:
         "model": {"backbones": predictor.config.backbones, "experts": predictor.num_experts,
                   "image_size": predictor.config.image_size, "expert_image_sizes": predictor.config.expert_sizes,
                   "preprocess": predictor.preprocess,
-                  "device": str(predictor.device)},
+                  "device": str(predictor.device), "localisation_head": predictor.config.localisation_head or None},
+        "heatmaps": heatmap_kinds(predictor),
         "limits": {"max_body_bytes": served.max_body_bytes, "max_pixels": limits.max_pixels,
                    "min_side": limits.min_side, "max_batch_images": served.max_batch_images,
                    "strict_modes": limits.strict_modes},
@@ -360,21 +342,20 @@ async def predict_batch(request: Request, faces: bool | None = FACES_QUERY):
                                 "threshold": served.verdicts.value, "threshold_source": served.verdicts.source})
 
 
-@router.post("/explain", summary="Scores and a Grad-CAM heatmap of one image",
+@router.post("/explain", summary="Scores and a heatmap of one image: Grad-CAM, or the localisation heads' map",
              response_model=None, responses={200: {"model": ExplainResponse}, **ERRORS},
              openapi_extra=image_body("image", many=False), dependencies=[Depends(require_token)])
-async def explain_image(request: Request, expert: int | None = Query(None, ge=0, description="one expert's map (default: the mixture's)"),
-                        faces: bool | None = FACES_QUERY):
+async def explain_image(request: Request,
+                        expert: int | None = Query(None, ge=0, description="one expert's Grad-CAM (default: the mixture's)"),
+                        faces: bool | None = FACES_QUERY, map: str = MAP_QUERY):  # noqa: A002 (the query parameter's name)
     served = _served(request)
     predictor = served.predictor
     if expert is not None and expert >= predictor.num_experts:
         raise ApiError(400, f"expert {prefix(str(expert))} does not exist: the mixture has experts 0..{predictor.num_experts - 1}")
+    kind = heatmap_kind(predictor, map, expert)
     experts = None if expert is None else [expert]
+    data = await read_image_bytes(request, served.max_body_bytes)
     if served.faces.wanted(faces):
-        return CompactJSONResponse(await _explain_with_faces(served, await read_image_bytes(request, served.max_body_bytes), experts))
-    rgb, tensor = await run_in_threadpool(_prepare, served, await read_image_bytes(request, served.max_body_bytes))
-    result = await served.worker.call(lambda: explain.explain_tensor(predictor, tensor, experts))
-    png = await run_in_threadpool(_png_data_url, explain.overlay_heatmap(rgb, result.cam))
-    return CompactJSONResponse({"result": result.prob, "experts": result.expert_probs,
-                                "backbones": predictor.config.backbones, "heatmap": png,
-                                **served.verdicts.fields(result.prob)})
+        return CompactJSONResponse(await explain_faces(served, data, experts, kind))
+    rgb, tensor = await run_in_threadpool(_prepare, served, data)
+    return CompactJSONResponse(await explain_whole(served, rgb, tensor, experts, kind))

@@ -58,7 +58,11 @@ class ExplainResponse(BaseModel):
     result: float
     experts: list[float]
     backbones: list[str]
-    heatmap: str = Field(description="PNG data URL: the Grad-CAM heatmap over the image")
+    heatmap: str = Field(description="PNG data URL: the heatmap over the image (or the deciding face's crop)")
+    heatmap_kind: str = Field(description="grad-cam (what the experts looked at) or localisation (the mixture's "
+                                          "localisation heads' map: where it predicts an edit)")
+    map: str | None = Field(None, description="with heatmap_kind localisation: the raw map, a PNG data URL, 8-bit "
+                                              "greyscale at the scored image's resolution, 255 = edited")
     verdict: str | None = VERDICT
     threshold: float | None = THRESHOLD
     threshold_source: str | None = THRESHOLD_SOURCE

@@ -1,9 +1,15 @@
 // The page of `dfd serve`: choose or drop images, POST each to /explain, show the score,
-// the per-expert bars and the Grad-CAM heatmap; the threshold only recolours verdicts.
+// the per-expert bars and the heatmap; the threshold only recolours verdicts.
+// The heatmap is the localisation heads' map (where the mixture predicts an edit) when the served mixture has
+// heads, else Grad-CAM (where the experts looked); with heads, "Heatmap" switches between the two.
 // With "Score faces" on, each face found gets a box coloured by its score (green real, red fake).
 "use strict";
 
 const state = { backbones: [], tokenRequired: false, threshold: null, moved: false };
+const HEATMAP_LABELS = {  // as dfd_lib.scoring.maps.HEATMAP_LABELS
+  localisation: "where it was edited (localisation head)",
+  "grad-cam": "where the experts looked (Grad-CAM)",
+};
 const $ = (selector, root = document) => root.querySelector(selector);
 
 function threshold() {  // the server's exact value until the slider is moved (the slider rounds to its step)
@@ -83,7 +89,10 @@ function showResult(card, body) {
   if (body.heatmap) {
     const heat = $(".heatmap", card);
     heat.src = body.heatmap;
+    heat.dataset.kind = body.heatmap_kind;
+    heat.alt = HEATMAP_LABELS[body.heatmap_kind] || "heatmap";
     heat.hidden = false;
+    $(".heatmap-label", card).textContent = HEATMAP_LABELS[body.heatmap_kind] || "heatmap";
   }
   drawFaces(card, body);
   recolour(card);
@@ -110,7 +119,7 @@ async function score(file) {
   const token = $("#token").value.trim();
   if (token) headers.Authorization = `Bearer ${token}`;
   try {
-    const url = $("#faces").checked ? "/explain?faces=true" : "/explain?faces=false";
+    const url = `/explain?faces=${$("#faces").checked}&map=${$("#heatmap-kind").value}`;
     const response = await fetch(url, { method: "POST", body: form, headers });
     const body = await response.json().catch(() => ({ error: `HTTP ${response.status}` }));
     if (!response.ok) showError(card, body.error || `HTTP ${response.status}`);
@@ -142,6 +151,14 @@ function showNotice(notice) {
   banner.hidden = !notice;
 }
 
+// With localisation heads the heatmap is theirs by default and Grad-CAM stays one choice away; without, Grad-CAM.
+function showHeatmapChoice(kinds) {
+  const select = $("#heatmap-kind");
+  const heads = kinds.includes("localisation");
+  select.value = heads ? "localisation" : "grad-cam";
+  $("#heatmap-row").hidden = !heads;
+}
+
 async function loadHealth() {
   try {
     const health = await (await fetch("/health")).json();
@@ -154,6 +171,7 @@ async function loadHealth() {
     showThreshold(health.threshold);
     showNotice(health.notice);
     if (health.faces) $("#faces").checked = health.faces.default;
+    showHeatmapChoice(health.heatmaps || ["grad-cam"]);
   } catch (err) {
     $("#model-info").textContent = `server unreachable: ${err}`;
   }
