@@ -148,6 +148,7 @@ def test_the_page_overlays_the_heads_map_with_grad_cam_selectable(served_with_he
     body = {"image": b64(image.read_bytes())}
     heads = requests.post(f"{served_with_heads}/explain?map=localisation", json=body, timeout=60).json()
     gradcam = requests.post(f"{served_with_heads}/explain?map=grad-cam", json=body, timeout=60).json()
+    assert heads["heatmap_kind"] == "localisation" and heads["heatmap"] != gradcam["heatmap"]  # two different overlays
     page = browser.new_page()
     try:
         page.goto(served_with_heads + "/")
