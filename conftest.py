@@ -61,7 +61,7 @@ def pytest_sessionstart(session):
 
 
 SMOKE_RUN_FILES = ("test_crash_consistency.py", "test_full_disk.py", "test_rerun_compare.py")  # use the smoke_run fixture
-# minutes each, heaviest first (measured on 2 workers: about 1100, 950, 190 and 150 s)
+# heaviest first (worker-seconds on 2 workers, 2026-12-04: about 320, 280, 110 and 55)
 HEAVY_FIRST = ("smoke_run", "tests/test_incremental.py", "tests/test_full_mini.py", "notebooks")
 
 
