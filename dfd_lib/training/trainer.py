@@ -1,4 +1,5 @@
-"""Training one expert: the loop.
+"""Training one expert: the loop over epochs and steps, its checkpoints and resume (what it runs is built by
+:mod:`dfd_lib.training.training_loop`).
 
 AdamW (timm's parameter groups), linear warm-up then cosine decay per step, the weighted loss terms
 (CE / NCE / KL and any other registered in :mod:`dfd_lib.training.loss_terms`, summed by
@@ -37,30 +38,23 @@ from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
-from accelerate import Accelerator
-from accelerate.utils import set_seed
-from timm.optim import create_optimizer_v2
-from torch.optim.lr_scheduler import LambdaLR
 
 from dfd_lib.core.atomic import atomic_write
 from dfd_lib.core.faults import crash_point
 from dfd_lib.core.logs import progress_bar
-from dfd_lib.data.datasets import ManifestDataset, make_loader
-from dfd_lib.models.backbones import expert_input
 from dfd_lib.models.checkpoints import save_expert_weights
-from dfd_lib.models.experts import Expert, create_ema
 from dfd_lib.stats.metrics import binary_metrics
 from dfd_lib.training.epoch_resume import EpochTotals, epoch_batches, epoch_totals, saved_totals, summed
-from dfd_lib.training.freezing import freeze_backbone_stages, train_mode
-from dfd_lib.training.losses import MultiLoss, loss_names
+from dfd_lib.training.freezing import train_mode
+from dfd_lib.training.losses import loss_names
 from dfd_lib.training.train_config import TrainConfig
 from dfd_lib.training.training_key import key_changes, training_key
-from dfd_lib.training.training_log import CURVES_FILE, TRACKER_PROJECT, log_epoch, log_step, read_curves, tracker_config, trackers
+from dfd_lib.training.training_log import CURVES_FILE, TRACKER_PROJECT, log_epoch, log_step, read_curves, tracker_config
+from dfd_lib.training.training_loop import TrainingLoop, build_loop
 from dfd_lib.training.training_state import (
     Progress,
     discard_training,
@@ -71,7 +65,7 @@ from dfd_lib.training.training_state import (
     save_step_state,
     save_training_state,
 )
-from dfd_lib.training.tuning import apply_tuning, merged_expert
+from dfd_lib.training.tuning import merged_expert
 
 BEST_WEIGHTS = "best_ema.safetensors"
 HISTORY_FILE = "history.csv"
@@ -97,38 +91,6 @@ class TrainResult:
     key: dict = field(default_factory=dict)  # what it was made from (training_key): rows, settings, weights
 
 
-@dataclass
-class _Loop:
-    """What every piece of one expert's training shares."""
-
-    config: TrainConfig
-    accelerator: Any
-    model: torch.nn.Module
-    optimizer: Any  # accelerate's wrapper of the torch optimiser
-    scheduler: LambdaLR
-    ema: Any  # timm ModelEmaV3
-    loss_fn: MultiLoss
-    train_loader: Any
-    val_loader: Any
-    steps_per_epoch: int
-    frozen: list
-    inputs: dict  # the expert's preprocessing: image_size, mean, std, interpolation (models.backbones.expert_input)
-    name: str  # the run folder's name, for messages
-    selection: str  # "val_auc" or "val_loss"
-    weights_source: str  # where the backbone's starting weights came from
-    on_step: Callable[[int, int, int], None] | None = None
-    skipped: dict[str, str] = field(default_factory=dict)
-    curves: list[dict] = field(default_factory=list)  # one row per optimiser step (main process)
-
-    @property
-    def memory_format(self) -> torch.memory_format:
-        return torch.channels_last if self.config.channels_last else torch.contiguous_format
-
-    @property
-    def show(self) -> bool:
-        return self.config.progress and self.accelerator.is_local_main_process
-
-
 def train_expert(
     train_table: pd.DataFrame,
     val_table: pd.DataFrame,
@@ -146,7 +108,7 @@ def train_expert(
     if len(train_table) < 2 or len(val_table) < 1:
         raise ValueError(f"need >= 2 training and >= 1 validation rows, got {len(train_table)} and {len(val_table)}")
     started = time.perf_counter()
-    loop = _build_loop(train_table, val_table, config, out_dir, on_step)
+    loop = build_loop(train_table, val_table, config, out_dir, on_step)
     key = training_key(train_table, val_table, config, loop.weights_source)
     if not resume and loop.accelerator.is_main_process:
         discard_training(out_dir, OUTPUTS)
@@ -182,80 +144,7 @@ def train_expert(
     return _result(loop, out_dir, progress, time.perf_counter() - started)
 
 
-def _build_loop(train_table: pd.DataFrame, val_table: pd.DataFrame, config: TrainConfig, out_dir: Path,
-                on_step: Callable | None) -> _Loop:
-    """Seed, build the expert, its data, optimiser, schedule, EMA and losses, prepared by accelerate."""
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    accelerator = _accelerator(config, out_dir)
-    set_seed(config.seed)
-    weights = config.weights_path or None
-    head = config.loss.mask_head if _learns_masks(config) else None  # the mask term trains a localisation head
-    model = Expert(config.backbone, pretrained=config.pretrained, weights_path=weights, drop_rate=config.drop_rate,
-                   localisation_head=head)
-    # what trains: with tuning "full" all but the first freeze_stages stage groups; the other tunings freeze the backbone
-    frozen = (freeze_backbone_stages(model, config.freeze_stages) if config.tuning == "full"
-              else apply_tuning(model, config.tuning, config.lora_rank, config.lora_alpha, config.effort_rank))
-    if config.grad_checkpointing:
-        model.baseline_extractor.set_grad_checkpointing(True)  # timm: recompute activations in the backward pass
-    inputs = expert_input(model.baseline_extractor, config.image_size)  # a ViT keeps its own size, the rest image_size
-    size, mean, std, interpolation = inputs["image_size"], tuple(inputs["mean"]), tuple(inputs["std"]), inputs["interpolation"]
-    model = model.to(memory_format=torch.channels_last if config.channels_last else torch.contiguous_format)
-    batch_size = min(config.batch_size, len(train_table))
-    micro_batch = max(1, batch_size // config.grad_accum_steps)  # the effective batch stays batch_size
-    train_set = ManifestDataset(train_table, size, train=True, mean=mean, std=std, augment=config.augment,
-                                interpolation=interpolation, seed=config.seed, masks=head is not None)
-    val_set = ManifestDataset(val_table, size, train=False, mean=mean, std=std, interpolation=interpolation)
-    train_loader = make_loader(train_set, micro_batch, shuffle=True, seed=config.seed, num_workers=config.num_workers, drop_last=True)
-    val_loader = make_loader(val_set, batch_size * 2, shuffle=False, num_workers=config.num_workers)
-    # timm's AdamW groups: no weight decay on biases and norm weights; frozen parameters left out
-    optimizer = create_optimizer_v2(model, "adamw", lr=config.lr, weight_decay=config.weight_decay)
-    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
-    steps = len(train_loader) // config.grad_accum_steps  # optimiser steps
-    steps = min(steps, config.max_steps_per_epoch) if config.max_steps_per_epoch else steps
-    # stepped once per optimiser step, so it is registered for checkpointing rather than prepared
-    # (accelerate's wrapper would step it once per process)
-    inner = getattr(optimizer, "optimizer", optimizer)
-    scheduler = LambdaLR(inner, _warmup_cosine(round(config.warmup_epochs * steps), steps * config.epochs, config.min_lr_ratio))
-    ema = create_ema(accelerator.unwrap_model(model), config.ema_decay, use_warmup=config.ema_warmup)
-    accelerator.register_for_checkpointing(ema, scheduler)
-    selection = "val_loss" if val_table["label"].nunique() < 2 else "val_auc"
-    if selection == "val_loss":
-        log.warning("the validation set holds one class only: AUC is undefined, the best epoch is chosen by validation loss")
-    return _Loop(config, accelerator, model, optimizer, scheduler, ema, MultiLoss(config.loss), train_loader, val_loader,
-                 steps, frozen, inputs, out_dir.name, selection, accelerator.unwrap_model(model).weights_source, on_step)
-
-
-def _learns_masks(config: TrainConfig) -> bool:
-    """Whether the ``mask`` loss term is on: the expert gets a localisation head and the rows their masks."""
-    return config.loss.weights.get("mask", 0.0) > 0
-
-
-def _accelerator(config: TrainConfig, out_dir: Path):
-    use_gpu = config.device != "cpu" and torch.cuda.is_available()
-    if config.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("TrainConfig.device is 'cuda' but no GPU is visible")
-    precision = config.mixed_precision
-    if precision != "no" and not use_gpu:
-        log.warning("mixed_precision=%r applies on a GPU only; training in float32 on the CPU", precision)
-        precision = "no"
-    # rng_types=[]: the data order comes from (seed, epoch), nothing to synchronise
-    chosen = trackers(config)
-    return Accelerator(cpu=not use_gpu, mixed_precision=precision, rng_types=[], log_with=chosen or None,
-                       project_dir=str(out_dir) if chosen else None)
-
-
-def _warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float) -> Callable[[int], float]:
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
-
-
-def _resume(loop: _Loop, out_dir: Path, key: dict) -> Progress:
+def _resume(loop: TrainingLoop, out_dir: Path, key: dict) -> Progress:
     """The progress of a saved state in ``out_dir`` made from exactly ``key`` (restored into ``loop``), or a
     fresh start; a state made from anything else is removed first, and one line says why."""
     state = find_latest_state(out_dir)  # a step checkpoint goes through the same key check as an epoch's state
@@ -274,7 +163,7 @@ def _resume(loop: _Loop, out_dir: Path, key: dict) -> Progress:
     return progress
 
 
-def _resume_message(loop: _Loop, progress: Progress) -> str:
+def _resume_message(loop: TrainingLoop, progress: Progress) -> str:
     if progress.partial:
         return (f"resuming at step {progress.partial['steps'] + 1} of {loop.steps_per_epoch} in epoch "
                 f"{progress.partial['epoch'] + 1} of {loop.config.epochs}")
@@ -283,11 +172,11 @@ def _resume_message(loop: _Loop, progress: Progress) -> str:
     return f"resuming after epoch {progress.epoch + 1} of {loop.config.epochs}"
 
 
-def _fresh(loop: _Loop, key: dict) -> Progress:
+def _fresh(loop: TrainingLoop, key: dict) -> Progress:
     return Progress(key=key, weights_source=loop.weights_source)
 
 
-def _run_epoch(loop: _Loop, epoch: int, progress: Progress, out_dir: Path) -> dict:
+def _run_epoch(loop: TrainingLoop, epoch: int, progress: Progress, out_dir: Path) -> dict:
     """Train one epoch (from its step checkpoint's position when ``progress`` is one), validate the EMA
     weights; the epoch's history row (with the new ``global_step``)."""
     loop.train_loader.set_epoch(epoch)  # the order and augmentation of this epoch: from (seed, epoch)
@@ -315,7 +204,7 @@ def _run_epoch(loop: _Loop, epoch: int, progress: Progress, out_dir: Path) -> di
     }
 
 
-def _save_step_checkpoint(loop: _Loop, out_dir: Path, progress: Progress, totals: EpochTotals) -> None:
+def _save_step_checkpoint(loop: TrainingLoop, out_dir: Path, progress: Progress, totals: EpochTotals) -> None:
     """The whole state at this step, with the epoch's totals so far and the curves so far (every process takes part)."""
     progress.partial = saved_totals(loop.accelerator, totals)
     if loop.accelerator.is_main_process:  # before the state: a resumed run keeps the rows up to its state's step
@@ -323,7 +212,7 @@ def _save_step_checkpoint(loop: _Loop, out_dir: Path, progress: Progress, totals
     save_step_state(loop.accelerator, out_dir, progress, loop.config.checkpoints_total_limit)
 
 
-def _train_epoch(loop: _Loop, totals: EpochTotals, global_step: int, checkpoint: Callable[[int], None]) -> int:
+def _train_epoch(loop: TrainingLoop, totals: EpochTotals, global_step: int, checkpoint: Callable[[int], None]) -> int:
     """The epoch's optimiser steps from ``totals.steps`` on, counted into ``totals``; the new global step.
     ``checkpoint(global_step)`` is called every ``checkpointing_steps`` optimiser steps."""
     config, accelerator = loop.config, loop.accelerator
@@ -366,7 +255,7 @@ def _train_epoch(loop: _Loop, totals: EpochTotals, global_step: int, checkpoint:
     return global_step
 
 
-def _accumulate(loop: _Loop, batches: Iterator, totals: EpochTotals) -> tuple[int, dict[str, float]]:
+def _accumulate(loop: TrainingLoop, batches: Iterator, totals: EpochTotals) -> tuple[int, dict[str, float]]:
     """One optimiser step's gradients over ``grad_accum_steps`` micro-batches; (images learned, loss sums)."""
     config, accelerator = loop.config, loop.accelerator
     loop.optimizer.zero_grad(set_to_none=True)
@@ -394,7 +283,7 @@ def _accumulate(loop: _Loop, batches: Iterator, totals: EpochTotals) -> tuple[in
     return learned, step_sums
 
 
-def _note_skipped(loop: _Loop, skipped: list[tuple[str, str]], what: str = "image") -> None:
+def _note_skipped(loop: TrainingLoop, skipped: list[tuple[str, str]], what: str = "image") -> None:
     """Report each unusable file once; ``what``: "image" (the row is skipped) or "mask" (the row learns without one)."""
     for path, reason in skipped:
         if path not in loop.skipped and loop.show:
@@ -403,7 +292,7 @@ def _note_skipped(loop: _Loop, skipped: list[tuple[str, str]], what: str = "imag
 
 
 @torch.no_grad()
-def _predict(loop: _Loop) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _predict(loop: TrainingLoop) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Labels, fake-probabilities and cross-entropies of the EMA weights on every readable validation image, gathered."""
     model, accelerator = loop.ema.module, loop.accelerator
     model.eval()
@@ -425,7 +314,7 @@ def _predict(loop: _Loop) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return torch.cat(labels).numpy(), torch.cat(probs).numpy(), torch.cat(losses).numpy()
 
 
-def _best_meta(loop: _Loop, row: dict) -> dict:
+def _best_meta(loop: TrainingLoop, row: dict) -> dict:
     inputs = loop.inputs
     # interpolation recorded only when it is not the method's bilinear: a CNN expert's file stays as it was
     shape = {k: inputs[k] for k in ("image_size", "mean", "std")} | (
@@ -434,14 +323,14 @@ def _best_meta(loop: _Loop, row: dict) -> dict:
             "initial_weights": loop.weights_source}
 
 
-def _epoch_summary(loop: _Loop, row: dict, improved: bool) -> str:
+def _epoch_summary(loop: TrainingLoop, row: dict, improved: bool) -> str:
     parts = " ".join(f"{name} {row[f'train_{name}']:.4f}" for name in loss_names() if loop.config.loss.weights[name] > 0)
     return (f"{loop.name} epoch {row['epoch'] + 1}/{loop.config.epochs}: loss {row['train_overall']:.4f} {parts}"
             f" | val AUC {row['val_auc']:.4f} loss {row['val_loss']:.4f} | {row['images_per_s']:.1f} img/s"
             + (" *best*" if improved else ""))
 
 
-def _result(loop: _Loop, out_dir: Path, progress: Progress, seconds: float) -> TrainResult:
+def _result(loop: TrainingLoop, out_dir: Path, progress: Progress, seconds: float) -> TrainResult:
     history = pd.DataFrame(progress.history)
     best = progress.best_epoch
     best_auc = float(history.loc[history["epoch"] == best, "val_auc"].iloc[0]) if best >= 0 else math.nan
