@@ -109,3 +109,20 @@ def test_maps_are_refused_up_front_where_they_cannot_be_drawn(localising_weights
     # without --maps the mixture without heads scores as before, and the CSV has no map column
     assert dfd_main(["predict", str(folder), "--weights", str(plain), "--out", str(out)]) == 0
     assert "map" not in pd.read_csv(out).columns
+
+
+@pytest.mark.slow
+def test_a_mixture_with_heads_scores_through_openvino_like_torch(localising_weights, folder, tmp_path, monkeypatch):
+    """The export keeps the scores only: a mixture with heads scores alike in both backends (its maps, in torch)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # the export stays in the test's folder
+    tables = {}
+    for backend in ("torch", "openvino"):
+        out = tmp_path / f"{backend}.csv"
+        assert dfd_main(["predict", str(folder), "--weights", str(localising_weights), "--out", str(out),
+                         "--backend", backend, "--export-dir", str(tmp_path / "export")]) == 0
+        tables[backend] = pd.read_csv(out).set_index("path")
+    scored = tables["torch"]["error"].isna()
+    assert scored.sum() >= 3
+    columns = ["prob_fake", *[c for c in tables["torch"].columns if c.startswith("prob_expert_")]]
+    difference = tables["torch"].loc[scored, columns].to_numpy(float) - tables["openvino"].loc[scored, columns].to_numpy(float)
+    assert np.abs(difference).max() < 1e-5

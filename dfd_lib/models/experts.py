@@ -118,13 +118,14 @@ class MixtureOfExperts(nn.Module):
             raise ValueError(f"the experts' localisation heads differ: {sorted(map(str, kinds))}")
         return kinds.pop()
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor, maps: bool = True) -> dict[str, torch.Tensor]:
+        """``prob``, ``expert_probs`` and ``logits``; with localisation heads and ``maps``, also ``mask``."""
         inputs = self.expert_inputs(x)
         outputs = [expert(xi) for expert, xi in zip(self.experts, inputs)]
         logits = torch.stack([out["logits"] for out in outputs], dim=1)  # (B, E, 2)
         expert_probs = logits.float().softmax(dim=-1)[..., FAKE_CLASS]  # (B, E)
         result = {"prob": expert_probs.mean(dim=1), "expert_probs": expert_probs, "logits": logits}
-        if self.head_kind is not None:
+        if maps and self.head_kind is not None:
             side = max(xi.shape[-1] for xi in inputs)
             result["mask"] = torch.stack([mask_map(out["mask_logits"], side) for out in outputs], dim=1).mean(dim=1)
         return result

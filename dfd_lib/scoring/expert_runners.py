@@ -32,7 +32,7 @@ from torch import nn
 
 from dfd_lib.core.signal_stack import reinstall_signal_stack, release_openvino
 from dfd_lib.models.experts import FAKE_CLASS, Expert
-from dfd_lib.scoring.backends import require, runtime_version
+from dfd_lib.scoring.backends import openvino_ir, require, runtime_version
 
 EXPORT_VERSION = 1
 OPENVINO_BATCH = 16  # static batch of the compiled expert: the fastest of 1 / 16 / 64 measured here
@@ -132,9 +132,7 @@ def convert_expert(expert: Expert, image_size: int, folder: Path) -> Path:
     folder.parent.mkdir(parents=True, exist_ok=True)
     example = torch.zeros(1, 3, image_size, image_size)
     with tempfile.TemporaryDirectory(prefix=".export-", dir=folder.parent) as tmp:
-        with torch.no_grad():  # traced first: several times faster than letting convert_model trace
-            traced = torch.jit.trace(_Logits(copy.deepcopy(expert)).eval(), example, check_trace=False)
-            converted = ov.convert_model(traced, example_input=example)
+        converted = openvino_ir(_Logits(copy.deepcopy(expert)), example)
         ov.save_model(converted, str(Path(tmp) / "model.xml"), compress_to_fp16=False)  # fp16 would move scores
         if folder.exists() and not (folder / "model.xml").is_file():
             shutil.rmtree(folder, ignore_errors=True)  # a leftover without its model (e.g. only OpenVINO's compile cache)

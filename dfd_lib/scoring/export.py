@@ -43,6 +43,7 @@ from dfd_lib.models.loading import load_weights
 from dfd_lib.models.released import RELEASED_EMA_FILE, RELEASED_WEIGHTS_FILE, is_released_dir
 from dfd_lib.scoring.backends import (
     OUTPUT_NAMES,
+    openvino_ir,
     require,
     runtime_version,
 )
@@ -180,14 +181,15 @@ def remove_stale(root: Path, identity: dict, keep: Path, weights_dir: Path) -> l
 
 
 class _Probabilities(nn.Module):
-    """The mixture with tensor outputs only (``prob``, ``expert_probs``): what the runtimes run."""
+    """The mixture with tensor outputs only (``prob``, ``expert_probs``): what the runtimes run (a mixture with
+    localisation heads is exported without its map: ``dfd predict --maps`` and the server draw maps in torch)."""
 
     def __init__(self, mixture: MixtureOfExperts):
         super().__init__()
         self.mixture = mixture
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.mixture(x)
+        out = self.mixture(x, maps=False)
         return out["prob"], out["expert_probs"]
 
 
@@ -204,10 +206,7 @@ def convert_openvino(model: MixtureOfExperts, image_size: int | Sequence[int], m
     shape = _input_shape(image_size)
     rewrites = rewrite_verified(model.eval(), shape)
     example = torch.zeros(1, *shape)
-    with torch.no_grad():  # traced first: several times faster than letting convert_model trace
-        traced = torch.jit.trace(_Probabilities(model).eval(), example, check_trace=False)
-        converted = ov.convert_model(traced, example_input=example, input=[ov.PartialShape([-1, *shape])])
-    del traced
+    converted = openvino_ir(_Probabilities(model), example, input=[ov.PartialShape([-1, *shape])])
     for output, name in zip(converted.outputs, OUTPUT_NAMES):
         output.get_tensor().set_names({name})
     ov.save_model(converted, str(model_file), compress_to_fp16=False)  # fp16 weights would move the scores
