@@ -92,3 +92,19 @@ def test_with_faces_the_map_is_the_deciding_faces_crop(heads_predictor):
     left, top, right, bottom = body["faces"][0]["box"]
     side = decode_png(body["map"]).size
     assert side[0] == side[1] and side[0] >= max(right - left, bottom - top)  # the square crop around the face
+
+
+@pytest.mark.slow
+def test_served_through_openvino_the_scores_are_openvinos_and_the_map_torchs(heads_predictor, tmp_path, monkeypatch):
+    """A mixture with heads served with ``--backend openvino``: its scores come from the export (within 1e-5 of
+    torch), its map from the torch model, as served in torch."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    weights = make_tiny_weights(tmp_path / "moe_heads", localisation_head="light")
+    converted = Predictor.load(weights, device="cpu", backend="openvino", export_dir=tmp_path / "export")
+    raw = encode(edited_photo())
+    served = {name: TestClient(create_app(predictor)).post("/explain?map=localisation", json={"image": b64(raw)}).json()
+              for name, predictor in (("openvino", converted), ("torch", Predictor.load(weights, device="cpu")))}
+    assert converted.backend == "openvino" and served["openvino"]["heatmap_kind"] == "localisation"
+    assert served["openvino"]["result"] == pytest.approx(served["torch"]["result"], abs=1e-5)
+    drawn = {name: np.asarray(decode_png(body["map"]), dtype=np.int16) for name, body in served.items()}
+    assert np.abs(drawn["openvino"] - drawn["torch"]).max() <= 1  # the same torch map (8-bit)
