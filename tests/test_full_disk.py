@@ -13,6 +13,7 @@ import pytest
 from dfd_lib.core import runs
 from dfd_lib.pipeline.chain import run_pipeline
 from dfd_lib.pipeline.compare import compare_runs
+from dfd_lib.pipeline.fingerprints import read_fingerprints
 
 pytestmark = pytest.mark.slow  # smoke pipelines: the full suite, not the fast tier
 
@@ -40,10 +41,10 @@ def _digests(run_dir) -> dict[str, str]:
 
 def test_a_full_disk_stops_with_a_clear_error_and_resumes_after_space_is_freed(smoke_run, small_disk):
     options = dict(reports_dir=small_disk, progress=False, write_report=False, check=False)
-    first = run_pipeline("smoke", run="full", only="01,02,03", **options)
-    assert first.ok, first.steps
-    run_dir = first.run_dir
-    before = _digests(run_dir)
+    # the reference run moved onto the small disk without what 04 and 05 wrote: 01-03 done, 04 to train again
+    run_dir = small_disk / "full"
+    shutil.copytree(smoke_run, run_dir, ignore=shutil.ignore_patterns(runs.EXPERTS_DIR, "weights"))
+    before, done = _digests(run_dir), read_fingerprints(run_dir)
     ballast = small_disk / "ballast"
     with open(ballast, "wb") as handle:
         os.posix_fallocate(handle.fileno(), 0, shutil.disk_usage(small_disk).free - LEFT_FREE_MB * 2**20)
@@ -54,9 +55,13 @@ def test_a_full_disk_stops_with_a_clear_error_and_resumes_after_space_is_freed(s
     assert failed.step == "04_train_moe"
     assert "no space left on device" in failed.error.lower() and str(run_dir) in failed.error, failed.error
     after = _digests(run_dir)
-    records = ("environment.json", "params.json", "timings.json", runs.DIGEST_CACHE)  # the pipeline's own records of the attempt
+    # the pipeline's own records of the attempt (fingerprints.json: 04 no longer done, checked below)
+    records = ("environment.json", "params.json", "timings.json", runs.DIGEST_CACHE, runs.FINGERPRINTS)
     assert {name: after.get(name) for name in before if name not in records} == \
         {name: digest for name, digest in before.items() if name not in records}  # 01-03's artefacts untouched
+    kept = read_fingerprints(run_dir)
+    assert "04_train_moe" not in kept  # not done: it runs again on resume (and 05, downstream of it)
+    assert all(kept[step] == done[step] for step in ("01_features_umap", "02_cluster_split", "03_sd_augment"))
 
     ballast.unlink()
     words = stopped.resume.split()
