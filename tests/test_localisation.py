@@ -5,6 +5,7 @@ pixel-level metrics, and notebook 04 on the smoke profile with the heads on."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -321,17 +322,20 @@ def test_only_fakes_with_a_partial_mask_are_scored(spliced, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.notebook
-def test_notebook_04_on_the_smoke_profile_with_heads_reports_pixel_scores_per_family(tmp_path):
-    """The smoke profile with ``mask_weight`` 1: every expert has a head, the mixture saves them, and notebook 04
-    reports pixel F1 and IoU per test family with intervals and draws the grid of true against predicted masks.
-    Step 04 again with the heads off (01-03 reused): no heads, no pixel figures, and the mixture's image-level
-    test AUC with the heads lies within the interval of the one without."""
+def test_notebook_04_on_the_smoke_profile_with_heads_reports_pixel_scores_per_family(smoke_run, tmp_path):
+    """The smoke profile with ``mask_weight`` 1 (01-03 those of the session's reference smoke run, whose factory
+    wrote the masks): every expert has a head, the mixture saves them, and notebook 04 reports pixel F1 and IoU per
+    test family with intervals and draws the grid of true against predicted masks. Step 04 again with the heads
+    off: no heads, no pixel figures, and the mixture's image-level test AUC with the heads lies within the interval
+    of the one without."""
     from dfd_lib.core import runs  # deferred: the pipeline's modules are only needed by this slow test
     from dfd_lib.pipeline.chain import run_pipeline  # deferred: as above
 
+    run_dir = tmp_path / "reports" / "localisation"
+    shutil.copytree(smoke_run, run_dir, ignore=shutil.ignore_patterns(runs.EXPERTS_DIR, "weights"))
     overrides = {"04.ladder_seeds": "0", "04.run_ablation": "false", "04.robustness": "false"}
-    result = run_pipeline("smoke", run="localisation", overrides={**overrides, "04.mask_weight": "1.0"},
-                          reports_dir=tmp_path / "reports", progress=False, write_report=False)
+    result = run_pipeline(run=str(run_dir), start="04", overrides={**overrides, "04.mask_weight": "1.0"},
+                          progress=False, write_report=False)
     assert result.ok, [step.error for step in result.steps]
     run = runs.RunDir(result.run_dir)
     config = json.loads((run.path(runs.MOE_WEIGHTS) / CONFIG_FILE).read_text())
