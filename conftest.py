@@ -61,7 +61,7 @@ def pytest_sessionstart(session):
 
 
 SMOKE_RUN_FILES = ("test_crash_consistency.py", "test_full_disk.py", "test_localisation.py", "test_rerun_compare.py")  # use smoke_run
-# heaviest first (worker-seconds on 2 workers, 2026-12-04: about 320, 280, 110 and 55)
+# heaviest first (worker-seconds on 2 workers, 2026-12-04: about 330, 240, 115 and 55)
 HEAVY_FIRST = ("smoke_run", "tests/test_incremental.py", "tests/test_full_mini.py", "notebooks")
 
 
