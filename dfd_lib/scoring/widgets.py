@@ -117,8 +117,16 @@ def heatmap_toggle(has_maps: bool) -> widgets.ToggleButtons:
 def explain_upload(predictor: Predictor, name: str, source, picture: Image.Image | np.ndarray,
                    kind: str) -> tuple[Prediction, Image.Image]:
     """Score ``source`` and draw its ``kind`` heatmap (grad-cam or localisation) over ``picture``, thumbnail-sized."""
-    result = explain.heatmap_tensor(predictor, predictor.load_tensor(source), picture, kind)
-    return Prediction(name, result.prob, result.expert_probs), explain.overlay_heatmap(picture, result.cam, max_side=THUMBNAIL_SIDE)
+    if kind == "localisation":
+        size = (picture.height, picture.width) if isinstance(picture, Image.Image) else picture.shape[:2]
+        scores, localisation = predictor.localise_tensor(predictor.load_tensor(source), size)
+        prediction = Prediction(name, float(scores["prob"][0]), [float(p) for p in scores["expert_probs"][0]])
+        return prediction, explain.overlay_heatmap(picture, localisation, max_side=THUMBNAIL_SIDE)
+    if kind != "grad-cam":
+        raise ValueError(f"heatmap must be grad-cam or localisation, got {kind!r}")
+    result = explain.explain(predictor, source)
+    prediction = Prediction(name, result.prob, result.expert_probs)
+    return prediction, explain.overlay_heatmap(picture, result.cam, max_side=THUMBNAIL_SIDE)
 
 
 def score_faces_upload(predictor: Predictor, name: str, rgb: Image.Image, detector: FaceDetector,

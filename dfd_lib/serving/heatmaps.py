@@ -56,15 +56,24 @@ def png_data_url(image) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+def _height_width(picture: np.ndarray | Image.Image) -> tuple[int, int]:
+    return (picture.height, picture.width) if isinstance(picture, Image.Image) else picture.shape[:2]
+
+
 async def heatmap_fields(served, rgb: np.ndarray | Image.Image, tensor: torch.Tensor, experts: list[int] | None,
                          kind: str) -> dict:
     """Scores and the ``kind`` heatmap of one preprocessed image (``rgb`` is what the heatmap is drawn over)."""
-    result = await served.worker.call(lambda: explain.heatmap_tensor(served.predictor, tensor, rgb, kind, experts))
+    predictor = served.predictor
+    if kind == "localisation":
+        size = _height_width(rgb)
+        scores, localisation = await served.worker.call(lambda: predictor.localise_tensor(tensor, size))
+        prob, expert_probs = float(scores["prob"][0]), [float(p) for p in scores["expert_probs"][0]]
+        overlay, raw = await run_in_threadpool(lambda: (png_data_url(explain.overlay_heatmap(rgb, localisation)),
+                                                        png_data_url(map_image(localisation))))
+        return {"result": prob, "experts": expert_probs, "heatmap": overlay, "heatmap_kind": kind, "map": raw}
+    result = await served.worker.call(lambda: explain.explain_tensor(predictor, tensor, experts))
     overlay = await run_in_threadpool(png_data_url, explain.overlay_heatmap(rgb, result.cam))
-    fields = {"result": result.prob, "experts": result.expert_probs, "heatmap": overlay, "heatmap_kind": kind}
-    if kind == "localisation":  # the raw map too, at the image's resolution
-        fields["map"] = await run_in_threadpool(lambda: png_data_url(map_image(result.cam)))
-    return fields
+    return {"result": result.prob, "experts": result.expert_probs, "heatmap": overlay, "heatmap_kind": kind}
 
 
 async def explain_whole(served, rgb: np.ndarray | Image.Image, tensor: torch.Tensor, experts: list[int] | None, kind: str) -> dict:
